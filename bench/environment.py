@@ -1,0 +1,108 @@
+"""Everything about where a cell ran, collected in one place inside the cell's process."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import socket
+import subprocess
+import sys
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from .result import BENCH_DIR, bench_code_hash
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (affinity and container limits included)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def bench_commit() -> str | None:
+    """The git commit of the bench code: baked into images as DLBENCH_GIT_COMMIT, else asked of git."""
+    if os.environ.get("DLBENCH_GIT_COMMIT"):
+        return os.environ["DLBENCH_GIT_COMMIT"]
+    try:
+        out = subprocess.run(["git", "-C", str(BENCH_DIR), "rev-parse", "HEAD"],
+                             capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def gpu_info(nvml: ModuleType | None, visible_devices: str | None) -> dict[str, Any] | None:
+    """Name, driver, memory and UUID of the cell's GPU through NVML (nvidia-ml-py), or None
+    when NVML is missing or finds no GPU. ``nvml`` is the pynvml module, passed in so the
+    logic can be exercised without a GPU. NVML ignores CUDA_VISIBLE_DEVICES, so the cell's
+    GPU is looked up by the first entry of that list (an index or a UUID)."""
+    if nvml is None:
+        return None
+    try:
+        nvml.nvmlInit()
+    except nvml.NVMLError:
+        return None
+    try:
+        first = (visible_devices or "0").split(",")[0].strip()
+        if first.isdigit():
+            handle = nvml.nvmlDeviceGetHandleByIndex(int(first))
+        else:
+            handle = nvml.nvmlDeviceGetHandleByUUID(first)
+        return {
+            "name": _text(nvml.nvmlDeviceGetName(handle)),
+            "driver": _text(nvml.nvmlSystemGetDriverVersion()),
+            "memory_total_bytes": int(nvml.nvmlDeviceGetMemoryInfo(handle).total),
+            "uuid": _text(nvml.nvmlDeviceGetUUID(handle)),
+        }
+    except nvml.NVMLError:
+        return None
+    finally:
+        nvml.nvmlShutdown()
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _import_nvml() -> ModuleType | None:
+    try:
+        import pynvml  # nvidia-ml-py: installed in GPU environments only
+    except ImportError:
+        return None
+    return pynvml
+
+
+def collect(device: str, framework_facts: dict[str, Any]) -> dict[str, Any]:
+    """The ``env`` block of a result (timestamps and backend are added by the caller)."""
+    return {
+        "hostname": socket.gethostname(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "os": platform.platform(),
+        "cpu_model": cpu_model(),
+        "cpu_cores": cpu_cores(),
+        **framework_facts,
+        "bench_commit": bench_commit(),
+        "bench_hash": bench_code_hash(),
+        "gpu": gpu_info(_import_nvml(), os.environ.get("CUDA_VISIBLE_DEVICES")) if device == "gpu" else None,
+        "argv": sys.argv[1:],
+    }
