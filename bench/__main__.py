@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import data as datasets
 from . import environment, frameworks
+from .host import utc_now
 from .protocol import measure_throughput, train_full
 from .result import Cell, Model, Result, Settings, write_json_atomic
 from .specs import FRAMEWORKS, TASKS, TaskSpec
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     settings = Settings(warmup_steps=args.warmup_steps, steps=args.steps, repeats=args.repeats,
                         epochs=args.epochs or spec.epochs, seed=args.seed)
-    started = environment.utc_now()
+    started = utc_now()
     facts: dict = {"framework": args.framework}
     result = Result(cell=cell, status="ok", settings=settings)
     try:
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         result.status, result.error = "failed", f"{type(error).__name__}: {error}"
     result.env = {**environment.collect(args.device, facts), "backend": args.backend,
-                  "started_utc": started, "finished_utc": environment.utc_now()}
+                  "started_utc": started, "finished_utc": utc_now()}
     write_json_atomic(args.out, result.to_dict())
     print(f"{cell.id}: {result.status}" + (f" ({result.error})" if result.error else ""))
     return 0 if result.status == "ok" else 1

@@ -1,10 +1,8 @@
 """Everything about where a cell ran, collected in one place inside the cell's process."""
 from __future__ import annotations
 
-import datetime
 import os
 import platform
-import socket
 import subprocess
 import sys
 from types import ModuleType
@@ -12,30 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from .host import host_facts
 from .result import BENCH_DIR, bench_code_hash
-
-
-def utc_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_cores() -> int:
-    """Cores this process may run on (affinity and container limits included)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def bench_commit() -> str | None:
@@ -94,12 +70,9 @@ def _import_nvml() -> ModuleType | None:
 def collect(device: str, framework_facts: dict[str, Any]) -> dict[str, Any]:
     """The ``env`` block of a result (timestamps and backend are added by the caller)."""
     return {
-        "hostname": socket.gethostname(),
+        **host_facts(),
         "python": platform.python_version(),
         "numpy": np.__version__,
-        "os": platform.platform(),
-        "cpu_model": cpu_model(),
-        "cpu_cores": cpu_cores(),
         **framework_facts,
         "bench_commit": bench_commit(),
         "bench_hash": bench_code_hash(),

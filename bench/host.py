@@ -1,0 +1,36 @@
+"""Facts about the machine a cell ran on. Standard library only: the harness records the
+same facts in the results it writes itself (skipped, crashed and timed-out cells)."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import socket
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (affinity and container limits included)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def host_facts() -> dict:
+    return {"hostname": socket.gethostname(), "os": platform.platform(),
+            "cpu_model": cpu_model(), "cpu_cores": cpu_cores()}

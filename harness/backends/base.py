@@ -1,0 +1,111 @@
+"""What a backend is: something that prepares a framework's environment and runs one cell
+of the bench in it. Local virtual environments now; Docker images and Slurm plug in here."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..gpus import Gpu
+from ..matrix import Cell
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+IMAGES_DIR = REPO_ROOT / "images"
+# After a timeout the cell gets this long to exit on SIGTERM before SIGKILL.
+TERMINATE_GRACE_S = 10
+
+
+class BackendError(Exception):
+    """An environment could not be prepared; the message says why and where the log is."""
+
+
+@dataclass
+class Launch:
+    """One cell, ready to start: ``python -m bench`` + ``bench_args`` writes ``result_path``."""
+
+    cell: Cell
+    bench_args: list[str]
+    result_path: Path
+    log_path: Path
+    timeout_s: float
+    gpus: list[Gpu] = field(default_factory=list)  # the GPUs this cell may use; none for CPU cells
+
+
+@dataclass
+class Exit:
+    returncode: int | None
+    timed_out: bool
+
+    def describe(self) -> str:
+        if self.timed_out:
+            return "timed out and was stopped"
+        if self.returncode is not None and self.returncode < 0:
+            number = -self.returncode
+            name = signal.Signals(number).name if number in signal.Signals._value2member_map_ else str(number)
+            cause = ", most often the kernel's out-of-memory killer" if number == signal.SIGKILL else ""
+            return f"was killed by {name}{cause}"
+        if self.returncode == 137:
+            return "exited with 137 (SIGKILL, most often out of memory)"
+        return f"exited with status {self.returncode}"
+
+
+class Backend(ABC):
+    name: str
+
+    @abstractmethod
+    def prepare(self, framework: str, device: str) -> None:
+        """Make the framework's environment for this device kind ready (build or reuse it)."""
+
+    @abstractmethod
+    def run(self, launch: Launch) -> Exit:
+        """Run one cell to its end or its timeout; its output goes to ``launch.log_path``."""
+
+
+def requirements_file(framework: str, device: str) -> Path:
+    """The pinned requirements of a framework's environment: images/<framework>/requirements-<cpu|gpu>.txt
+    (the Docker images install the same files)."""
+    return IMAGES_DIR / framework / f"requirements-{device}.txt"
+
+
+def cell_environment(launch: Launch) -> dict[str, str]:
+    """Process environment of a cell: only its own GPUs are visible (none for CPU cells)."""
+    env = dict(os.environ)
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu.uuid for gpu in launch.gpus)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_process(argv: list[str], env: dict[str, str], log_path: Path, timeout_s: float) -> Exit:
+    """Run a process in its own session with a timeout; on timeout or interrupt, stop the
+    whole process group so no framework worker outlives its cell."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        log.write(f"$ {' '.join(argv)}\n".encode())
+        log.flush()
+        process = subprocess.Popen(argv, env=env, cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return Exit(process.wait(timeout=timeout_s), timed_out=False)
+        except subprocess.TimeoutExpired:
+            _stop(process)
+            return Exit(process.returncode, timed_out=True)
+        except BaseException:
+            _stop(process)
+            raise
+
+
+def _stop(process: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, TERMINATE_GRACE_S), (signal.SIGKILL, None)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue

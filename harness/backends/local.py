@@ -1,0 +1,91 @@
+"""Local backends: one cached virtual environment per framework (``local``), or the
+interpreter running the harness (``current``)."""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .base import Backend, BackendError, Exit, Launch, cell_environment, requirements_file, run_process
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DLBENCH_CACHE", Path.home() / ".cache" / "dlbench"))
+
+
+class VirtualenvBackend(Backend):
+    """One virtual environment per framework and device kind, built from the pinned
+    requirement files under images/<framework>/ and kept under the cache folder, named by a
+    hash of its inputs: a second run reuses it, a changed pin builds a new one."""
+
+    name = "local"
+
+    def __init__(self, cache_dir: Path | None = None, python: str = sys.executable):
+        self.envs_dir = (cache_dir or default_cache_dir()) / "envs"
+        self.python = python
+        self._ready: dict[tuple[str, str], Path] = {}
+
+    def environment_path(self, framework: str, device: str) -> Path:
+        requirements = requirements_file(framework, device)
+        if not requirements.is_file():
+            raise BackendError(f"{requirements} is missing: {framework} has no {device} environment")
+        digest = hashlib.sha256()
+        digest.update(f"{platform.python_version()} {platform.machine()}\n".encode())
+        digest.update(requirements.read_bytes())
+        return self.envs_dir / f"{framework}-{device}-{digest.hexdigest()[:12]}"
+
+    def prepare(self, framework: str, device: str) -> None:
+        if (framework, device) in self._ready:
+            return
+        path = self.environment_path(framework, device)
+        complete = path / ".complete"
+        self.envs_dir.mkdir(parents=True, exist_ok=True)
+        # A lock file, so two harnesses sharing a cache never build the same environment twice.
+        with open(path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not complete.is_file():
+                self._build(path, requirements_file(framework, device))
+                complete.touch()
+        self._ready[(framework, device)] = path
+
+    def _build(self, path: Path, requirements: Path) -> None:
+        # A half-built environment (a killed earlier build) has no .complete marker: start over.
+        shutil.rmtree(path, ignore_errors=True)
+        log_path = path.with_suffix(".log")
+        steps = [
+            [self.python, "-m", "venv", str(path)],
+            [str(path / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
+             "-r", str(requirements)],
+        ]
+        with open(log_path, "w") as log:
+            for step in steps:
+                log.write(f"$ {' '.join(step)}\n")
+                log.flush()
+                done = subprocess.run(step, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                if done.returncode != 0:
+                    raise BackendError(f"building {path.name} failed at '{' '.join(step[-3:])}' "
+                                       f"(exit {done.returncode}); see {log_path}")
+
+    def run(self, launch: Launch) -> Exit:
+        path = self._ready[(launch.cell.framework, launch.cell.device)]
+        argv = [str(path / "bin" / "python"), "-m", "bench", *launch.bench_args]
+        return run_process(argv, cell_environment(launch), launch.log_path, launch.timeout_s)
+
+
+class CurrentInterpreterBackend(Backend):
+    """The harness's own interpreter, as it is: for a machine where the frameworks are
+    already installed (a prepared GPU box, a notebook server)."""
+
+    name = "current"
+
+    def prepare(self, framework: str, device: str) -> None:
+        pass
+
+    def run(self, launch: Launch) -> Exit:
+        argv = [sys.executable, "-m", "bench", *launch.bench_args]
+        return run_process(argv, cell_environment(launch), launch.log_path, launch.timeout_s)

@@ -1,0 +1,52 @@
+"""The host's GPUs, through NVML (nvidia-ml-py). No NVML or no driver means no GPUs."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from types import ModuleType
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    uuid: str
+    name: str  # e.g. "NVIDIA H100 80GB HBM3"
+    memory_total_bytes: int
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def detect_gpus(nvml: ModuleType | None = None) -> list[Gpu]:
+    """Every GPU NVML sees. ``nvml`` defaults to pynvml; tests pass a stand-in."""
+    if nvml is None:
+        try:
+            import pynvml as nvml
+        except ImportError:
+            return []
+    try:
+        nvml.nvmlInit()
+    except nvml.NVMLError:
+        return []
+    try:
+        gpus = []
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            gpus.append(Gpu(index=index, uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+                            name=_text(nvml.nvmlDeviceGetName(handle)),
+                            memory_total_bytes=int(nvml.nvmlDeviceGetMemoryInfo(handle).total)))
+        return gpus
+    finally:
+        nvml.nvmlShutdown()
+
+
+def _words(name: str) -> list[str]:
+    return [word for word in re.split(r"[^a-z0-9]+", name.lower()) if word and word != "nvidia"]
+
+
+def matches(requested: str, gpu: Gpu) -> bool:
+    """True when a model name from matrix.yml ("H100", "a100-80gb", "Tesla V100") names this
+    GPU: its words appear in order in the GPU's name, ignoring case and the vendor."""
+    wanted, have = _words(requested), iter(_words(gpu.name))
+    return bool(wanted) and all(word in have for word in wanted)  # `in` advances the iterator

@@ -1,0 +1,276 @@
+"""matrix.yml: validation (pydantic, with file:line errors), expansion into cells.
+
+Axes follow GitHub Actions' matrix rules: the product of the axes, minus every ``exclude``
+entry that matches, then each ``include`` entry is merged into every cell whose axis values it
+does not contradict, or becomes a new cell when it fits none.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.error import MarkedYAMLError
+
+from bench.specs import FRAMEWORKS, TASKS
+
+from .gpus import Gpu, matches
+
+AXES = ("framework", "task", "gpu", "cuda")
+
+FrameworkName = Literal[FRAMEWORKS]  # type: ignore[valid-type]
+TaskName = Literal[tuple(TASKS)]  # type: ignore[valid-type]
+# "auto" = whatever this host has, "cpu" = no GPU, anything else = a GPU model name.
+GpuName = typing.Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$")]
+CudaVersion = typing.Annotated[str, Field(pattern=r"^(auto|\d+\.\d+)$")]
+
+
+class MatrixError(Exception):
+    """Bad matrix file; the message is one line: file:line: where: what, and the fix."""
+
+
+class Settings(BaseModel):
+    """How each cell is measured; the ``settings:`` block, overridable per ``include`` entry."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    mode: Literal["throughput", "full"] = "throughput"
+    data: Literal["synthetic", "real"] = "synthetic"
+    data_dir: Optional[str] = None  # extracted data sets; default: the bench's cache folder
+    warmup_steps: int = Field(5, ge=0)
+    steps: int = Field(20, ge=1)
+    repeats: int = Field(5, ge=1)
+    epochs: Optional[int] = Field(None, ge=1)  # None: the task's (full mode)
+    batch_size: Optional[int] = Field(None, ge=1)  # None: the task's
+    timeout_s: float = Field(1800, gt=0)
+    seed: int = 0
+
+    def merged(self, override: "Settings | None") -> "Settings":
+        if override is None:
+            return self
+        return self.model_copy(update={name: getattr(override, name) for name in override.model_fields_set})
+
+
+class _Entry(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    framework: Optional[FrameworkName] = None
+    task: Optional[TaskName] = None
+    gpu: Optional[GpuName] = None
+    cuda: Optional[CudaVersion] = None
+
+    def axis_values(self) -> dict[str, str]:
+        return {axis: getattr(self, axis) for axis in AXES if getattr(self, axis) is not None}
+
+
+class ExcludeEntry(_Entry):
+    pass
+
+
+class IncludeEntry(_Entry):
+    settings: Optional[Settings] = None
+
+
+class Axes(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    framework: list[FrameworkName] = Field(min_length=1)
+    task: list[TaskName] = Field(min_length=1)
+    gpu: list[GpuName] = Field(["auto"], min_length=1)
+    cuda: list[CudaVersion] = Field(["auto"], min_length=1)
+    include: list[IncludeEntry] = []
+    exclude: list[ExcludeEntry] = []
+
+
+class MatrixFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    matrix: Axes
+    settings: Settings = Settings()
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run: a framework on a task on one device, with its settings."""
+
+    framework: str
+    task: str
+    gpu: str  # "cpu" or a GPU model name
+    cuda: str  # "auto" or a version
+    settings: Settings
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self.gpu == "cpu" else "gpu"
+
+    @property
+    def batch_size(self) -> int:
+        return self.settings.batch_size or TASKS[self.task].batch_size
+
+    @property
+    def id(self) -> str:
+        """Readable and unique: the axes, then a hash of the settings that change results."""
+        measured = self.settings.model_dump(exclude={"timeout_s"})
+        digest = hashlib.sha256(json.dumps(measured, sort_keys=True).encode()).hexdigest()[:8]
+        gpu = re.sub(r"[^a-z0-9]+", "-", self.gpu.lower()).strip("-")
+        return f"{self.task}.{self.framework}.{gpu}.cuda-{self.cuda}.{digest}"
+
+
+@dataclass(frozen=True)
+class Matrix:
+    path: Path
+    spec: MatrixFile
+    document: Any  # the parsed YAML, which knows the line of every key
+
+    def cells(self, host_gpus: list[Gpu]) -> list[Cell]:
+        """Expand the axes on this host: ``gpu: auto`` becomes each GPU model present here,
+        or ``cpu`` when there is none."""
+        combos = [_Combo(dict(zip(AXES, values)))
+                  for values in itertools.product(*(getattr(self.spec.matrix, axis) for axis in AXES))]
+        for exclude in self.spec.matrix.exclude:
+            rule = exclude.axis_values()
+            combos = [c for c in combos if any(c.axes.get(k) != v for k, v in rule.items())]
+        for number, include in enumerate(self.spec.matrix.include):
+            added = include.axis_values()
+            fitting = [c for c in combos if all(c.original.get(k, v) == v for k, v in added.items())]
+            for combo in fitting:
+                combo.add(added, include.settings)
+            if not fitting:
+                if "framework" not in added or "task" not in added:
+                    raise MatrixError(
+                        f"{self.path}:{_line_in(self.document, ('matrix', 'include', number))}: "
+                        f"matrix.include[{number}]: it matches no cell, so it adds one, and a new "
+                        f"cell needs both 'framework' and 'task'; add them")
+                combos.append(_Combo({"gpu": "auto", "cuda": "auto"}, added, include.settings))
+        local_models = sorted({gpu.name for gpu in host_gpus}) or ["cpu"]
+        cells: dict[str, Cell] = {}
+        for combo in combos:
+            axes = combo.axes
+            gpus = local_models if axes["gpu"] == "auto" else [axes["gpu"]]
+            for gpu in gpus:
+                cell = Cell(axes["framework"], axes["task"], gpu, axes["cuda"],
+                            self.spec.settings.merged(combo.settings))
+                cells.setdefault(cell.id, cell)
+        return list(cells.values())
+
+
+class _Combo:
+    """One row of the matrix while it is expanded; ``original`` holds the axes' own values,
+    which an include entry may extend but never overwrite."""
+
+    def __init__(self, original: dict[str, str], added: dict[str, str] | None = None,
+                 settings: Settings | None = None):
+        self.original = original
+        self.axes = {**original, **(added or {})}
+        self.settings = settings
+
+    def add(self, added: dict[str, str], settings: Settings | None) -> None:
+        self.axes.update(added)
+        if settings is not None:
+            base = self.settings.model_dump(exclude_unset=True) if self.settings else {}
+            self.settings = Settings.model_validate({**base, **settings.model_dump(exclude_unset=True)})
+
+
+def host_gpu_for(cell: Cell, host_gpus: list[Gpu]) -> list[Gpu]:
+    """The host GPUs that can run ``cell`` (empty for CPU cells)."""
+    return [gpu for gpu in host_gpus if cell.device == "gpu" and matches(cell.gpu, gpu)]
+
+
+def load(path: Path) -> Matrix:
+    """Read and validate a matrix file; every problem is a MatrixError with file:line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise MatrixError(f"{path}: cannot read the matrix file ({error.strerror}); "
+                          f"pass the path of a matrix.yml") from error
+    try:
+        document = YAML(typ="rt").load(text)
+    except MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        line = mark.line + 1 if mark else 1
+        raise MatrixError(f"{path}:{line}: not valid YAML: {error.problem or error.context}; "
+                          f"fix the syntax there") from error
+    if not isinstance(document, dict):
+        raise MatrixError(f"{path}:1: the file must be a mapping with 'matrix:' and an optional "
+                          f"'settings:' block")
+    try:
+        spec = MatrixFile.model_validate(_plain(document))
+    except ValidationError as error:
+        raise MatrixError(_describe(path, document, error.errors()[0])) from None
+    return Matrix(path, spec, document)
+
+
+def _plain(node: Any) -> Any:
+    """ruamel's round-trip containers as plain dicts and lists (pydantic's strict mode wants those)."""
+    if isinstance(node, dict):
+        return {str(k): _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    return node
+
+
+def _describe(path: Path, document: Any, error: dict) -> str:
+    loc = tuple(part for part in error["loc"] if not _is_union_tag(part))
+    where = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in loc).replace(".[", "[") or "(top)"
+    line = _line_in(document, loc)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        allowed = ", ".join(_allowed_keys(loc[:-1]))
+        message = f"unknown key {loc[-1]!r}; allowed keys here: {allowed}"
+    elif kind == "missing":
+        message = f"required key {loc[-1]!r} is missing; add it"
+    elif kind == "literal_error":
+        message = f"{error['input']!r} is not allowed; allowed: {error['ctx']['expected']}"
+    elif kind == "string_pattern_mismatch" and loc and "cuda" in loc:
+        message = f"{error['input']!r} is not a CUDA version; use 'auto' or a version like \"12.4\" (quoted)"
+    elif kind == "string_pattern_mismatch":
+        message = f"{error['input']!r} is not a GPU name; use 'auto', 'cpu' or a model such as H100"
+    else:
+        message = f"{error['msg'][0].lower()}{error['msg'][1:]} (got {error['input']!r})"
+    return f"{path}:{line}: {where}: {message}"
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic names the branch of an Optional/Literal it tried in the location; not a key.
+    return isinstance(part, str) and (part.startswith("literal[") or part in ("str", "int", "float"))
+
+
+def _line_in(node: Any, loc: tuple) -> int:
+    """1-based line of the deepest part of ``loc`` present in the YAML document."""
+    line = 1
+    for part in loc:
+        try:
+            if isinstance(part, str) and isinstance(node, dict) and part in node:
+                line = node.lc.key(part)[0] + 1
+            elif isinstance(part, int) and isinstance(node, list) and part < len(node):
+                line = node.lc.item(part)[0] + 1
+            else:
+                break
+            node = node[part]
+        except (AttributeError, KeyError, TypeError):
+            break
+    return line
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """Field names of the model at ``loc`` inside MatrixFile."""
+    model: Any = MatrixFile
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        annotation = model.model_fields[part].annotation
+        model = next(t for t in _flatten(annotation) if isinstance(t, type) and issubclass(t, BaseModel))
+    return list(model.model_fields)
+
+
+def _flatten(annotation: Any) -> list[Any]:
+    args = typing.get_args(annotation)
+    return [annotation] if not args else [t for arg in args for t in _flatten(arg)]

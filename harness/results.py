@@ -1,0 +1,89 @@
+"""Result files: the run folder's layout, schema validation, loading a folder of results."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import jsonschema
+
+from bench.result import SCHEMA_PATH, Result
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """results/<run>/: cells/<cell id>.json, logs/<cell id>.log, tables/, and .staging/
+    where a cell writes before its result is checked and moved into cells/."""
+
+    root: Path
+
+    @property
+    def cells(self) -> Path:
+        return self.root / "cells"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def staging(self) -> Path:
+        return self.root / ".staging"
+
+    @property
+    def tables(self) -> Path:
+        return self.root / "tables"
+
+    def result_path(self, cell_id: str) -> Path:
+        return self.cells / f"{cell_id}.json"
+
+
+@lru_cache(maxsize=1)
+def _validator() -> jsonschema.protocols.Validator:
+    schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def schema_problem(payload: object) -> str | None:
+    """Why ``payload`` is not a valid cell result, or None when it is."""
+    error = jsonschema.exceptions.best_match(_validator().iter_errors(payload))
+    if error is None:
+        return None
+    where = "/".join(str(part) for part in error.absolute_path) or "(top)"
+    return f"{where}: {error.message}"
+
+
+def read_result(path: Path) -> Result:
+    """A validated result; ValueError says why a file is not one."""
+    try:
+        payload = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"not readable JSON ({error})") from error
+    problem = schema_problem(payload)
+    if problem:
+        raise ValueError(f"not a cell result ({problem})")
+    return Result.from_dict(payload)
+
+
+@dataclass
+class LoadedResults:
+    results: list[tuple[Path, Result]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # "path: why it was skipped"
+
+
+def load_results(*folders: Path) -> LoadedResults:
+    """Every result JSON under the folders; corrupt or foreign files are reported, not fatal.
+    Hidden folders (a cell's staging area) and generated tables are not results."""
+    loaded = LoadedResults()
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("*.json")):
+            relative = path.relative_to(folder).parts
+            if any(part.startswith(".") for part in relative) or "tables" in relative[:-1]:
+                continue
+            try:
+                loaded.results.append((path, read_result(path)))
+            except ValueError as error:
+                loaded.problems.append(f"{path}: skipped, {error}")
+    return loaded

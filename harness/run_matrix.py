@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Run a benchmark matrix: expand matrix.yml, run every cell in its framework's environment,
+write one JSON result per cell, then print and write the comparison tables.
+
+    python harness/run_matrix.py matrix.yml [--dry-run] [--backend auto|local|current]
+                                            [--results DIR] [--force]
+
+Exit status: 0 when every cell ran (or was skipped with a reason), 1 when a cell failed or
+timed out, 2 for bad input (nothing is run then).
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+from collections import Counter
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tabulate import tabulate  # noqa: E402
+
+from harness import backends  # noqa: E402
+from harness.backends.base import REPO_ROOT  # noqa: E402
+from harness.backends.local import default_cache_dir  # noqa: E402
+from harness.gpus import detect_gpus  # noqa: E402
+from harness.matrix import Cell, MatrixError, load  # noqa: E402
+from harness.merge import merge  # noqa: E402
+from harness.results import RunFolder  # noqa: E402
+from harness.runner import is_done, run_cells, skip_reason  # noqa: E402
+
+
+def default_results_dir(matrix_path: Path) -> Path:
+    """results/<matrix name>-<host>: running the same matrix again on the same host resumes
+    it; a changed cell has a new id (its settings are hashed into it) and runs afresh."""
+    return REPO_ROOT / "results" / f"{matrix_path.stem}-{socket.gethostname()}"
+
+
+def print_plan(cells: list[Cell], folder: RunFolder, backend: backends.Backend, host_gpus) -> None:
+    rows = []
+    for cell in cells:
+        reason = skip_reason(cell, host_gpus, backend)
+        plan = f"skip: {reason}" if reason else ("done" if is_done(folder.result_path(cell.id)) else "run")
+        s = cell.settings
+        rows.append([cell.id, cell.framework, cell.task, cell.gpu, cell.cuda, s.mode, s.data,
+                     cell.batch_size, plan])
+    print(tabulate(rows, headers=["cell", "framework", "task", "gpu", "cuda", "mode", "data", "batch", "plan"]))
+    print(f"\n{len(cells)} cells; results go to {folder.root}")
+
+
+def _stop_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through the runner, which stops the running cell
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python harness/run_matrix.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("matrix", type=Path, help="the matrix file, e.g. matrix.yml")
+    parser.add_argument("--dry-run", action="store_true", help="list the expanded cells and exit")
+    parser.add_argument("--backend", choices=backends.CHOICES, default="auto",
+                        help="where cells run: auto (Docker when an engine answers, else local), "
+                             "local (a cached virtual environment per framework), current (this interpreter)")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="results folder (default: results/<matrix name>-<host>)")
+    parser.add_argument("--force", action="store_true", help="rerun cells that already have a successful result")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help=f"framework environments and downloads (default: {default_cache_dir()})")
+    args = parser.parse_args(argv)
+
+    try:
+        matrix = load(args.matrix)
+        host_gpus = detect_gpus()
+        cells = matrix.cells(host_gpus)
+    except MatrixError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    folder = RunFolder(args.results or default_results_dir(args.matrix))
+    if folder.root.exists() and not folder.root.is_dir():
+        print(f"error: --results {folder.root}: exists and is not a folder; pass a folder path", file=sys.stderr)
+        return 2
+    backend = backends.select(args.backend, args.cache_dir)
+    if args.dry_run:
+        print_plan(cells, folder, backend, host_gpus)
+        return 0
+
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    print(f"{len(cells)} cells, backend {backend.name}, results in {folder.root}", file=sys.stderr)
+    outcomes = run_cells(cells, folder, backend, host_gpus, args.matrix.resolve().parent, force=args.force)
+    print(merge([folder.cells], folder.tables))
+    counts = Counter(outcome.status for outcome in outcomes)
+    kept = sum(outcome.reused for outcome in outcomes)
+    print(", ".join(f"{counts[s]} {s}" for s in ("ok", "failed", "timeout", "skipped") if counts[s])
+          + (f" ({kept} kept from an earlier run)" if kept else "")
+          + f"; results and tables in {folder.root}", file=sys.stderr)
+    return 1 if counts["failed"] or counts["timeout"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Comparison tables in the seed's style: one per task (and mode, data, batch size), a row
+per framework, a column per device ("CPU (model, cores)" or "GPU / CUDA / cuDNN"), each
+cell the median with its spread. Written as Markdown and CSV."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from bench.result import Result, write_text_atomic
+from bench.specs import TASKS
+
+
+@dataclass
+class Table:
+    name: str  # file stem
+    title: str
+    description: str
+    display: pd.DataFrame  # framework x device, formatted text
+    numbers: pd.DataFrame  # framework x device, the median (seconds) or NaN
+    notes: list[str]
+
+    def markdown(self) -> str:
+        parts = [f"### {self.title}", "", self.description, "",
+                 self.display.to_markdown(tablefmt="github"), ""]
+        parts += [f"{note}  " for note in self.notes]
+        return "\n".join(parts).rstrip() + "\n"
+
+
+def _device_key(result: Result) -> tuple[str, str]:
+    """The hardware a result ran on, as (device kind, name): one column each."""
+    if result.cell.device == "cpu":
+        return ("cpu", f"{result.env.get('cpu_model', 'unknown CPU')}, {result.env.get('cpu_cores', '?')} cores")
+    gpu = (result.env.get("gpu") or {}).get("name") or result.cell.gpu or "GPU"
+    return ("gpu", f"{gpu}|{result.cell.cuda}")
+
+
+def _column_labels(rows: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """CPU columns read "CPU (model, N cores)"; GPU columns "GPU / CUDA x / cuDNN y" when all
+    frameworks in the column report the same versions, else "GPU / CUDA <asked>"."""
+    labels = {}
+    for key, group in rows.groupby("device_key", sort=False):
+        kind, name = key
+        if kind == "cpu":
+            labels[key] = f"CPU ({name})"
+            continue
+        gpu, asked = name.split("|", 1)
+        versions = {(c, d) for c, d in zip(group["cuda"], group["cudnn"]) if c}
+        if len(versions) == 1:
+            cuda, cudnn = versions.pop()
+            labels[key] = f"{gpu} / CUDA {cuda} / cuDNN {cudnn}"
+        else:
+            labels[key] = f"{gpu} / CUDA {asked}"
+    return labels
+
+
+def results_frame(results: list[Result]) -> pd.DataFrame:
+    """One row per result with the numbers the tables need (times in seconds)."""
+    rows = []
+    for result in results:
+        metrics, model = result.metrics, result.model
+        step = metrics.step_time_s if metrics else None
+        train = metrics.train_time_s if metrics else None
+        summary = step or train
+        rows.append({
+            "task": result.cell.task, "mode": result.cell.mode, "data": result.cell.data,
+            "batch_size": result.cell.batch_size, "framework": result.cell.framework,
+            "device_key": _device_key(result), "status": result.status, "error": result.error,
+            "median_s": summary.median if summary else None, "q1_s": summary.q1 if summary else None,
+            "q3_s": summary.q3 if summary else None, "min_s": summary.min if summary else None,
+            "max_s": summary.max if summary else None, "samples": len(summary.values) if summary else 0,
+            "throughput_per_s": metrics.throughput_per_s if metrics else None,
+            "accuracy": metrics.test_accuracy.median if metrics and metrics.test_accuracy else None,
+            "parameters": model.parameters if model else None,
+            "expected_parameters": model.expected_parameters if model else None,
+            "steps": result.settings.steps if result.settings else None,
+            "repeats": result.settings.repeats if result.settings else None,
+            "warmup_steps": result.settings.warmup_steps if result.settings else None,
+            "epochs": result.settings.epochs if result.settings else None,
+            "cuda": result.env.get("cuda"), "cudnn": result.env.get("cudnn"),
+            "framework_version": result.env.get("framework_version"),
+            "backend": result.env.get("backend"), "cell_id": result.cell.id,
+            "finished_utc": result.env.get("finished_utc", ""),
+        })
+    return pd.DataFrame(rows)
+
+
+def _format(row: pd.Series, item: str) -> str:
+    if row.status != "ok":
+        return row.status
+    if row["mode"] == "throughput":
+        text = (f"{row.median_s * 1e3:.1f} ms [{row.q1_s * 1e3:.1f}–{row.q3_s * 1e3:.1f}], "
+                f"{row.throughput_per_s:,.0f} {item}/s")
+    else:
+        spread = f" [{row.q1_s:.1f}–{row.q3_s:.1f}]" if row.samples > 1 else ""
+        text = f"{row.median_s:.1f} s{spread}, acc {row.accuracy:.3f}"
+    return text
+
+
+def _describe(task: str, mode: str, data: str, batch_size: int, group: pd.DataFrame) -> str:
+    def values(column: str) -> str:
+        return "/".join(str(int(v)) for v in sorted(group[column].dropna().unique())) or "?"
+
+    if mode == "throughput":
+        what = (f"Median time per training step [interquartile range] over {values('repeats')} repeats "
+                f"of {values('steps')} timed steps after {values('warmup_steps')} warm-up steps, "
+                f"and {TASKS[task].item} per second at the median")
+    else:
+        what = (f"Training time for {values('epochs')} epochs, median [interquartile range] over "
+                f"{values('repeats')} runs, then test accuracy with dropout off")
+    return f"{what}; batch {batch_size}; {data} data."
+
+
+def build_tables(results: list[Result]) -> tuple[list[Table], list[str]]:
+    """Tables, plus notes about results that were left out (duplicates)."""
+    frame = results_frame(results)
+    if frame.empty:
+        return [], []
+    dropped = []
+    # Two results for the same framework on the same device: the newest one is shown.
+    frame = frame.sort_values("finished_utc")
+    duplicated = frame.duplicated(["task", "mode", "data", "batch_size", "framework", "device_key"], keep="last")
+    dropped += [f"{row.cell_id}: an older duplicate, not shown" for row in frame[duplicated].itertuples()]
+    frame = frame[~duplicated]
+    labels = _column_labels(frame)
+    tables = []
+    for (task, mode, data, batch_size), group in frame.groupby(["task", "mode", "data", "batch_size"], sort=True):
+        spec = TASKS.get(task)
+        notes: list[str] = []
+        display = group.apply(lambda row: _format(row, spec.item if spec else "items"), axis=1)
+        for index, row in group.iterrows():
+            if row.status != "ok":
+                notes.append(f"{row.framework}, {labels[row.device_key]}: {row.status}: "
+                             f"{str(row.error).splitlines()[0]}")
+            elif row.parameters != row.expected_parameters:
+                notes.append(f"† {row.framework}: {int(row.parameters):,} trainable parameters, "
+                             f"the task specifies {int(row.expected_parameters):,}")
+                display[index] += " †"
+        columns = [labels[key] for key in dict.fromkeys(group["device_key"])]
+        layout = group.assign(display=display, column=group["device_key"].map(labels))
+        pivot = layout.pivot(index="framework", columns="column", values="display").reindex(columns=columns)
+        numbers = layout.pivot(index="framework", columns="column", values="median_s").reindex(columns=columns)
+        pivot.index.name = numbers.index.name = "framework"
+        pivot.columns.name = numbers.columns.name = None
+        title = f"{task}: {spec.title if spec else task} ({mode} mode)"
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{task}-{mode}-{data}-batch{batch_size}")
+        tables.append(Table(name, title, _describe(task, mode, data, batch_size, group),
+                            pivot.fillna("–"), numbers, notes))
+    return tables, dropped
+
+
+def write_tables(tables: list[Table], results: list[Result], folder: Path) -> Path:
+    """tables/<name>.md and .csv per table, all cells in cells.csv, everything in README.md."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for table in tables:
+        write_text_atomic(folder / f"{table.name}.md", table.markdown())
+        write_text_atomic(folder / f"{table.name}.csv", table.numbers.to_csv())
+    write_text_atomic(folder / "cells.csv", results_frame(results).drop(columns=["device_key"]).to_csv(index=False))
+    summary = folder / "README.md"
+    write_text_atomic(summary, "\n".join(table.markdown() for table in tables) or "No results.\n")
+    return summary
