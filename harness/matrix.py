@@ -229,9 +229,9 @@ def _describe(path: Path, document: Any, error: dict) -> str:
         message = f"required key {loc[-1]!r} is missing; add it"
     elif kind == "literal_error":
         message = f"{error['input']!r} is not allowed; allowed: {error['ctx']['expected']}"
-    elif kind == "string_pattern_mismatch" and loc and "cuda" in loc:
+    elif kind in ("string_type", "string_pattern_mismatch") and "cuda" in loc:
         message = f"{error['input']!r} is not a CUDA version; use 'auto' or a version like \"12.4\" (quoted)"
-    elif kind == "string_pattern_mismatch":
+    elif kind in ("string_type", "string_pattern_mismatch") and "gpu" in loc:
         message = f"{error['input']!r} is not a GPU name; use 'auto', 'cpu' or a model such as H100"
     else:
         message = f"{error['msg'][0].lower()}{error['msg'][1:]} (got {error['input']!r})"

@@ -107,6 +107,7 @@ def run_cell(cell: Cell, folder: RunFolder, backend: Backend, host_gpus: list[Gp
         message = f"environment not ready: {error}"
         record(folder, cell, "failed", message, backend, started)
         return CellOutcome(cell, "failed", message)
+    folder.staging.mkdir(parents=True, exist_ok=True)
     staged = folder.staging / f"{cell.id}.json"
     staged.unlink(missing_ok=True)  # left by a run that was killed
     gpus = host_gpu_for(cell, host_gpus)[:1]

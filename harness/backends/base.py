@@ -2,9 +2,11 @@
 of the bench in it. Local virtual environments now; Docker images and Slurm plug in here."""
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +89,8 @@ def run_process(argv: list[str], env: dict[str, str], log_path: Path, timeout_s:
         log.write(f"$ {' '.join(argv)}\n".encode())
         log.flush()
         process = subprocess.Popen(argv, env=env, cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         try:
             return Exit(process.wait(timeout=timeout_s), timed_out=False)
         except subprocess.TimeoutExpired:
@@ -96,6 +99,13 @@ def run_process(argv: list[str], env: dict[str, str], log_path: Path, timeout_s:
         except BaseException:
             _stop(process)
             raise
+
+
+def _die_with_parent() -> None:
+    """Linux: the cell gets SIGKILL when the harness dies, even by SIGKILL, so no orphaned
+    cell keeps running (and competing for the CPU) when the matrix is run again."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _stop(process: subprocess.Popen) -> None:

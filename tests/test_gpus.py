@@ -1,0 +1,101 @@
+"""GPU discovery and selection through NVML, exercised with a stand-in for pynvml."""
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from bench.environment import gpu_info
+from harness.backends import select
+from harness.gpus import Gpu, detect_gpus, matches
+from harness.matrix import Cell, Settings
+from harness.runner import skip_reason
+
+
+class FakeNvml(types.SimpleNamespace):
+    """The few pynvml calls we use, over a list of (name, uuid, memory)."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, devices, fail_init=False):
+        super().__init__(devices=devices, fail_init=fail_init, shutdowns=0)
+
+    def nvmlInit(self):
+        if self.fail_init:
+            raise self.NVMLError("driver not loaded")
+
+    def nvmlShutdown(self):
+        self.shutdowns += 1
+
+    def nvmlDeviceGetCount(self):
+        return len(self.devices)
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return self.devices[index]
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        return next(d for d in self.devices if d[1] == uuid)
+
+    def nvmlDeviceGetName(self, handle):
+        return handle[0].encode()  # older bindings return bytes
+
+    def nvmlDeviceGetUUID(self, handle):
+        return handle[1]
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return types.SimpleNamespace(total=handle[2])
+
+    def nvmlSystemGetDriverVersion(self):
+        return "580.65.06"
+
+
+DEVICES = [("NVIDIA H100 80GB HBM3", "GPU-1", 80 << 30), ("NVIDIA A100-SXM4-40GB", "GPU-2", 40 << 30)]
+
+
+def test_detect_gpus_lists_every_device():
+    nvml = FakeNvml(DEVICES)
+    gpus = detect_gpus(nvml)
+    assert gpus == [Gpu(0, "GPU-1", "NVIDIA H100 80GB HBM3", 80 << 30),
+                    Gpu(1, "GPU-2", "NVIDIA A100-SXM4-40GB", 40 << 30)]
+    assert nvml.shutdowns == 1
+
+
+def test_no_driver_means_no_gpus():
+    assert detect_gpus(FakeNvml(DEVICES, fail_init=True)) == []
+
+
+@pytest.mark.parametrize("requested, expected", [
+    ("H100", True), ("h100", True), ("NVIDIA H100", True), ("H100 80GB", True), ("a100-40gb", False),
+    ("A100", False), ("H10", False), ("", False),
+])
+def test_model_names_match_words_of_the_gpu_name(requested, expected):
+    assert matches(requested, Gpu(0, "u", "NVIDIA H100 80GB HBM3", 1)) is expected
+
+
+def test_model_names_may_skip_words():
+    assert matches("A100 40GB", Gpu(0, "u", "NVIDIA A100-SXM4-40GB", 1))
+
+
+def test_cell_gpu_info_follows_cuda_visible_devices():
+    nvml = FakeNvml(DEVICES)
+    assert gpu_info(nvml, "1")["name"] == "NVIDIA A100-SXM4-40GB"
+    assert gpu_info(nvml, "GPU-1,GPU-2") == {"name": "NVIDIA H100 80GB HBM3", "driver": "580.65.06",
+                                             "memory_total_bytes": 80 << 30, "uuid": "GPU-1"}
+    assert gpu_info(None, "0") is None
+    assert gpu_info(FakeNvml(DEVICES, fail_init=True), "0") is None
+
+
+def _cell(gpu, cuda="auto"):
+    return Cell("pytorch", "cnn_cifar10", gpu, cuda, Settings())
+
+
+def test_cells_this_host_cannot_run_are_skipped_with_the_reason():
+    host = detect_gpus(FakeNvml(DEVICES))
+    local = select("local")
+    assert skip_reason(_cell("H100"), host, local) is None
+    assert skip_reason(_cell("V100"), host, local) == (
+        "this host has no V100 GPU (it has NVIDIA A100-SXM4-40GB, NVIDIA H100 80GB HBM3)")
+    assert "no V100 GPU (it has no GPU)" in skip_reason(_cell("V100"), [], local)
+    assert "cannot pick CUDA 12.4" in skip_reason(_cell("H100", "12.4"), host, local)
+    assert "a CPU cell has no CUDA version" in skip_reason(_cell("cpu", "11.8"), host, local)

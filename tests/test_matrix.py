@@ -1,0 +1,149 @@
+"""matrix.yml: expansion (GitHub Actions rules), settings overrides, validation errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, write_matrix
+from harness.gpus import Gpu
+from harness.matrix import MatrixError, load
+
+H100 = Gpu(0, "GPU-aaa", "NVIDIA H100 80GB HBM3", 80 << 30)
+H100_B = Gpu(1, "GPU-bbb", "NVIDIA H100 80GB HBM3", 80 << 30)
+A100 = Gpu(2, "GPU-ccc", "NVIDIA A100-SXM4-40GB", 40 << 30)
+
+BASE = """
+matrix:
+  framework: [pytorch, tensorflow]
+  task: [cnn_cifar10]
+  gpu: [cpu, H100]
+  cuda: [auto]
+{extra}
+settings:
+  steps: 7
+"""
+
+
+def cells_of(tmp_path, extra="", gpus=()):
+    matrix = load(write_matrix(tmp_path / "matrix.yml", BASE.format(extra=extra)))
+    return [(c.framework, c.gpu, c.cuda) for c in matrix.cells(list(gpus))], matrix.cells(list(gpus))
+
+
+def test_the_default_matrix_on_a_host_without_gpus():
+    cells = load(REPO / "matrix.yml").cells([])
+    assert [(c.framework, c.task, c.device) for c in cells] == [
+        ("pytorch", "cnn_cifar10", "cpu"), ("tensorflow", "cnn_cifar10", "cpu")]
+    assert all(c.settings.mode == "throughput" and c.settings.data == "synthetic" for c in cells)
+
+
+def test_auto_gpu_becomes_each_gpu_model_of_the_host(tmp_path):
+    path = write_matrix(tmp_path / "m.yml", "matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10]\n")
+    cells = load(path).cells([H100, H100_B, A100])
+    assert [c.gpu for c in cells] == ["NVIDIA A100-SXM4-40GB", "NVIDIA H100 80GB HBM3"]
+    assert [c.gpu for c in load(path).cells([])] == ["cpu"]
+
+
+def test_product_of_the_axes_and_the_base_settings(tmp_path):
+    combos, cells = cells_of(tmp_path)
+    assert combos == [("pytorch", "cpu", "auto"), ("pytorch", "H100", "auto"),
+                      ("tensorflow", "cpu", "auto"), ("tensorflow", "H100", "auto")]
+    assert {c.settings.steps for c in cells} == {7}
+    assert {c.device for c in cells} == {"cpu", "gpu"}
+
+
+def test_exclude_removes_every_matching_cell(tmp_path):
+    combos, _ = cells_of(tmp_path, "  exclude:\n    - {framework: tensorflow, gpu: H100}")
+    assert ("tensorflow", "H100", "auto") not in combos and len(combos) == 3
+
+
+def test_include_adds_settings_to_the_cells_it_matches(tmp_path):
+    extra = "  include:\n    - framework: pytorch\n      settings: {batch_size: 128, steps: 3}"
+    _, cells = cells_of(tmp_path, extra)
+    by_framework = {(c.framework, c.gpu): c for c in cells}
+    assert by_framework[("pytorch", "cpu")].batch_size == 128
+    assert by_framework[("pytorch", "cpu")].settings.steps == 3
+    assert by_framework[("tensorflow", "cpu")].batch_size == 64  # the task's own
+    assert by_framework[("tensorflow", "cpu")].settings.steps == 7
+
+
+def test_include_that_fits_no_cell_adds_one(tmp_path):
+    extra = "  include:\n    - {framework: pytorch, task: cnn_cifar10, gpu: cpu, cuda: \"12.4\"}"
+    combos, _ = cells_of(tmp_path, extra)
+    assert combos[-1] == ("pytorch", "cpu", "12.4") and len(combos) == 5
+
+
+def test_include_never_overwrites_an_axis_value(tmp_path):
+    # gpu: A100 contradicts every cell's original gpu value, so it is a new cell, not a rewrite.
+    extra = "  include:\n    - {framework: pytorch, task: cnn_cifar10, gpu: A100}"
+    combos, _ = cells_of(tmp_path, extra)
+    assert ("pytorch", "cpu", "auto") in combos and ("pytorch", "A100", "auto") in combos
+
+
+def test_a_new_cell_from_include_needs_framework_and_task(tmp_path):
+    path = write_matrix(tmp_path / "matrix.yml", BASE.format(extra="  include:\n    - {gpu: V100}"))
+    with pytest.raises(MatrixError, match=r"matrix.yml:7: matrix.include\[0\]: .*'framework' and 'task'"):
+        load(path).cells([])
+
+
+def test_cell_ids_change_with_measured_settings_only(tmp_path):
+    _, cells = cells_of(tmp_path)
+    first = cells[0]
+    longer = first.settings.model_copy(update={"timeout_s": 99.0})
+    bigger = first.settings.model_copy(update={"batch_size": 32})
+    assert type(first)(first.framework, first.task, first.gpu, first.cuda, longer).id == first.id
+    assert type(first)(first.framework, first.task, first.gpu, first.cuda, bigger).id != first.id
+    assert len({c.id for c in cells}) == len(cells)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("matrix:\n  framework: [pytorch, pytorc]\n  task: [cnn_cifar10]\n",
+     r"m.yml:2: matrix.framework\[1\]: 'pytorc' is not allowed; allowed: 'pytorch' or 'tensorflow'"),
+    ("matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10]\nsettings:\n  mode: fastest\n",
+     r"m.yml:5: settings.mode: 'fastest' is not allowed; allowed: 'throughput' or 'full'"),
+    ("matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10]\nsettings:\n  step: 3\n",
+     r"m.yml:5: settings.step: unknown key 'step'; allowed keys here: mode, data, data_dir, warmup_steps"),
+    ("matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10]\nsettings:\n  steps: 0\n",
+     r"m.yml:5: settings.steps: input should be greater than or equal to 1"),
+    ("matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10]\nsettings:\n  repeats: '3'\n",
+     r"m.yml:5: settings.repeats: input should be a valid integer"),
+    ("matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10]\n  cuda: [12.4]\n",
+     r"m.yml:4: matrix.cuda\[0\]: .*use 'auto' or a version like \"12.4\" \(quoted\)"),
+    ("matrix:\n  framework: [pytorch]\n", r"m.yml:1: matrix.task: required key 'task' is missing"),
+    ("matrix:\n  framework: [pytorch\n  task: [x]\n", r"m.yml:\d: not valid YAML"),
+    ("- just a list\n", r"m.yml:1: the file must be a mapping"),
+    ("matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10]\n  include:\n    - framework: pytorch\n      bogus: 1\n",
+     r"m.yml:6: matrix.include\[0\].bogus: unknown key 'bogus'; allowed keys here: framework, task, gpu, cuda, settings"),
+])
+def test_validation_errors_name_file_line_field_and_fix(tmp_path, text, expected):
+    with pytest.raises(MatrixError, match=expected):
+        load(write_matrix(tmp_path / "m.yml", text))
+
+
+def test_a_missing_matrix_file(tmp_path):
+    with pytest.raises(MatrixError, match="cannot read the matrix file"):
+        load(tmp_path / "absent.yml")
+
+
+def test_cli_rejects_a_bad_matrix_with_one_line_exit_2_and_nothing_written(tmp_path):
+    path = write_matrix(tmp_path / "m.yml", "matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10]\n  gpus: [cpu]\n")
+    results = tmp_path / "results"
+    done = subprocess.run([sys.executable, str(REPO / "harness" / "run_matrix.py"), str(path),
+                           "--results", str(results), "--backend", "current"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"error: {path}:4: matrix.gpus: unknown key 'gpus'; allowed keys here: "
+        "framework, task, gpu, cuda, include, exclude"]
+    assert not results.exists()
+
+
+def test_cli_dry_run_lists_cells_and_their_plan(tmp_path):
+    path = write_matrix(tmp_path / "m.yml", BASE.format(extra=""))
+    done = subprocess.run([sys.executable, str(REPO / "harness" / "run_matrix.py"), str(path), "--dry-run",
+                           "--results", str(tmp_path / "r"), "--backend", "current"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "4 cells" in done.stdout and "skip: this host has no H100 GPU" in done.stdout
+    assert not (tmp_path / "r").exists()

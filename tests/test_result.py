@@ -1,0 +1,48 @@
+"""The result contract: statistics, atomic writes, the schema."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.result import Summary, write_json_atomic
+from harness.results import schema_problem
+
+
+def test_summary_statistics():
+    summary = Summary.of([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (summary.median, summary.min, summary.max) == (3.0, 1.0, 5.0)
+    assert (summary.q1, summary.q3, summary.iqr) == (2.0, 4.0, 2.0)
+    assert summary.values == [5.0, 1.0, 3.0, 2.0, 4.0]  # every repeat is kept, in order
+
+
+def test_summary_of_one_value_has_no_spread():
+    summary = Summary.of([0.25])
+    assert summary.median == summary.q1 == summary.q3 == 0.25 and summary.iqr == 0
+
+
+def test_summary_needs_values():
+    with pytest.raises(ValueError):
+        Summary.of([])
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "cell.json"
+    write_json_atomic(target, {"a": 1})
+    with pytest.raises(TypeError):
+        write_json_atomic(target, {"a": object()})
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["cell.json"]
+
+
+def test_schema_requires_an_error_text_for_cells_that_are_not_ok(make_result):
+    failed = make_result(status="failed", error=None)
+    assert "error" in schema_problem(failed)
+    assert schema_problem(make_result(status="failed", error="boom")) is None
+
+
+def test_schema_requires_metrics_and_environment_for_ok_cells(make_result):
+    ok = make_result()
+    assert schema_problem(ok) is None
+    del ok["env"]["cpu_model"]
+    assert "cpu_model" in schema_problem(ok)

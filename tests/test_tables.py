@@ -1,0 +1,104 @@
+"""Merging result folders into the comparison tables."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+
+from bench.result import Result, write_json_atomic
+from conftest import REPO, result_payload
+from harness.results import load_results
+from harness.tables import build_tables, write_tables
+
+
+def results(*payloads):
+    return [Result.from_dict(p) for p in payloads]
+
+
+def test_one_row_per_framework_one_column_per_device_median_and_spread():
+    tables, _ = build_tables(results(
+        result_payload("pytorch", step_times=(0.30, 0.31, 0.29, 0.32, 0.28)),
+        result_payload("tensorflow", step_times=(0.20, 0.20, 0.20)),
+        result_payload("pytorch", device="gpu", gpu_name="NVIDIA H100 80GB HBM3", cuda="12.8",
+                       cudnn="91002", step_times=(0.010, 0.011, 0.012)),
+    ))
+    assert len(tables) == 1
+    table = tables[0]
+    assert list(table.display.index) == ["pytorch", "tensorflow"]
+    assert list(table.display.columns) == ["CPU (Test CPU, 2 cores)",
+                                           "NVIDIA H100 80GB HBM3 / CUDA 12.8 / cuDNN 91002"]
+    assert table.display.loc["pytorch", "CPU (Test CPU, 2 cores)"] == "300.0 ms [290.0–310.0], 213 images/s"
+    assert table.display.loc["tensorflow", "NVIDIA H100 80GB HBM3 / CUDA 12.8 / cuDNN 91002"] == "–"
+    assert table.numbers.loc["tensorflow", "CPU (Test CPU, 2 cores)"] == 0.20
+    assert "over 3/5 repeats" in table.description and "batch 64; synthetic data" in table.description
+
+
+def test_gpu_columns_keep_the_asked_cuda_when_frameworks_bring_different_versions():
+    gpu = dict(device="gpu", gpu_name="NVIDIA A100")
+    tables, _ = build_tables(results(result_payload("pytorch", cuda="12.8", cudnn="9.1", **gpu),
+                                     result_payload("tensorflow", cuda="12.5", cudnn="9.3", **gpu)))
+    assert list(tables[0].display.columns) == ["NVIDIA A100 / CUDA auto"]
+
+
+def test_failed_cells_and_parameter_mismatches_are_marked_with_notes():
+    tables, _ = build_tables(results(
+        result_payload("pytorch", parameters=3_441_000),
+        result_payload("tensorflow", status="timeout", error="the cell process timed out\nlog tail"),
+    ))
+    table = tables[0]
+    assert table.display.loc["pytorch"].iloc[0].endswith(" †")
+    assert table.display.loc["tensorflow"].iloc[0] == "timeout"
+    assert "† pytorch: 3,441,000 trainable parameters, the task specifies 3,441,592" in table.notes
+    assert any(n.startswith("tensorflow, CPU (Test CPU, 2 cores): timeout: the cell process timed out")
+               for n in table.notes)
+    assert "log tail" not in table.markdown()
+
+
+def test_full_mode_shows_training_time_and_accuracy():
+    tables, _ = build_tables(results(result_payload("pytorch", mode="full", step_times=(120.0,))))
+    assert tables[0].display.iloc[0, 0] == "120.0 s, acc 0.770"
+    assert "full mode" in tables[0].title
+
+
+def test_the_newest_of_two_results_for_the_same_place_is_shown():
+    old = result_payload("pytorch", step_times=(0.5,), finished="2026-01-01T00:00:00+00:00", cell_id="a")
+    new = result_payload("pytorch", step_times=(0.1,), finished="2026-02-01T00:00:00+00:00", cell_id="b")
+    tables, dropped = build_tables(results(new, old))
+    assert tables[0].numbers.iloc[0, 0] == 0.1
+    assert dropped == ["a: an older duplicate, not shown"]
+
+
+def test_corrupt_and_foreign_files_are_reported_and_skipped(tmp_path):
+    write_json_atomic(tmp_path / "cells" / "good.json", result_payload())
+    (tmp_path / "cells" / "truncated.json").write_text('{"schema_version": 1, "cell"')
+    (tmp_path / "cells" / "foreign.json").write_text(json.dumps({"name": "package.json"}))
+    (tmp_path / "cells" / ".staging").mkdir()
+    (tmp_path / "cells" / ".staging" / "half.json").write_text("{")
+    loaded = load_results(tmp_path)
+    assert [p.name for p, _ in loaded.results] == ["good.json"]
+    assert len(loaded.problems) == 2
+    assert any("truncated.json: skipped, not readable JSON" in p for p in loaded.problems)
+    assert any("foreign.json: skipped, not a cell result" in p for p in loaded.problems)
+
+
+def test_tables_are_written_as_markdown_and_csv(tmp_path):
+    loaded = results(result_payload("pytorch"), result_payload("tensorflow"))
+    tables, _ = build_tables(loaded)
+    summary = write_tables(tables, loaded, tmp_path / "tables")
+    assert "| pytorch" in summary.read_text()
+    csv = pd.read_csv(tmp_path / "tables" / "cnn_cifar10-throughput-synthetic-batch64.csv", index_col=0)
+    assert csv.loc["pytorch", "CPU (Test CPU, 2 cores)"] == 0.30
+    cells = pd.read_csv(tmp_path / "tables" / "cells.csv")
+    assert sorted(cells["framework"]) == ["pytorch", "tensorflow"]
+
+
+def test_merge_command_survives_a_corrupt_file(tmp_path):
+    write_json_atomic(tmp_path / "run" / "cells" / "a.json", result_payload("pytorch"))
+    (tmp_path / "run" / "cells" / "b.json").write_text("not json")
+    done = subprocess.run([sys.executable, str(REPO / "harness" / "merge.py"), str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "| pytorch" in done.stdout and "b.json: skipped" in done.stderr
+    assert (tmp_path / "run" / "tables" / "README.md").is_file()
