@@ -55,6 +55,13 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("DLBENCH_DATA_DIR", Path.home() / ".cache" / "dlbench" / "data"))
 
 
+def download_url(archive: Archive) -> str:
+    """The archive's official URL, or the same file name under DLBENCH_MIRROR (a base URL,
+    file:// included) for sites that keep their own copies."""
+    mirror = os.environ.get("DLBENCH_MIRROR")
+    return f"{mirror.rstrip('/')}/{archive.filename}" if mirror else archive.url
+
+
 def fetch(archive: Archive, data_dir: Path) -> Path:
     """Return the extracted folder of ``archive`` under ``data_dir``, downloading,
     checking and extracting the archive first if it is not there yet."""
@@ -80,13 +87,14 @@ def fetch(archive: Archive, data_dir: Path) -> Path:
 def _download(archive: Archive, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".part")
+    url = download_url(archive)
     try:
-        with urllib.request.urlopen(archive.url, timeout=60) as response, open(partial, "wb") as out:
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
             shutil.copyfileobj(response, out, length=1 << 20)
     except (urllib.error.URLError, OSError) as error:
         partial.unlink(missing_ok=True)
         raise DataUnavailable(
-            f"{archive.folder} is not in {target.parent} and {archive.url} could not be "
+            f"{archive.folder} is not in {target.parent} and {url} could not be "
             f"downloaded ({error}); put {archive.filename} or the extracted {archive.folder} "
             f"folder in {target.parent} (or pass --data-dir), or run with --synthetic"
         ) from error

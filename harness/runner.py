@@ -4,6 +4,7 @@ whose successful result is already there is not run again."""
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +145,7 @@ def run_cells(cells: list[Cell], folder: RunFolder, backend: Backend, host_gpus:
             outcomes.append(outcome)
             note = "ok (kept from an earlier run)" if outcome.reused else outcome.status
             first_line = (outcome.error or "").splitlines()[0] if outcome.error else ""
-            bar.write(f"[{number}/{len(cells)}] {cell.id}: {note}" + (f": {first_line}" if first_line else ""))
+            bar.write(f"[{number}/{len(cells)}] {cell.id}: {note}" + (f": {first_line}" if first_line else ""),
+                      file=sys.stderr)
             bar.update()
     return outcomes

@@ -86,3 +86,12 @@ def test_layout_conversion_moves_channels_last_and_copies_once():
     np.testing.assert_array_equal(data.to_layout(images, "NCHW"), images)
     with pytest.raises(ValueError, match="layout"):
         data.to_layout(images, "CHWN")
+
+
+def test_a_mirror_replaces_the_official_host(tmp_path, monkeypatch):
+    mirror = tmp_path / "mirror"
+    tarball = write_cifar10_archive(mirror / "cifar-10-python.tar.gz")
+    monkeypatch.setenv("DLBENCH_MIRROR", mirror.as_uri())
+    archive = dataclasses.replace(data.CIFAR10_ARCHIVE, md5=data.md5_of(tarball))
+    assert data.download_url(archive) == f"{mirror.as_uri()}/cifar-10-python.tar.gz"
+    assert data.fetch(archive, tmp_path / "cache").is_dir()
