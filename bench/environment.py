@@ -15,15 +15,21 @@ from .result import BENCH_DIR, bench_code_hash
 
 
 def bench_commit() -> str | None:
-    """The git commit of the bench code: baked into images as DLBENCH_GIT_COMMIT, else asked of git."""
+    """The git commit of the bench code, with "-dirty" when bench/ has uncommitted changes:
+    baked into images as DLBENCH_GIT_COMMIT, else asked of git."""
     if os.environ.get("DLBENCH_GIT_COMMIT"):
         return os.environ["DLBENCH_GIT_COMMIT"]
     try:
-        out = subprocess.run(["git", "-C", str(BENCH_DIR), "rev-parse", "HEAD"],
-                             capture_output=True, text=True, timeout=10, check=True)
+        head = _git("rev-parse", "HEAD")
+        dirty = _git("status", "--porcelain", "--", ".")
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return head + ("-dirty" if dirty else "") if head else None
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(BENCH_DIR), *args], capture_output=True, text=True,
+                          timeout=10, check=True).stdout.strip()
 
 
 def gpu_info(nvml: ModuleType | None, visible_devices: str | None) -> dict[str, Any] | None:
