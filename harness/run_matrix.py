@@ -87,7 +87,12 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     print(f"{len(cells)} cells, backend {backend.name}, results in {folder.root}", file=sys.stderr)
-    outcomes = run_cells(cells, folder, backend, host_gpus, args.matrix.resolve().parent, force=args.force)
+    try:
+        outcomes = run_cells(cells, folder, backend, host_gpus, args.matrix.resolve().parent, force=args.force)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished cells are kept in {folder.cells}; run the same command to go on",
+              file=sys.stderr)
+        return 130
     print(merge([folder.cells], folder.tables))
     counts = Counter(outcome.status for outcome in outcomes)
     kept = sum(outcome.reused for outcome in outcomes)

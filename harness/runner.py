@@ -3,6 +3,7 @@ timeout. Whatever happens to a cell is recorded in its JSON and the matrix goes 
 whose successful result is already there is not run again."""
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from .matrix import Cell, host_gpu_for
 from .results import RunFolder, read_result
 
 LOG_TAIL_LINES = 12
+# The bench sources do not change while a matrix runs: hash them once.
+current_bench_hash = functools.cache(contract.bench_code_hash)
 
 
 @dataclass
@@ -68,7 +71,7 @@ def is_done(path: Path) -> bool:
         result = read_result(path)
     except ValueError:
         return False
-    return result.status == "ok" and result.env.get("bench_hash") == contract.bench_code_hash()
+    return result.status == "ok" and result.env.get("bench_hash") == current_bench_hash()
 
 
 def record(folder: RunFolder, cell: Cell, status: str, error: str, backend: Backend,
@@ -80,7 +83,7 @@ def record(folder: RunFolder, cell: Cell, status: str, error: str, backend: Back
             gpu=None if cell.device == "cpu" else cell.gpu, cuda=None if cell.device == "cpu" else cell.cuda,
             precision="fp32", batch_size=cell.batch_size, mode=cell.settings.mode, data=cell.settings.data),
         status=status, error=error,
-        env={**host_facts(), "backend": backend.name, "bench_hash": contract.bench_code_hash(),
+        env={**host_facts(), "backend": backend.name, "bench_hash": current_bench_hash(),
              "started_utc": started, "finished_utc": utc_now()},
     )
     contract.write_json_atomic(folder.result_path(cell.id), result.to_dict())
