@@ -64,11 +64,11 @@ def load_data(args: argparse.Namespace, spec: TaskSpec, batch_size: int) -> data
 def run(args: argparse.Namespace, spec: TaskSpec, settings: Settings, batch_size: int,
         facts: dict) -> tuple[Model, object]:
     framework = frameworks.load(args.framework)
+    framework.configure(args.device, args.seed)  # first: TensorFlow's GPU options only apply before use
     facts.update(framework.describe(args.device))
     implementation = framework.TASKS.get(spec.name)
     if implementation is None:
         raise NotImplementedError(f"{args.framework} has no implementation of {spec.name} yet")
-    framework.configure(args.device, args.seed)
     data = load_data(args, spec, batch_size)
 
     def make_trainer():
