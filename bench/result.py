@@ -17,7 +17,6 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("result.schema.json")
-STATUSES = ("ok", "failed", "skipped", "timeout")
 BENCH_DIR = Path(__file__).resolve().parent
 
 
