@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FRAMEWORKS = ("pytorch", "tensorflow")
+# Matrix names. Keras 3 runs on three backends; each is its own framework environment.
+FRAMEWORKS = ("pytorch", "tensorflow", "keras-tensorflow", "keras-jax", "keras-torch", "jax", "mxnet", "chainer")
+# Names that stand for several frameworks in matrix.yml.
+FRAMEWORK_GROUPS = {"keras": ("keras-tensorflow", "keras-jax", "keras-torch")}
 
 
 @dataclass(frozen=True)

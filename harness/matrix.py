@@ -19,13 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError
 
-from bench.specs import FRAMEWORKS, TASKS
+from bench.specs import FRAMEWORK_GROUPS, FRAMEWORKS, TASKS
 
 from .gpus import Gpu, matches
 
 AXES = ("framework", "task", "gpu", "cuda")
 
-FrameworkName = Literal[FRAMEWORKS]  # type: ignore[valid-type]
+# A group name ("keras") stands for each of its frameworks, in axes, include and exclude alike.
+FrameworkName = Literal[FRAMEWORKS + tuple(FRAMEWORK_GROUPS)]  # type: ignore[valid-type]
 TaskName = Literal[tuple(TASKS)]  # type: ignore[valid-type]
 # "auto" = whatever this host has, "cpu" = no GPU, anything else = a GPU model name.
 GpuName = typing.Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$")]
@@ -130,35 +131,50 @@ class Matrix:
     document: Any  # the parsed YAML, which knows the line of every key
 
     def cells(self, host_gpus: list[Gpu]) -> list[Cell]:
-        """Expand the axes on this host: ``gpu: auto`` becomes each GPU model present here,
+        """Expand the matrix on this host: ``gpu: auto`` becomes each GPU model present here,
         or ``cpu`` when there is none."""
-        combos = [_Combo(dict(zip(AXES, values)))
-                  for values in itertools.product(*(getattr(self.spec.matrix, axis) for axis in AXES))]
-        for exclude in self.spec.matrix.exclude:
-            rule = exclude.axis_values()
-            combos = [c for c in combos if any(c.axes.get(k) != v for k, v in rule.items())]
-        for number, include in enumerate(self.spec.matrix.include):
-            added = include.axis_values()
-            fitting = [c for c in combos if all(c.original.get(k, v) == v for k, v in added.items())]
-            for combo in fitting:
-                combo.add(added, include.settings)
-            if not fitting:
-                if "framework" not in added or "task" not in added:
-                    raise MatrixError(
-                        f"{self.path}:{_line_in(self.document, ('matrix', 'include', number))}: "
-                        f"matrix.include[{number}]: it matches no cell, so it adds one, and a new "
-                        f"cell needs both 'framework' and 'task'; add them")
-                combos.append(_Combo({"gpu": "auto", "cuda": "auto"}, added, include.settings))
         local_models = sorted({gpu.name for gpu in host_gpus}) or ["cpu"]
         cells: dict[str, Cell] = {}
-        for combo in combos:
-            axes = combo.axes
-            gpus = local_models if axes["gpu"] == "auto" else [axes["gpu"]]
-            for gpu in gpus:
-                cell = Cell(axes["framework"], axes["task"], gpu, axes["cuda"],
+        for combo in self._combinations():
+            chosen = combo.axes
+            for gpu in local_models if chosen["gpu"] == "auto" else [chosen["gpu"]]:
+                cell = Cell(chosen["framework"], chosen["task"], gpu, chosen["cuda"],
                             self.spec.settings.merged(combo.settings))
                 cells.setdefault(cell.id, cell)
         return list(cells.values())
+
+    def _combinations(self) -> list["_Combo"]:
+        """The product of the axes, minus excludes, plus includes (GitHub Actions' rules)."""
+        axes = {axis: getattr(self.spec.matrix, axis) for axis in AXES}
+        axes["framework"] = list(dict.fromkeys(m for name in axes["framework"] for m in _members(name)))
+        combos = [_Combo(dict(zip(AXES, values))) for values in itertools.product(*axes.values())]
+        for exclude in self.spec.matrix.exclude:
+            for rule in _per_framework(exclude.axis_values()):
+                combos = [c for c in combos if any(c.axes.get(k) != v for k, v in rule.items())]
+        for number, include in enumerate(self.spec.matrix.include):
+            for added in _per_framework(include.axis_values()):
+                fitting = [c for c in combos if all(c.original.get(k, v) == v for k, v in added.items())]
+                for combo in fitting:
+                    combo.add(added, include.settings)
+                if not fitting:
+                    if "framework" not in added or "task" not in added:
+                        raise MatrixError(
+                            f"{self.path}:{_line_in(self.document, ('matrix', 'include', number))}: "
+                            f"matrix.include[{number}]: it matches no cell, so it adds one, and a new "
+                            f"cell needs both 'framework' and 'task'; add them")
+                    combos.append(_Combo({"gpu": "auto", "cuda": "auto"}, added, include.settings))
+        return combos
+
+
+def _members(framework: str) -> tuple[str, ...]:
+    return FRAMEWORK_GROUPS.get(framework, (framework,))
+
+
+def _per_framework(values: dict[str, str]) -> list[dict[str, str]]:
+    """An include/exclude entry naming a framework group, as one entry per member."""
+    if "framework" not in values:
+        return [values]
+    return [{**values, "framework": member} for member in _members(values["framework"])]
 
 
 class _Combo:

@@ -87,6 +87,15 @@ def test_a_new_cell_from_include_needs_framework_and_task(tmp_path):
         load(path).cells([])
 
 
+def test_keras_stands_for_its_three_backends_everywhere(tmp_path):
+    text = ("matrix:\n  framework: [keras, pytorch]\n  task: [cnn_cifar10]\n  gpu: [cpu]\n"
+            "  exclude:\n    - {framework: keras, gpu: cpu}\n"
+            "  include:\n    - {framework: keras, task: cnn_cifar10, gpu: cpu, cuda: auto, settings: {steps: 2}}\n")
+    cells = load(write_matrix(tmp_path / "m.yml", text)).cells([])
+    assert [(c.framework, c.settings.steps) for c in cells] == [
+        ("pytorch", 20), ("keras-tensorflow", 2), ("keras-jax", 2), ("keras-torch", 2)]
+
+
 def test_cell_ids_change_with_measured_settings_only(tmp_path):
     _, cells = cells_of(tmp_path)
     first = cells[0]
@@ -99,7 +108,7 @@ def test_cell_ids_change_with_measured_settings_only(tmp_path):
 
 @pytest.mark.parametrize("text, expected", [
     ("matrix:\n  framework: [pytorch, pytorc]\n  task: [cnn_cifar10]\n",
-     r"m.yml:2: matrix.framework\[1\]: 'pytorc' is not allowed; allowed: 'pytorch' or 'tensorflow'"),
+     r"m.yml:2: matrix.framework\[1\]: 'pytorc' is not allowed; allowed: 'pytorch', 'tensorflow', .*'keras'"),
     ("matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10]\nsettings:\n  mode: fastest\n",
      r"m.yml:5: settings.mode: 'fastest' is not allowed; allowed: 'throughput' or 'full'"),
     ("matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10]\nsettings:\n  step: 3\n",
