@@ -38,12 +38,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=None, help="full mode (default: the task's)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the task's")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra- and inter-op threads of the framework (default: its own choice)")
     parser.add_argument("--cell-id", default=None)
     parser.add_argument("--gpu-model", default=None, help="GPU model the cell asked for (recorded)")
     parser.add_argument("--cuda", default=None, help="CUDA version the cell asked for (recorded)")
     parser.add_argument("--backend", default="direct", help="what launched this process (recorded)")
     args = parser.parse_args(argv)
-    for name in ("steps", "repeats", "epochs", "batch_size"):
+    for name in ("steps", "repeats", "epochs", "batch_size", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -63,8 +65,10 @@ def load_data(args: argparse.Namespace, spec: TaskSpec, batch_size: int) -> data
 
 def run(args: argparse.Namespace, spec: TaskSpec, settings: Settings, batch_size: int,
         facts: dict) -> tuple[Model, object]:
+    if args.threads:
+        environment.limit_threads(args.threads)  # before the framework starts its thread pools
     framework = frameworks.load(args.framework)
-    framework.configure(args.device, args.seed)  # first: TensorFlow's GPU options only apply before use
+    framework.configure(args.device, args.seed, args.threads)  # first: TensorFlow's GPU options only apply before use
     facts.update(framework.describe(args.device))
     implementation = framework.TASKS.get(spec.name)
     if implementation is None:
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         id=args.cell_id or f"{args.task}-{args.framework}-{args.device}",
         framework=args.framework, task=args.task, device=args.device,
         gpu=args.gpu_model if args.device == "gpu" else None,
-        cuda=args.cuda if args.device == "gpu" else None,
+        cuda=args.cuda if args.device == "gpu" else None, threads=args.threads,
         precision="fp32", batch_size=batch_size, mode=args.mode,
         data="synthetic" if args.synthetic else "real",
     )

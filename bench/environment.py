@@ -14,6 +14,20 @@ from .host import host_facts
 from .result import BENCH_DIR, bench_code_hash
 
 
+# What the thread pools under the frameworks (OpenMP, MKL, OpenBLAS, Eigen/XLA) read at start-up.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                    "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
+
+
+def limit_threads(threads: int) -> None:
+    """Size every thread pool a framework may start; call before importing it."""
+    for name in THREAD_VARIABLES:
+        os.environ[name] = str(threads)
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [
+        os.environ.get("XLA_FLAGS"), "--xla_cpu_multi_thread_eigen=false",
+        f"intra_op_parallelism_threads={threads}"]))
+
+
 def bench_commit() -> str | None:
     """The git commit of the bench code, with "-dirty" when bench/ has uncommitted changes:
     baked into images as DLBENCH_GIT_COMMIT, else asked of git."""

@@ -30,6 +30,7 @@ class Cell:
     device: str  # "cpu" or "gpu"
     gpu: str | None  # GPU model name; None for CPU cells
     cuda: str | None  # CUDA version asked for ("auto" = whatever the environment has)
+    threads: int | None  # intra/inter-op threads asked for; None = the framework's default
     precision: str
     batch_size: int
     mode: str  # "throughput" or "full"

@@ -23,7 +23,7 @@ from bench.specs import FRAMEWORK_GROUPS, FRAMEWORKS, TASKS
 
 from .gpus import Gpu, matches
 
-AXES = ("framework", "task", "gpu", "cuda")
+AXES = ("framework", "task", "gpu", "cuda", "threads")
 
 # A group name ("keras") stands for each of its frameworks, in axes, include and exclude alike.
 FrameworkName = Literal[FRAMEWORKS + tuple(FRAMEWORK_GROUPS)]  # type: ignore[valid-type]
@@ -31,6 +31,8 @@ TaskName = Literal[tuple(TASKS)]  # type: ignore[valid-type]
 # "auto" = whatever this host has, "cpu" = no GPU, anything else = a GPU model name.
 GpuName = typing.Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$")]
 CudaVersion = typing.Annotated[str, Field(pattern=r"^(auto|\d+\.\d+)$")]
+# "auto" = the framework's default; a number sets its intra- and inter-op threads.
+Threads = typing.Union[Literal["auto"], typing.Annotated[int, Field(ge=1)]]
 
 
 class MatrixError(Exception):
@@ -66,6 +68,7 @@ class _Entry(BaseModel):
     task: Optional[TaskName] = None
     gpu: Optional[GpuName] = None
     cuda: Optional[CudaVersion] = None
+    threads: Optional[Threads] = None
 
     def axis_values(self) -> dict[str, str]:
         return {axis: getattr(self, axis) for axis in AXES if getattr(self, axis) is not None}
@@ -86,6 +89,7 @@ class Axes(BaseModel):
     task: list[TaskName] = Field(min_length=1)
     gpu: list[GpuName] = Field(["auto"], min_length=1)
     cuda: list[CudaVersion] = Field(["auto"], min_length=1)
+    threads: list[Threads] = Field(["auto"], min_length=1)
     include: list[IncludeEntry] = []
     exclude: list[ExcludeEntry] = []
 
@@ -105,6 +109,7 @@ class Cell:
     task: str
     gpu: str  # "cpu" or a GPU model name
     cuda: str  # "auto" or a version
+    threads: str | int  # "auto" or a thread count
     settings: Settings
 
     @property
@@ -121,7 +126,7 @@ class Cell:
         measured = self.settings.model_dump(exclude={"timeout_s"})
         digest = hashlib.sha256(json.dumps(measured, sort_keys=True).encode()).hexdigest()[:8]
         gpu = re.sub(r"[^a-z0-9]+", "-", self.gpu.lower()).strip("-")
-        return f"{self.task}.{self.framework}.{gpu}.cuda-{self.cuda}.{digest}"
+        return f"{self.task}.{self.framework}.{gpu}.cuda-{self.cuda}.threads-{self.threads}.{digest}"
 
 
 @dataclass(frozen=True)
@@ -138,7 +143,7 @@ class Matrix:
         for combo in self._combinations():
             chosen = combo.axes
             for gpu in local_models if chosen["gpu"] == "auto" else [chosen["gpu"]]:
-                cell = Cell(chosen["framework"], chosen["task"], gpu, chosen["cuda"],
+                cell = Cell(chosen["framework"], chosen["task"], gpu, chosen["cuda"], chosen["threads"],
                             self.spec.settings.merged(combo.settings))
                 cells.setdefault(cell.id, cell)
         return list(cells.values())
@@ -162,7 +167,7 @@ class Matrix:
                             f"{self.path}:{_line_in(self.document, ('matrix', 'include', number))}: "
                             f"matrix.include[{number}]: it matches no cell, so it adds one, and a new "
                             f"cell needs both 'framework' and 'task'; add them")
-                    combos.append(_Combo({"gpu": "auto", "cuda": "auto"}, added, include.settings))
+                    combos.append(_Combo({"gpu": "auto", "cuda": "auto", "threads": "auto"}, added, include.settings))
         return combos
 
 
@@ -243,6 +248,8 @@ def _describe(path: Path, document: Any, error: dict) -> str:
         message = f"unknown key {loc[-1]!r}; allowed keys here: {allowed}"
     elif kind == "missing":
         message = f"required key {loc[-1]!r} is missing; add it"
+    elif "threads" in loc:
+        message = f"{error['input']!r} is not a thread count; use 'auto' or a whole number of at least 1"
     elif kind == "literal_error":
         message = f"{error['input']!r} is not allowed; allowed: {error['ctx']['expected']}"
     elif kind in ("string_type", "string_pattern_mismatch") and "cuda" in loc:

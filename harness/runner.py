@@ -62,6 +62,8 @@ def bench_args(cell: Cell, result_path: Path, backend: Backend, matrix_dir: Path
         args += ["--data-dir", str((matrix_dir / os.path.expanduser(s.data_dir)).resolve())]
     if cell.device == "gpu":
         args += ["--gpu-model", cell.gpu, "--cuda", cell.cuda]
+    if cell.threads != "auto":
+        args += ["--threads", str(cell.threads)]
     return args
 
 
@@ -81,6 +83,7 @@ def record(folder: RunFolder, cell: Cell, status: str, error: str, backend: Back
         cell=contract.Cell(
             id=cell.id, framework=cell.framework, task=cell.task, device=cell.device,
             gpu=None if cell.device == "cpu" else cell.gpu, cuda=None if cell.device == "cpu" else cell.cuda,
+            threads=None if cell.threads == "auto" else cell.threads,
             precision="fp32", batch_size=cell.batch_size, mode=cell.settings.mode, data=cell.settings.data),
         status=status, error=error,
         env={**host_facts(), "backend": backend.name, "bench_hash": current_bench_hash(),

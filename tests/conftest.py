@@ -64,7 +64,7 @@ def result_payload(framework: str = "pytorch", status: str = "ok", error: str | 
 
     cell = Cell(id=cell_id or f"cnn_cifar10.{framework}.{device}", framework=framework, task="cnn_cifar10",
                 device=device, gpu=gpu_name if device == "gpu" else None,
-                cuda="auto" if device == "gpu" else None, precision="fp32", batch_size=64, mode=mode,
+                cuda="auto" if device == "gpu" else None, threads=None, precision="fp32", batch_size=64, mode=mode,
                 data="synthetic")
     result = Result(cell=cell, status=status, error=error)
     result.env = {"hostname": "host", "os": "Linux", "cpu_model": cpu_model, "cpu_cores": 2,

@@ -1,6 +1,7 @@
 """matrix.yml: expansion (GitHub Actions rules), settings overrides, validation errors."""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -87,6 +88,13 @@ def test_a_new_cell_from_include_needs_framework_and_task(tmp_path):
         load(path).cells([])
 
 
+def test_threads_is_an_axis(tmp_path):
+    text = "matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10]\n  gpu: [cpu]\n  threads: [1, 2, auto]\n"
+    cells = load(write_matrix(tmp_path / "m.yml", text)).cells([])
+    assert [c.threads for c in cells] == [1, 2, "auto"]
+    assert cells[0].id.startswith("cnn_cifar10.pytorch.cpu.cuda-auto.threads-1.")
+
+
 def test_keras_stands_for_its_three_backends_everywhere(tmp_path):
     text = ("matrix:\n  framework: [keras, pytorch]\n  task: [cnn_cifar10]\n  gpu: [cpu]\n"
             "  exclude:\n    - {framework: keras, gpu: cpu}\n"
@@ -101,8 +109,9 @@ def test_cell_ids_change_with_measured_settings_only(tmp_path):
     first = cells[0]
     longer = first.settings.model_copy(update={"timeout_s": 99.0})
     bigger = first.settings.model_copy(update={"batch_size": 32})
-    assert type(first)(first.framework, first.task, first.gpu, first.cuda, longer).id == first.id
-    assert type(first)(first.framework, first.task, first.gpu, first.cuda, bigger).id != first.id
+    assert dataclasses.replace(first, settings=longer).id == first.id
+    assert dataclasses.replace(first, settings=bigger).id != first.id
+    assert dataclasses.replace(first, threads=4).id != first.id
     assert len({c.id for c in cells}) == len(cells)
 
 
@@ -120,10 +129,12 @@ def test_cell_ids_change_with_measured_settings_only(tmp_path):
     ("matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10]\n  cuda: [12.4]\n",
      r"m.yml:4: matrix.cuda\[0\]: .*use 'auto' or a version like \"12.4\" \(quoted\)"),
     ("matrix:\n  framework: [pytorch]\n", r"m.yml:1: matrix.task: required key 'task' is missing"),
+    ("matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10]\n  threads: [auto, 0]\n",
+     r"m.yml:4: matrix.threads\[1\]: 0 is not a thread count; use 'auto' or a whole number of at least 1"),
     ("matrix:\n  framework: [pytorch\n  task: [x]\n", r"m.yml:\d: not valid YAML"),
     ("- just a list\n", r"m.yml:1: the file must be a mapping"),
     ("matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10]\n  include:\n    - framework: pytorch\n      bogus: 1\n",
-     r"m.yml:6: matrix.include\[0\].bogus: unknown key 'bogus'; allowed keys here: framework, task, gpu, cuda, settings"),
+     r"m.yml:6: matrix.include\[0\].bogus: unknown key 'bogus'; allowed keys here: framework, task, gpu, cuda, threads, settings"),
 ])
 def test_validation_errors_name_file_line_field_and_fix(tmp_path, text, expected):
     with pytest.raises(MatrixError, match=expected):
@@ -144,7 +155,7 @@ def test_cli_rejects_a_bad_matrix_with_one_line_exit_2_and_nothing_written(tmp_p
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"error: {path}:4: matrix.gpus: unknown key 'gpus'; allowed keys here: "
-        "framework, task, gpu, cuda, include, exclude"]
+        "framework, task, gpu, cuda, threads, include, exclude"]
     assert not results.exists()
 
 

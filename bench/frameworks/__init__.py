@@ -1,7 +1,7 @@
 """One module per framework, each with the same names in the same order:
 
     describe(device)        -> what the framework reports about itself (version, threads, CUDA, cuDNN)
-    configure(device, seed) -> seeds and performance switches (autotuner, threads)
+    configure(device, seed, threads) -> seeds and performance switches (autotuner, thread pools)
     class CnnCifar10        -> the seed's CNN: layout (NCHW or NHWC), parameter_count,
                                train_step, loss (waits for the device), predict
     TASKS                   -> task name -> implementation class

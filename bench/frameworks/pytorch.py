@@ -14,14 +14,18 @@ def describe(device: str) -> dict:
         "framework": "pytorch",
         "framework_version": torch.__version__,
         "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
         "cuda": torch.version.cuda if on_gpu else None,
         "cudnn": str(torch.backends.cudnn.version()) if on_gpu else None,
         "framework_settings": {"cudnn_benchmark": torch.backends.cudnn.benchmark},
     }
 
 
-def configure(device: str, seed: int) -> None:
+def configure(device: str, seed: int, threads: int | None) -> None:
     torch.manual_seed(seed)
+    if threads:
+        torch.set_num_threads(threads)
+        torch.set_num_interop_threads(threads)
     # The cuDNN autotuner picks the fastest convolution algorithm for fixed shapes.
     torch.backends.cudnn.benchmark = device == "gpu"
 

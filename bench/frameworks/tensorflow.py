@@ -15,17 +15,20 @@ def describe(device: str) -> dict:
         "framework_version": tf.__version__,
         # 0 means "let TensorFlow choose" (one thread per core).
         "threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "interop_threads": tf.config.threading.get_inter_op_parallelism_threads(),
         "cuda": build.get("cuda_version") if on_gpu else None,
         "cudnn": build.get("cudnn_version") if on_gpu else None,
         "framework_settings": {
             "keras_version": tf.keras.__version__,
-            "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
         },
     }
 
 
-def configure(device: str, seed: int) -> None:
+def configure(device: str, seed: int, threads: int | None) -> None:
     tf.keras.utils.set_random_seed(seed)
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
     if device == "gpu":
         for gpu in tf.config.list_physical_devices("GPU"):
             tf.config.experimental.set_memory_growth(gpu, True)
