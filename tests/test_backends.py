@@ -60,3 +60,15 @@ def test_a_failed_build_says_where_its_log_is(tmp_path, images):
 def test_a_framework_without_pins_for_a_device(tmp_path, images):
     with pytest.raises(BackendError, match="requirements-gpu.txt is missing: pytorch has no gpu environment"):
         VirtualenvBackend(tmp_path / "cache").prepare("pytorch", "gpu")
+
+
+def test_build_constraints_are_part_of_the_environment(tmp_path, images):
+    pins(images, "# nothing\n")
+    backend = VirtualenvBackend(tmp_path / "cache")
+    before = backend.environment_path("pytorch", "cpu")
+    (images / "pytorch" / "build-constraints.txt").write_text("not a constraint ===\n")
+    assert backend.environment_path("pytorch", "cpu") != before
+    with pytest.raises(BackendError):  # pip read the constraints, so it was given them
+        backend.prepare("pytorch", "cpu")
+    log = backend.environment_path("pytorch", "cpu").with_suffix(".log").read_text()
+    assert "build-constraints.txt" in log

@@ -72,6 +72,13 @@ def requirements_file(framework: str, device: str) -> Path:
     return IMAGES_DIR / framework / f"requirements-{device}.txt"
 
 
+def build_constraints_file(framework: str) -> Path | None:
+    """Pins for building a framework's source-only packages (images/<framework>/build-constraints.txt),
+    when it has any: Chainer's setup.py needs an old setuptools inside pip's isolated build."""
+    path = IMAGES_DIR / framework / "build-constraints.txt"
+    return path if path.is_file() else None
+
+
 def cell_environment(launch: Launch) -> dict[str, str]:
     """Process environment of a cell: only its own GPUs are visible (none for CPU cells)."""
     env = dict(os.environ)

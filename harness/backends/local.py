@@ -11,7 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .base import Backend, BackendError, Exit, Launch, cell_environment, requirements_file, run_process
+from .base import (Backend, BackendError, Exit, Launch, build_constraints_file, cell_environment,
+                   requirements_file, run_process)
 
 
 def default_cache_dir() -> Path:
@@ -37,6 +38,9 @@ class VirtualenvBackend(Backend):
         digest = hashlib.sha256()
         digest.update(f"{platform.python_version()} {platform.machine()}\n".encode())
         digest.update(requirements.read_bytes())
+        constraints = build_constraints_file(framework)
+        if constraints:
+            digest.update(constraints.read_bytes())
         return self.envs_dir / f"{framework}-{device}-{digest.hexdigest()[:12]}"
 
     def prepare(self, framework: str, device: str) -> None:
@@ -49,11 +53,11 @@ class VirtualenvBackend(Backend):
         with open(path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not complete.is_file():
-                self._build(path, requirements_file(framework, device))
+                self._build(path, requirements_file(framework, device), build_constraints_file(framework))
                 complete.touch()
         self._ready[(framework, device)] = path
 
-    def _build(self, path: Path, requirements: Path) -> None:
+    def _build(self, path: Path, requirements: Path, build_constraints: Path | None) -> None:
         # A half-built environment (a killed earlier build) has no .complete marker: start over.
         shutil.rmtree(path, ignore_errors=True)
         log_path = path.with_suffix(".log")
@@ -62,11 +66,16 @@ class VirtualenvBackend(Backend):
             [str(path / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
              "-r", str(requirements)],
         ]
+        env = dict(os.environ)
+        if build_constraints:
+            # The venv's pip (the one Python bundles, < 25.3) applies PIP_CONSTRAINT to
+            # isolated builds too; a requirements file has no way to say this.
+            env["PIP_CONSTRAINT"] = str(build_constraints)
         with open(log_path, "w") as log:
             for step in steps:
                 log.write(f"$ {' '.join(step)}\n")
                 log.flush()
-                done = subprocess.run(step, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                done = subprocess.run(step, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
                 if done.returncode != 0:
                     raise BackendError(f"building {path.name} failed at '{' '.join(step[-3:])}' "
                                        f"(exit {done.returncode}); see {log_path}")
