@@ -13,7 +13,6 @@ Exit status: 0 when every framework trained and the accuracies agree, 1 when not
 from __future__ import annotations
 
 import argparse
-import pickle
 import socket
 import sys
 from pathlib import Path
@@ -31,6 +30,7 @@ from bench.result import write_text_atomic  # noqa: E402
 from bench.specs import CNN_CIFAR10  # noqa: E402
 from harness import backends, run_matrix  # noqa: E402
 from harness.backends.base import REPO_ROOT  # noqa: E402
+from harness.cifar_format import write_batches  # noqa: E402
 from harness.results import load_results  # noqa: E402
 
 TRAIN_BATCHES = 5
@@ -38,23 +38,15 @@ UPSAMPLE = 4  # 8x8 digits -> 32x32, CIFAR-10's size
 
 
 def write_digits_as_cifar10(folder: Path, seed: int = 0) -> tuple[int, int]:
-    """Write scikit-learn's digits as a cifar-10-batches-py folder: data_batch_1..5 and
-    test_batch, pickled dicts with byte-string keys, ``data`` uint8 (N, 3072) channel-major.
-    Returns the train and test sizes."""
+    """Write scikit-learn's digits as a cifar-10-batches-py folder; returns the train and test sizes."""
     digits = load_digits()
     pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
     large = np.kron(pixels, np.ones((UPSAMPLE, UPSAMPLE), dtype=np.uint8))  # nearest-neighbour upsampling
-    rgb = np.repeat(large[:, None], 3, axis=1).reshape(len(large), -1)  # grey in all three planes
+    rgb = np.repeat(large[:, None], 3, axis=1)  # grey: the same plane three times
     x_train, x_test, y_train, y_test = train_test_split(
         rgb, digits.target, test_size=0.2, random_state=seed, stratify=digits.target)
-    folder.mkdir(parents=True, exist_ok=True)
-    parts = zip(np.array_split(x_train, TRAIN_BATCHES), np.array_split(y_train, TRAIN_BATCHES))
-    batches = [(f"data_batch_{i}", x, y) for i, (x, y) in enumerate(parts, start=1)]
-    for name, data, labels in [*batches, ("test_batch", x_test, y_test)]:
-        payload = {b"batch_label": name.encode(), b"labels": [int(v) for v in labels],
-                   b"data": np.ascontiguousarray(data), b"filenames": [b""] * len(labels)}
-        with open(folder / name, "wb") as handle:
-            pickle.dump(payload, handle, protocol=2)
+    train = list(zip(np.array_split(x_train, TRAIN_BATCHES), np.array_split(y_train, TRAIN_BATCHES)))
+    write_batches(folder, train, (x_test, y_test))
     return len(x_train), len(x_test)
 
 

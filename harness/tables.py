@@ -1,5 +1,5 @@
 """Comparison tables in the seed's style: one per task (and mode, data, batch size), a row
-per framework, a column per device ("CPU (model, threads)" or "GPU / CUDA / cuDNN"), each
+per framework, a column per device ("CPU (model, cores, threads)" or "GPU / CUDA / cuDNN"), each
 cell the median with its spread. Written as Markdown and CSV."""
 from __future__ import annotations
 
@@ -32,15 +32,15 @@ class Table:
 def _device_key(result: Result) -> tuple[str, str]:
     """The hardware a result ran on, as (device kind, name): one column each."""
     if result.cell.device == "cpu":
-        # The framework's own choice of threads is one per core it may use.
-        threads = result.cell.threads or result.env.get("cpu_cores", "?")
-        return ("cpu", f"{result.env.get('cpu_model', 'unknown CPU')}, {threads} threads")
+        # Without a thread count each framework picks its own (not always one per core).
+        threads = f", {result.cell.threads} threads" if result.cell.threads else ""
+        return ("cpu", f"{result.env.get('cpu_model', 'unknown CPU')}, {result.env.get('cpu_cores', '?')} cores{threads}")
     gpu = (result.env.get("gpu") or {}).get("name") or result.cell.gpu or "GPU"
     return ("gpu", f"{gpu}|{result.cell.cuda}")
 
 
 def _column_labels(rows: pd.DataFrame) -> dict[tuple[str, str], str]:
-    """CPU columns read "CPU (model, N threads)"; GPU columns "GPU / CUDA x / cuDNN y" when all
+    """CPU columns read "CPU (model, N cores[, M threads])"; GPU columns "GPU / CUDA x / cuDNN y" when all
     frameworks in the column report the same versions, else "GPU / CUDA <asked>"."""
     labels = {}
     for key, group in rows.groupby("device_key", sort=False):

@@ -2,14 +2,13 @@
 folder, and the framework environments the integration tests run in."""
 from __future__ import annotations
 
-import pickle
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bench.data import CIFAR10_TEST_BATCH, CIFAR10_TRAIN_BATCHES
+from harness.cifar_format import write_batches
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,21 +16,15 @@ REPO = Path(__file__).resolve().parents[1]
 def write_cifar10_batches(folder: Path, per_batch: int = 100, seed: int = 0) -> Path:
     """A cifar-10-batches-py folder in the official format: Python pickles (protocol 2) of
     dicts with byte-string keys, ``data`` uint8 (N, 3072) channel-major, ``labels`` a list."""
-    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    for name in (*CIFAR10_TRAIN_BATCHES, CIFAR10_TEST_BATCH):
+
+    def batch():
         labels = rng.integers(0, 10, size=per_batch)
         # Images whose mean brightness depends on the label: a model can learn them.
         base = (labels[:, None] * 20 + 30).astype(np.int16)
-        data = np.clip(base + rng.integers(-30, 30, size=(per_batch, 3072)), 0, 255).astype(np.uint8)
-        batch = {b"batch_label": name.encode(), b"labels": [int(v) for v in labels], b"data": data,
-                 b"filenames": [f"img_{i}.png".encode() for i in range(per_batch)]}
-        with open(folder / name, "wb") as handle:
-            pickle.dump(batch, handle, protocol=2)
-    with open(folder / "batches.meta", "wb") as handle:
-        pickle.dump({b"label_names": [f"class{i}".encode() for i in range(10)],
-                     b"num_cases_per_batch": per_batch, b"num_vis": 3072}, handle, protocol=2)
-    return folder
+        return np.clip(base + rng.integers(-30, 30, size=(per_batch, 3072)), 0, 255).astype(np.uint8), labels
+
+    return write_batches(folder, [batch() for _ in range(5)], batch())
 
 
 def write_cifar10_archive(path: Path, per_batch: int = 20) -> Path:

@@ -27,11 +27,11 @@ def test_one_row_per_framework_one_column_per_device_median_and_spread():
     assert len(tables) == 1
     table = tables[0]
     assert list(table.display.index) == ["pytorch", "tensorflow"]
-    assert list(table.display.columns) == ["CPU (Test CPU, 2 threads)",
+    assert list(table.display.columns) == ["CPU (Test CPU, 2 cores)",
                                            "NVIDIA H100 80GB HBM3 / CUDA 12.8 / cuDNN 91002"]
-    assert table.display.loc["pytorch", "CPU (Test CPU, 2 threads)"] == "300.0 ms [290.0–310.0], 213 images/s"
+    assert table.display.loc["pytorch", "CPU (Test CPU, 2 cores)"] == "300.0 ms [290.0–310.0], 213 images/s"
     assert table.display.loc["tensorflow", "NVIDIA H100 80GB HBM3 / CUDA 12.8 / cuDNN 91002"] == "–"
-    assert table.numbers.loc["tensorflow", "CPU (Test CPU, 2 threads)"] == 0.20
+    assert table.numbers.loc["tensorflow", "CPU (Test CPU, 2 cores)"] == 0.20
     assert "over 3/5 repeats" in table.description and "batch 64; synthetic data" in table.description
 
 
@@ -51,7 +51,7 @@ def test_failed_cells_and_parameter_mismatches_are_marked_with_notes():
     assert table.display.loc["pytorch"].iloc[0].endswith(" †")
     assert table.display.loc["tensorflow"].iloc[0] == "timeout"
     assert "† pytorch: 3,441,000 trainable parameters, the task specifies 3,441,592" in table.notes
-    assert any(n.startswith("tensorflow, CPU (Test CPU, 2 threads): timeout: the cell process timed out")
+    assert any(n.startswith("tensorflow, CPU (Test CPU, 2 cores): timeout: the cell process timed out")
                for n in table.notes)
     assert "log tail" not in table.markdown()
 
@@ -89,7 +89,7 @@ def test_tables_are_written_as_markdown_and_csv(tmp_path):
     summary = write_tables(tables, loaded, tmp_path / "tables")
     assert "| pytorch" in summary.read_text()
     csv = pd.read_csv(tmp_path / "tables" / "cnn_cifar10-throughput-synthetic-batch64.csv", index_col=0)
-    assert csv.loc["pytorch", "CPU (Test CPU, 2 threads)"] == 0.30
+    assert csv.loc["pytorch", "CPU (Test CPU, 2 cores)"] == 0.30
     cells = pd.read_csv(tmp_path / "tables" / "cells.csv")
     assert sorted(cells["framework"]) == ["pytorch", "tensorflow"]
 
@@ -102,3 +102,10 @@ def test_merge_command_survives_a_corrupt_file(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "| pytorch" in done.stdout and "b.json: skipped" in done.stderr
     assert (tmp_path / "run" / "tables" / "README.md").is_file()
+
+
+def test_cells_that_set_threads_get_a_column_of_their_own():
+    one = result_payload("pytorch")
+    one["cell"]["threads"] = 1
+    tables, _ = build_tables(results(one, result_payload("pytorch", cell_id="b")))
+    assert list(tables[0].display.columns) == ["CPU (Test CPU, 2 cores, 1 threads)", "CPU (Test CPU, 2 cores)"]
