@@ -46,7 +46,7 @@ CNN_CIFAR10 = TaskSpec(
     train_examples=50_000,
     test_examples=10_000,
     item="images",
-    frameworks=("pytorch", "tensorflow"),
+    frameworks=FRAMEWORKS,
 )
 
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (CNN_CIFAR10,)}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.result import Result, write_text_atomic
-from bench.specs import TASKS
+from bench.specs import FRAMEWORKS, TASKS
 
 
 @dataclass
@@ -142,8 +142,10 @@ def build_tables(results: list[Result]) -> tuple[list[Table], list[str]]:
                 display[index] += " †"
         columns = [labels[key] for key in dict.fromkeys(group["device_key"])]
         layout = group.assign(display=display, column=group["device_key"].map(labels))
-        pivot = layout.pivot(index="framework", columns="column", values="display").reindex(columns=columns)
-        numbers = layout.pivot(index="framework", columns="column", values="median_s").reindex(columns=columns)
+        # Rows in the order frameworks are listed in the specs, not alphabetically.
+        rows = sorted(group["framework"].unique(), key=lambda f: (FRAMEWORKS.index(f) if f in FRAMEWORKS else len(FRAMEWORKS), f))
+        pivot = layout.pivot(index="framework", columns="column", values="display").reindex(index=rows, columns=columns)
+        numbers = layout.pivot(index="framework", columns="column", values="median_s").reindex(index=rows, columns=columns)
         pivot.index.name = numbers.index.name = "framework"
         pivot.columns.name = numbers.columns.name = None
         title = f"{task}: {spec.title if spec else task} ({mode} mode)"

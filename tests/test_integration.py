@@ -87,6 +87,22 @@ def test_real_data_that_is_missing_fails_the_cell_with_a_clear_message(tmp_path)
     assert "failed" in done.stdout and "DataUnavailable" in done.stderr
 
 
+def test_every_framework_trains_the_seed_cnn(tmp_path):
+    frameworks = ", ".join(CNN_CIFAR10.frameworks)
+    text = matrix_text(QUICK).replace("[pytorch, tensorflow]", f"[{frameworks}]")
+    done = run_matrix(write_matrix(tmp_path / "m.yml", text), tmp_path / "results")
+    assert done.returncode == 0, done.stderr
+    cells = by_framework(tmp_path / "results")
+    assert sorted(cells) == sorted(CNN_CIFAR10.frameworks)
+    for framework, result in cells.items():
+        assert result.status == "ok", f"{framework}: {result.error}"
+        assert result.model.parameters == 3_441_592, framework
+        assert abs(result.metrics.loss_first - math.log(10)) < 0.5, framework
+        assert result.env["framework_version"], framework
+    tables = (tmp_path / "results" / "tables" / "README.md").read_text()
+    assert all(f"| {framework}" in tables for framework in CNN_CIFAR10.frameworks)
+
+
 def _bench_processes(cell_marker: str) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
