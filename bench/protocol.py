@@ -70,9 +70,12 @@ def train_full(trainers: Iterable[Trainer], data: Dataset, settings: Settings,
                batch_size: int) -> Metrics:
     train_times, epoch_times, accuracies = [], [], []
     loss_last = None
+    in_layout: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # converted once, not per repeat
     for repeat, trainer in enumerate(trainers):  # a fresh model per repeat
-        x_train = to_layout(data.x_train, trainer.layout)
-        x_test = to_layout(data.x_test, trainer.layout)
+        if trainer.layout not in in_layout:
+            in_layout[trainer.layout] = (to_layout(data.x_train, trainer.layout),
+                                         to_layout(data.x_test, trainer.layout))
+        x_train, x_test = in_layout[trainer.layout]
         shuffle = np.random.default_rng(settings.seed + repeat)
         repeat_time = 0.0
         for _ in range(settings.epochs):
