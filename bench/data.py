@@ -1,7 +1,14 @@
-"""Datasets: the official CIFAR-10 python archive (fetched, checked, extracted, loaded) and
-seeded synthetic data of the same shape. Standard library and numpy only."""
-from __future__ import annotations
+"""Datasets in their official formats, fetched with a checksum and loaded; and seeded synthetic
+data of the same shapes. Standard library and numpy only.
 
+- CIFAR-10: the "python version" archive (pickled batches), MD5-checked, extracted.
+- IMDB: Keras's ``imdb.npz`` (index sequences), SHA-256-checked, preprocessed like Keras
+  (start 1, out-of-vocabulary 2, ids from 3) and padded/truncated at the front.
+- ChestX-ray14: PNG files under ``images/`` with ``Data_Entry_2017.csv`` and the official
+  ``train_val_list.txt`` / ``test_list.txt``; only listed here, decoded by each framework's
+  own input pipeline.
+"""
+import csv
 import hashlib
 import os
 import pickle
@@ -12,10 +19,11 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .specs import TaskSpec
+from .specs import CHESTXRAY14_LABELS, TaskSpec
 
 
 class DataUnavailable(Exception):
@@ -23,26 +31,43 @@ class DataUnavailable(Exception):
 
 
 @dataclass(frozen=True)
-class Archive:
+class Download:
     url: str
-    md5: str
     filename: str
-    folder: str  # the directory the archive extracts to
+    algorithm: str  # hashlib name of the published checksum
+    checksum: str
+    folder: Optional[str] = None  # the directory an archive extracts to; None: used as is
 
 
-CIFAR10_ARCHIVE = Archive(
+CIFAR10_ARCHIVE = Download(
     url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-    md5="c58f30108f718f92721af3b95e74349a",
     filename="cifar-10-python.tar.gz",
+    algorithm="md5",
+    checksum="c58f30108f718f92721af3b95e74349a",
     folder="cifar-10-batches-py",
 )
-CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TRAIN_BATCHES = tuple("data_batch_{}".format(i) for i in range(1, 6))
 CIFAR10_TEST_BATCH = "test_batch"
+
+IMDB_FILE = Download(
+    url="https://storage.googleapis.com/tensorflow/tf-keras-datasets/imdb.npz",
+    filename="imdb.npz",
+    algorithm="sha256",
+    checksum="69664113be75683a8fe16e3ed0ab59fda8886cb3cd7ada244f7d9544e4676b9f",
+)
+# Keras's preprocessing, which the seed used.
+IMDB_SHUFFLE_SEED = 113
+IMDB_START, IMDB_OOV, IMDB_INDEX_FROM = 1, 2, 3
+
+CHESTXRAY14_FOLDER = "chestxray14"
+CHESTXRAY14_ENTRIES = "Data_Entry_2017.csv"
+CHESTXRAY14_SPLITS = ("train_val_list.txt", "test_list.txt")
 
 
 @dataclass
 class Dataset:
-    """Images as float32 in [0, 1], channel-first (N, C, H, W); labels as int32."""
+    """Examples as arrays. Images: float32 in [0, 1], channel-first (N, C, H, W); token
+    sequences: int32 (N, T). Labels: int32 classes (N,) or float32 multi-hot (N, labels)."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -51,77 +76,120 @@ class Dataset:
     source: str  # "real" or "synthetic"
 
 
+@dataclass
+class ImageFiles:
+    """Image files and their labels, read by a framework's own input pipeline."""
+
+    paths: List[str]
+    labels: np.ndarray  # float32 multi-hot (N, labels)
+
+
+@dataclass
+class ImageFolderDataset:
+    train: ImageFiles
+    test: ImageFiles
+    stored_size: int  # images are resized to this square, then cropped to the input size
+    source: str = "real"
+
+
+Data = Union[Dataset, ImageFolderDataset]
+
+
 def default_data_dir() -> Path:
-    return Path(os.environ.get("DLBENCH_DATA_DIR", Path.home() / ".cache" / "dlbench" / "data"))
+    return Path(os.environ.get("DLBENCH_DATA_DIR", str(Path.home() / ".cache" / "dlbench" / "data")))
 
 
-def download_url(archive: Archive) -> str:
-    """The archive's official URL, or the same file name under DLBENCH_MIRROR (a base URL,
+def download_url(download: Download) -> str:
+    """The file's official URL, or the same file name under DLBENCH_MIRROR (a base URL,
     file:// included) for sites that keep their own copies."""
     mirror = os.environ.get("DLBENCH_MIRROR")
-    return f"{mirror.rstrip('/')}/{archive.filename}" if mirror else archive.url
+    return "{}/{}".format(mirror.rstrip("/"), download.filename) if mirror else download.url
 
 
-def fetch(archive: Archive, data_dir: Path) -> Path:
-    """Return the extracted folder of ``archive`` under ``data_dir``, downloading,
-    checking and extracting the archive first if it is not there yet."""
+def fetch(download: Download, data_dir: Path) -> Path:
+    """The data under ``data_dir`` (the extracted folder, or the file itself), downloading,
+    checking and extracting it first if it is not there yet. A file or folder already in
+    place is the user's and is used as it is."""
     data_dir = Path(data_dir)
-    if data_dir.name == archive.folder and data_dir.is_dir():
+    name = download.folder or download.filename
+    if data_dir.name == name and data_dir.exists():
         return data_dir
-    folder = data_dir / archive.folder
-    if folder.is_dir():
-        return folder
-    tarball = data_dir / archive.filename
-    if not tarball.is_file():
-        _download(archive, tarball)
-    actual = md5_of(tarball)
-    if actual != archive.md5:
+    target = data_dir / name
+    if target.exists():
+        return target
+    local = data_dir / download.filename
+    if not local.is_file():
+        _download(download, local)
+        _verify(download, local)
+    elif download.folder:
+        _verify(download, local)  # an archive is only extracted once it is known to be the official one
+    if download.folder:
+        _extract(local, data_dir, download.folder)
+    return target
+
+
+def _verify(download: Download, path: Path) -> None:
+    actual = checksum_of(path, download.algorithm)
+    if actual != download.checksum:
         raise DataUnavailable(
-            f"{tarball}: MD5 is {actual}, expected {archive.md5}; the file is damaged or "
-            f"not the official archive: delete it and fetch again"
-        )
-    _extract(tarball, data_dir, archive.folder)
-    return folder
+            "{}: {} is {}, expected {}; the file is damaged or not the official one: delete it "
+            "and fetch again".format(path, download.algorithm.upper(), actual, download.checksum))
 
 
-def _download(archive: Archive, target: Path) -> None:
+def _download(download: Download, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".part")
-    url = download_url(archive)
+    url = download_url(download)
+    name = download.folder or download.filename
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+        with urllib.request.urlopen(url, timeout=60) as response, open(str(partial), "wb") as out:
             shutil.copyfileobj(response, out, length=1 << 20)
     except (urllib.error.URLError, OSError) as error:
-        partial.unlink(missing_ok=True)
+        _remove(partial)
+        extra = " or the extracted {} folder".format(download.folder) if download.folder else ""
         raise DataUnavailable(
-            f"{archive.folder} is not in {target.parent} and {url} could not be "
-            f"downloaded ({error}); put {archive.filename} or the extracted {archive.folder} "
-            f"folder in {target.parent} (or pass --data-dir), or run with --synthetic"
-        ) from error
-    os.replace(partial, target)
+            "{} is not in {} and {} could not be downloaded ({}); put {}{} in {} (or pass "
+            "--data-dir), or run with --synthetic".format(
+                name, target.parent, url, error, download.filename, extra, target.parent)) from error
+    os.replace(str(partial), str(target))
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def _extract(tarball: Path, data_dir: Path, folder: str) -> None:
     # Extract next to the target and rename, so a killed extraction never looks complete.
-    staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=data_dir))
+    staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=str(data_dir)))
     try:
-        with tarfile.open(tarball) as archive:
-            archive.extractall(staging, filter="data")
+        with tarfile.open(str(tarball)) as archive:
+            for member in archive.getmembers():
+                # Only plain files and folders inside the target: the checks of tarfile's
+                # "data" filter, which Python 3.6 lacks.
+                parts = Path(member.name).parts
+                if member.name.startswith("/") or ".." in parts or not (member.isfile() or member.isdir()):
+                    raise DataUnavailable("{}: unsafe member {!r} in the archive".format(tarball, member.name))
+            archive.extractall(str(staging))
         extracted = staging / folder
         if not extracted.is_dir():
-            raise DataUnavailable(f"{tarball}: the archive has no {folder}/ folder")
-        os.replace(extracted, data_dir / folder)
+            raise DataUnavailable("{}: the archive has no {}/ folder".format(tarball, folder))
+        os.replace(str(extracted), str(data_dir / folder))
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(str(staging), ignore_errors=True)
 
 
-def md5_of(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
+def checksum_of(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm)
+    with open(str(path), "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
+
+# CIFAR-10 ---------------------------------------------------------------------------------
 
 def load_cifar10(folder: Path) -> Dataset:
     """Read the official python-format batches (pickled dicts with ``data`` and ``labels``)."""
@@ -132,18 +200,19 @@ def load_cifar10(folder: Path) -> Dataset:
     return Dataset(_scale(x_train), y_train, _scale(x_test), y_test, source="real")
 
 
-def _read_cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_cifar10_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
-        raise DataUnavailable(f"{path} is missing: {path.parent} is not a complete cifar-10-batches-py folder")
+        raise DataUnavailable("{} is missing: {} is not a complete cifar-10-batches-py folder".format(
+            path, path.parent))
     # The official batches are Python 2 pickles with byte-string keys; the archive's MD5
     # is what makes unpickling it acceptable.
-    with open(path, "rb") as handle:
+    with open(str(path), "rb") as handle:
         batch = pickle.load(handle, encoding="bytes")
     data, labels = batch.get(b"data"), batch.get(b"labels")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise DataUnavailable(f"{path}: 'data' must be a uint8 array of shape (N, 3072)")
+        raise DataUnavailable("{}: 'data' must be a uint8 array of shape (N, 3072)".format(path))
     if labels is None or len(labels) != data.shape[0]:
-        raise DataUnavailable(f"{path}: 'labels' must hold one label per image")
+        raise DataUnavailable("{}: 'labels' must hold one label per image".format(path))
     return data.reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int32)
 
 
@@ -151,25 +220,125 @@ def _scale(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) / np.float32(255.0)
 
 
-def synthetic(spec: TaskSpec, train_examples: int, test_examples: int, seed: int) -> Dataset:
-    """Random pixels and labels with the task's shapes, drawn like real 8-bit images."""
+# IMDB -------------------------------------------------------------------------------------
+
+def load_imdb(path: Path, vocabulary: int, length: int) -> Dataset:
+    """Keras's ``imdb.load_data(num_words=vocabulary)`` followed by ``pad_sequences(maxlen=
+    length)``: shuffled with seed 113, start token 1, ids shifted by 3, ids at or above the
+    vocabulary replaced by 2, then padded with 0 and truncated at the front."""
+    try:
+        # The sequences are object arrays of lists, so the file holds pickles; it is the
+        # checksummed official file or one the user put there.
+        with np.load(str(path), allow_pickle=True) as archive:
+            parts = {key: archive[key] for key in ("x_train", "y_train", "x_test", "y_test")}
+    except KeyError as error:
+        raise DataUnavailable("{}: {} is missing; not a Keras imdb.npz file".format(path, error)) from None
+    except (OSError, ValueError) as error:
+        raise DataUnavailable("{}: not a readable imdb.npz ({})".format(path, error)) from None
+    shuffle = np.random.RandomState(IMDB_SHUFFLE_SEED)
+    split = []
+    for x_key, y_key in (("x_train", "y_train"), ("x_test", "y_test")):
+        sequences, labels = parts[x_key], parts[y_key]
+        if len(sequences) != len(labels):
+            raise DataUnavailable("{}: {} and {} differ in length".format(path, x_key, y_key))
+        order = np.arange(len(sequences))
+        shuffle.shuffle(order)
+        tokens = np.stack([_imdb_tokens(sequences[i], vocabulary, length) for i in order]) \
+            if len(order) else np.zeros((0, length), np.int32)
+        split += [tokens, np.asarray(labels, dtype=np.int32)[order]]
+    return Dataset(*split, source="real")
+
+
+def _imdb_tokens(sequence: Sequence[int], vocabulary: int, length: int) -> np.ndarray:
+    ids = np.concatenate([[IMDB_START], np.asarray(sequence, dtype=np.int64) + IMDB_INDEX_FROM])
+    ids[ids >= vocabulary] = IMDB_OOV
+    ids = ids[-length:]  # truncating="pre"
+    padded = np.zeros(length, dtype=np.int32)  # padding="pre"
+    padded[length - len(ids):] = ids
+    return padded
+
+
+# ChestX-ray14 -----------------------------------------------------------------------------
+
+def chestxray14_folder(data_dir: Path) -> Path:
+    """ChestX-ray14 has no single download with a checksum (it is a set of archives behind
+    NIH's file sharing): the extracted data must be put in place by hand."""
+    data_dir = Path(data_dir)
+    for folder in (data_dir, data_dir / CHESTXRAY14_FOLDER):
+        if (folder / CHESTXRAY14_ENTRIES).is_file():
+            return folder
+    raise DataUnavailable(
+        "ChestX-ray14 is not in {}: download it from NIH (https://nihcc.app.box.com/v/ChestXray-NIHCC), "
+        "extract the images into {}/images/ next to {} and {}, or run with --synthetic".format(
+            data_dir, data_dir / CHESTXRAY14_FOLDER, CHESTXRAY14_ENTRIES, " and ".join(CHESTXRAY14_SPLITS)))
+
+
+def load_chestxray14(folder: Path, stored_size: int) -> ImageFolderDataset:
+    """The official split: file names from the two lists, findings ("A|B", or "No Finding")
+    from the CSV as 14-long multi-hot rows."""
+    folder = Path(folder)
+    findings = {}
+    with open(str(folder / CHESTXRAY14_ENTRIES), newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            try:
+                findings[row["Image Index"]] = row["Finding Labels"]
+            except KeyError as error:
+                raise DataUnavailable("{}: column {} is missing".format(folder / CHESTXRAY14_ENTRIES, error)) from None
+    splits = []
+    for split in CHESTXRAY14_SPLITS:
+        path = folder / split
+        if not path.is_file():
+            raise DataUnavailable("{} is missing: {} is not a complete ChestX-ray14 folder".format(path, folder))
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        unknown = [name for name in names if name not in findings]
+        if unknown:
+            raise DataUnavailable("{}: {} is not in {}".format(path, unknown[0], CHESTXRAY14_ENTRIES))
+        missing = [name for name in names if not (folder / "images" / name).is_file()]
+        if missing:
+            raise DataUnavailable("{}: {} of its images are missing from {}, {} the first".format(
+                path, len(missing), folder / "images", missing[0]))
+        labels = np.array([_multi_hot(findings[name]) for name in names], dtype=np.float32).reshape(
+            len(names), len(CHESTXRAY14_LABELS))
+        splits.append(ImageFiles([str(folder / "images" / name) for name in names], labels))
+    return ImageFolderDataset(splits[0], splits[1], stored_size)
+
+
+def _multi_hot(findings: str) -> List[float]:
+    present = set(findings.split("|"))
+    return [1.0 if label in present else 0.0 for label in CHESTXRAY14_LABELS]
+
+
+# Synthetic data and layouts ---------------------------------------------------------------
+
+def synthetic(spec: TaskSpec, input_shape: Tuple[int, ...], train_examples: int,
+              test_examples: int, seed: int) -> Dataset:
+    """Random inputs and labels with the task's shapes: images drawn like 8-bit pixels,
+    token ids below the vocabulary, one class or a random multi-hot row per example."""
     rng = np.random.default_rng(seed)
 
-    def images(n: int) -> np.ndarray:
-        return _scale(rng.integers(0, 256, size=(n, *spec.input_shape), dtype=np.uint8))
+    def inputs(n: int) -> np.ndarray:
+        if spec.vocabulary:
+            return rng.integers(0, spec.vocabulary, size=(n,) + tuple(input_shape), dtype=np.int32)
+        return _scale(rng.integers(0, 256, size=(n,) + tuple(input_shape), dtype=np.uint8))
 
     def labels(n: int) -> np.ndarray:
-        return rng.integers(0, spec.num_classes, size=n, dtype=np.int32)
+        if spec.kind == "multilabel":
+            return (rng.random((n, spec.num_classes)) < 0.2).astype(np.float32)
+        return rng.integers(0, max(spec.num_classes, 1), size=n, dtype=np.int32)
 
-    return Dataset(images(train_examples), labels(train_examples),
-                   images(test_examples), labels(test_examples), source="synthetic")
+    return Dataset(inputs(train_examples), labels(train_examples),
+                   inputs(test_examples), labels(test_examples), source="synthetic")
 
 
-def to_layout(images: np.ndarray, layout: str) -> np.ndarray:
+def to_layout(inputs: np.ndarray, layout: str) -> np.ndarray:
     """Channel-first images in the layout a model takes (NCHW or NHWC), contiguous, so that
-    the conversion happens once, outside any timed region."""
+    the conversion happens once, outside any timed region. Token sequences (2-D) pass as
+    they are: their layout names the recurrent layer's (NTC or TNC), which the framework
+    reaches by transposing the ids, not the data."""
+    if inputs.ndim == 2:
+        return inputs
     if layout == "NHWC":
-        return np.ascontiguousarray(images.transpose(0, 2, 3, 1))
+        return np.ascontiguousarray(inputs.transpose(0, 2, 3, 1))
     if layout == "NCHW":
-        return np.ascontiguousarray(images)
-    raise ValueError(f"unknown layout {layout!r}")
+        return np.ascontiguousarray(inputs)
+    raise ValueError("unknown layout {!r}".format(layout))

@@ -1,12 +1,10 @@
 """Everything about where a cell ran, collected in one place inside the cell's process."""
-from __future__ import annotations
-
 import os
 import platform
 import subprocess
 import sys
 from types import ModuleType
-from typing import Any
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
 
@@ -23,12 +21,22 @@ def limit_threads(threads: int) -> None:
     """Size every thread pool a framework may start; call before importing it."""
     for name in THREAD_VARIABLES:
         os.environ[name] = str(threads)
-    os.environ["XLA_FLAGS"] = " ".join(filter(None, [
-        os.environ.get("XLA_FLAGS"), "--xla_cpu_multi_thread_eigen=false",
-        f"intra_op_parallelism_threads={threads}"]))
+    _add_xla_flags("--xla_cpu_multi_thread_eigen=false",
+                   "intra_op_parallelism_threads={}".format(threads))
 
 
-def bench_commit() -> str | None:
+def expose_cpu_devices(devices: int) -> None:
+    """Let XLA (JAX, Keras on JAX) split the host CPU into ``devices`` devices for a
+    data-parallel CPU cell; call before importing the framework. Frameworks without such a
+    flag make their CPU devices in ``configure``."""
+    _add_xla_flags("--xla_force_host_platform_device_count={}".format(devices))
+
+
+def _add_xla_flags(*flags: str) -> None:
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS")] + list(flags)))
+
+
+def bench_commit() -> Optional[str]:
     """The git commit of the bench code, with "-dirty" when bench/ has uncommitted changes:
     baked into images as DLBENCH_GIT_COMMIT, else asked of git."""
     if os.environ.get("DLBENCH_GIT_COMMIT"):
@@ -42,11 +50,12 @@ def bench_commit() -> str | None:
 
 
 def _git(*args: str) -> str:
-    return subprocess.run(["git", "-C", str(BENCH_DIR), *args], capture_output=True, text=True,
-                          timeout=10, check=True).stdout.strip()
+    return subprocess.run(["git", "-C", str(BENCH_DIR)] + list(args), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=10,
+                          check=True).stdout.strip()
 
 
-def gpu_info(nvml: ModuleType | None, visible_devices: str | None) -> dict[str, Any] | None:
+def gpu_info(nvml: Optional[ModuleType], visible_devices: Optional[str]) -> Optional[Dict[str, Any]]:
     """Name, driver, memory and UUID of the cell's GPU through NVML (nvidia-ml-py), or None
     when NVML is missing or finds no GPU. ``nvml`` is the pynvml module, passed in so the
     logic can be exercised without a GPU. NVML ignores CUDA_VISIBLE_DEVICES, so the cell's
@@ -75,11 +84,11 @@ def gpu_info(nvml: ModuleType | None, visible_devices: str | None) -> dict[str, 
         nvml.nvmlShutdown()
 
 
-def _text(value: str | bytes) -> str:
+def _text(value: Union[str, bytes]) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _import_nvml() -> ModuleType | None:
+def _import_nvml() -> Optional[ModuleType]:
     try:
         import pynvml  # nvidia-ml-py: installed in GPU environments only
     except ImportError:
@@ -87,7 +96,7 @@ def _import_nvml() -> ModuleType | None:
     return pynvml
 
 
-def collect(device: str, framework_facts: dict[str, Any]) -> dict[str, Any]:
+def collect(device: str, framework_facts: Dict[str, Any]) -> Dict[str, Any]:
     """The ``env`` block of a result (timestamps and backend are added by the caller)."""
     return {
         **host_facts(),

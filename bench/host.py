@@ -1,7 +1,5 @@
 """Facts about the machine a cell ran on. Standard library only: the harness records the
 same facts in the results it writes itself (skipped, crashed and timed-out cells)."""
-from __future__ import annotations
-
 import datetime
 import os
 import platform

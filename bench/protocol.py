@@ -1,98 +1,210 @@
 """The measurement protocols, the same for every framework.
 
-throughput: warm-up steps (never timed), then ``repeats`` timed blocks of ``steps`` steps; the
-clock stops only after the device has finished (the loss is read back).
-full: the seed's protocol: ``epochs`` epochs of training timed, then test accuracy.
-Data is prepared (layout, shuffling) outside the timers; the per-batch copy to the device
-happens inside them, in ``train_step``.
-"""
-from __future__ import annotations
+An implementation (one class per task in each ``bench/frameworks/<name>.py``) offers:
 
+    layout                  the input layout it takes: NCHW or NHWC for images, NTC or TNC
+                            (its recurrent layer's) for token sequences
+    parameter_note          None, or why its trainable parameters differ from the task's count
+    parameter_count()       trainable parameters
+    train_step(x, y)        one optimiser step on a global batch (training tasks); it splits the
+                            batch over the devices of a data-parallel run
+    loss()                  the last step's loss, after the device has finished (the barrier)
+    predict(x)              outputs for one batch in inference mode, as a numpy array: logits,
+                            label probabilities or features
+    input_pipeline(files, stored_size, batch_size, training, seed)
+                            image-folder data only: global batches (x, y) from the framework's
+                            own loader: decode, resize to stored_size, random crop to the input
+                            size and random horizontal flip when training, centre crop otherwise
+
+throughput: warm-up steps (never timed), then ``repeats`` timed blocks of ``steps`` steps; the
+clock stops only after the device has finished (a loss or an output is read back).
+full: the seed's protocol: training tasks train ``epochs`` epochs (timed) then score the test
+set; inference tasks time ``timed_batches`` batches after one untimed batch.
+Array data is put in the model's layout outside the timers; the per-batch copy to the device
+happens inside them. Image-folder data is decoded inside them: that is what it measures.
+"""
+import itertools
 import math
 import time
-from typing import Iterable, Protocol
+from typing import Any, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from .data import Dataset, to_layout
+from .data import Data, Dataset, ImageFolderDataset, to_layout
 from .result import Metrics, Settings, Summary
+from .specs import CLASSIFY, INFER, RunOptions, TaskSpec
+
+Batch = Tuple[Any, Any]
 
 
-class Trainer(Protocol):
-    layout: str
-
-    def parameter_count(self) -> int: ...
-    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None: ...
-    def loss(self) -> float: ...
-    def predict(self, images: np.ndarray, batch_size: int) -> np.ndarray: ...
-
-
-def _batches(images: np.ndarray, labels: np.ndarray, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def _batches(inputs: np.ndarray, labels: np.ndarray, batch_size: int) -> List[Batch]:
     """Whole batches only, as the seed did; the remainder of an epoch is dropped."""
-    return [(images[start:start + batch_size], labels[start:start + batch_size])
-            for start in range(0, len(images) - batch_size + 1, batch_size)]
+    return [(inputs[start:start + batch_size], labels[start:start + batch_size])
+            for start in range(0, len(inputs) - batch_size + 1, batch_size)]
 
 
 def _check_loss(loss: float) -> float:
     if not math.isfinite(loss):
-        raise FloatingPointError(f"training diverged: the loss is {loss}")
+        raise FloatingPointError("training diverged: the loss is {}".format(loss))
     return loss
 
 
-def measure_throughput(trainer: Trainer, data: Dataset, settings: Settings, batch_size: int) -> Metrics:
-    batches = _batches(to_layout(data.x_train, trainer.layout), data.y_train, batch_size)
+def _endless(model: Any, data: Data, run: RunOptions) -> Iterator[Batch]:
+    """Training batches for throughput mode, round and round."""
+    if isinstance(data, ImageFolderDataset):
+        return itertools.chain.from_iterable(
+            model.input_pipeline(data.train, data.stored_size, run.global_batch_size, True, run.seed + epoch)
+            for epoch in itertools.count())
+    batches = _batches(to_layout(data.x_train, model.layout), data.y_train, run.global_batch_size)
     if not batches:
-        raise ValueError(f"the data set has fewer than one batch of {batch_size} examples")
-    cursor = 0
+        raise ValueError("the data set has fewer than one batch of {} examples".format(run.global_batch_size))
+    return itertools.cycle(batches)
 
-    def run(steps: int) -> float:
-        nonlocal cursor
+
+def measure_throughput(model: Any, spec: TaskSpec, data: Data, settings: Settings,
+                       run: RunOptions) -> Metrics:
+    batches = _endless(model, data, run)
+    outputs = []  # type: List[np.ndarray]
+
+    def train(steps: int) -> float:
         for _ in range(steps):
-            trainer.train_step(*batches[cursor % len(batches)])
-            cursor += 1
-        return trainer.loss()
+            model.train_step(*next(batches))
+        return model.loss()  # reading the loss back is the device barrier
 
-    loss_first = None
+    def infer(steps: int) -> None:
+        for _ in range(steps):
+            output = model.predict(next(batches)[0])  # a numpy array: the device has finished
+            if not outputs:
+                outputs.append(output)
+
+    metrics = Metrics()
+    step = infer if spec.kind == INFER else train
     if settings.warmup_steps:
-        loss_first = _check_loss(run(1))
-        run(settings.warmup_steps - 1)
+        first = step(1)
+        metrics.loss_first = None if first is None else _check_loss(first)
+        step(settings.warmup_steps - 1)
     step_times = []
     for _ in range(settings.repeats):
         start = time.perf_counter()
-        loss_last = run(settings.steps)  # reading the loss back is the device barrier
+        last = step(settings.steps)
         step_times.append((time.perf_counter() - start) / settings.steps)
-    step_time = Summary.of(step_times)
-    return Metrics(step_time_s=step_time, throughput_per_s=batch_size / step_time.median,
-                   loss_first=loss_first, loss_last=_check_loss(loss_last))
+        metrics.loss_last = None if last is None else _check_loss(last)
+    metrics.step_time_s = Summary.of(step_times)
+    metrics.throughput_per_s = run.global_batch_size / metrics.step_time_s.median
+    if spec.kind == INFER:
+        metrics.seconds_per_1000 = Summary.of([t * 1000 / run.global_batch_size for t in step_times])
+        metrics.output_mean, metrics.output_std = _moments(outputs[0])
+    return metrics
 
 
-def train_full(trainers: Iterable[Trainer], data: Dataset, settings: Settings,
-               batch_size: int) -> Metrics:
-    train_times, epoch_times, accuracies = [], [], []
+def infer_full(models: Iterable[Any], spec: TaskSpec, data: Dataset, run: RunOptions) -> Metrics:
+    """The seed's feature-extraction protocol: one untimed batch, then ``timed_batches``
+    batches timed, per repeat (a fresh model each)."""
+    inputs = [x for x, _ in _batches(to_layout(data.x_train, "NCHW"), data.y_train, run.batch_size)]
+    per_1000, outputs = [], []  # type: List[float], List[np.ndarray]
+    prepared = {}
+    for model in models:
+        if model.layout not in prepared:
+            prepared[model.layout] = [to_layout(x, model.layout) for x in inputs]
+        batches = prepared[model.layout]
+        model.predict(batches[0])
+        start = time.perf_counter()
+        for index in range(spec.timed_batches):
+            output = model.predict(batches[index % len(batches)])
+            if not outputs:
+                outputs.append(output)
+        elapsed = time.perf_counter() - start
+        per_1000.append(elapsed * 1000 / (spec.timed_batches * run.batch_size))
+    seconds_per_1000 = Summary.of(per_1000)
+    mean, std = _moments(outputs[0])
+    return Metrics(seconds_per_1000=seconds_per_1000, throughput_per_s=1000 / seconds_per_1000.median,
+                   output_mean=mean, output_std=std)
+
+
+def train_full(models: Iterable[Any], spec: TaskSpec, data: Data, settings: Settings,
+               run: RunOptions) -> Metrics:
+    """``epochs`` epochs of training per repeat (a fresh model each), then the test score."""
+    train_times, epoch_times, scores = [], [], []  # type: List[float], List[float], List[float]
     loss_last = None
-    in_layout: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # converted once, not per repeat
-    for repeat, trainer in enumerate(trainers):  # a fresh model per repeat
-        if trainer.layout not in in_layout:
-            in_layout[trainer.layout] = (to_layout(data.x_train, trainer.layout),
-                                         to_layout(data.x_test, trainer.layout))
-        x_train, x_test = in_layout[trainer.layout]
-        shuffle = np.random.default_rng(settings.seed + repeat)
+    batch_size = run.global_batch_size
+    prepared = {}  # array data, in each layout once (not per repeat)
+    trained_per_epoch = 0
+    for repeat, model in enumerate(models):
         repeat_time = 0.0
-        for _ in range(settings.epochs):
-            order = shuffle.permutation(len(x_train))
-            batches = _batches(x_train[order], data.y_train[order], batch_size)
+        for epoch in range(settings.epochs):
+            epoch_seed = settings.seed + repeat * settings.epochs + epoch
+            if isinstance(data, ImageFolderDataset):
+                batches = model.input_pipeline(data.train, data.stored_size, batch_size, True, epoch_seed)
+            else:
+                if model.layout not in prepared:
+                    prepared[model.layout] = (to_layout(data.x_train, model.layout),
+                                              to_layout(data.x_test, model.layout))
+                order = np.random.default_rng(epoch_seed).permutation(len(data.x_train))
+                batches = _batches(prepared[model.layout][0][order], data.y_train[order], batch_size)
+            steps = 0
             start = time.perf_counter()
-            for images, labels in batches:
-                trainer.train_step(images, labels)
-            loss_last = _check_loss(trainer.loss())
+            for inputs, labels in batches:  # an image pipeline decodes inside the timer
+                model.train_step(inputs, labels)
+                steps += 1
+            loss_last = _check_loss(model.loss())
             elapsed = time.perf_counter() - start
             epoch_times.append(elapsed)
             repeat_time += elapsed
+            trained_per_epoch = steps * batch_size
         train_times.append(repeat_time)
-        predictions = trainer.predict(x_test, batch_size)
-        accuracies.append(float(np.mean(predictions == data.y_test)))
+        scores.append(_score(model, spec, data, prepared, batch_size))
     epoch_time = Summary.of(epoch_times)
-    trained_per_epoch = len(data.x_train) // batch_size * batch_size
-    return Metrics(train_time_s=Summary.of(train_times), epoch_time_s=epoch_time,
-                   test_accuracy=Summary.of(accuracies),
-                   throughput_per_s=trained_per_epoch / epoch_time.median, loss_last=loss_last)
+    score = Summary.of(scores)
+    metrics = Metrics(train_time_s=Summary.of(train_times), epoch_time_s=epoch_time,
+                      throughput_per_s=trained_per_epoch / epoch_time.median, loss_last=loss_last)
+    if spec.kind == CLASSIFY:
+        metrics.test_accuracy = score
+    else:
+        metrics.test_roc_auc = score
+    return metrics
+
+
+def _score(model: Any, spec: TaskSpec, data: Data, prepared: dict, batch_size: int) -> float:
+    """Test accuracy (classification) or mean ROC-AUC over the labels (multi-label)."""
+    if isinstance(data, ImageFolderDataset):
+        pairs = list(model.input_pipeline(data.test, data.stored_size, batch_size, False, 0))
+        outputs = [model.predict(x) for x, _ in pairs]
+        labels = np.concatenate([np.asarray(y) for _, y in pairs]) if pairs else np.zeros((0, spec.num_classes))
+    else:
+        x_test = prepared[model.layout][1]
+        outputs = [model.predict(x_test[start:start + batch_size]) for start in range(0, len(x_test), batch_size)]
+        labels = data.y_test
+    scores = np.concatenate(outputs) if outputs else np.zeros((0, spec.num_classes))
+    if spec.kind == CLASSIFY:
+        return float(np.mean(np.argmax(scores, axis=1) == labels))
+    return mean_roc_auc(scores, labels)
+
+
+def mean_roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over labels of the area under the ROC curve (the Mann-Whitney statistic, ties
+    counted half); labels with only one class in the test set are left out."""
+    areas = []
+    for column in range(labels.shape[1]):
+        positive = labels[:, column] > 0.5
+        positives, negatives = int(positive.sum()), int((~positive).sum())
+        if positives == 0 or negatives == 0:
+            continue
+        ranks = _average_ranks(scores[:, column])
+        areas.append((ranks[positive].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+    if not areas:
+        raise ValueError("no label has both positive and negative examples in the test set")
+    return float(np.mean(areas))
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, tied values sharing the mean of their ranks."""
+    unique, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    last_rank = np.cumsum(counts)
+    return (last_rank - (counts - 1) / 2.0)[inverse]
+
+
+def _moments(output: np.ndarray) -> Tuple[Optional[float], Optional[float]]:
+    """Mean and spread of one batch's outputs: with the same weights file and the same seeded
+    inputs, every framework must give the same two numbers."""
+    values = np.asarray(output, dtype=np.float64)
+    return float(values.mean()), float(values.std())

@@ -3,19 +3,16 @@
 This module and ``result.schema.json`` are the contract between the bench (which
 writes results) and the harness (which reads and merges them). Standard library only.
 """
-from __future__ import annotations
-
 import dataclasses
 import hashlib
 import json
 import os
-import statistics
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict, List, Optional
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA_PATH = Path(__file__).with_name("result.schema.json")
 BENCH_DIR = Path(__file__).resolve().parent
 
@@ -28,11 +25,13 @@ class Cell:
     framework: str
     task: str
     device: str  # "cpu" or "gpu"
-    gpu: str | None  # GPU model name; None for CPU cells
-    cuda: str | None  # CUDA version asked for ("auto" = whatever the environment has)
-    threads: int | None  # intra/inter-op threads asked for; None = the framework's default
+    gpu: Optional[str]  # GPU model name; None for CPU cells
+    cuda: Optional[str]  # CUDA version asked for ("auto" = whatever the environment has)
+    threads: Optional[int]  # intra/inter-op threads asked for; None = the framework's default
     precision: str
-    batch_size: int
+    batch_size: int  # per device
+    devices: int  # data-parallel replicas (GPUs, or CPU devices/processes)
+    input_shape: List[int]  # one example as the model takes it (C, H, W) or (T,)
     mode: str  # "throughput" or "full"
     data: str  # "real" or "synthetic"
 
@@ -44,13 +43,15 @@ class Settings:
     repeats: int
     epochs: int
     seed: int
+    # Training examples per epoch (full mode) or in the pool cycled over (throughput mode).
+    train_examples: Optional[int] = None
 
 
 @dataclass
 class Summary:
     """Every measured value plus the robust statistics the tables show."""
 
-    values: list[float]
+    values: List[float]
     median: float
     min: float
     max: float
@@ -59,27 +60,39 @@ class Summary:
     iqr: float
 
     @classmethod
-    def of(cls, values: list[float]) -> "Summary":
+    def of(cls, values: List[float]) -> "Summary":
         if not values:
             raise ValueError("a summary needs at least one value")
         values = [float(v) for v in values]
-        if len(values) == 1:
-            q1 = q3 = values[0]
-        else:
-            # 'inclusive' keeps the quartiles inside the observed range for small samples.
-            q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-        return cls(values, statistics.median(values), min(values), max(values), q1, q3, q3 - q1)
+        q1, median, q3 = (_quantile(values, q) for q in (0.25, 0.5, 0.75))
+        return cls(values, median, min(values), max(values), q1, q3, q3 - q1)
+
+
+def _quantile(values: List[float], q: float) -> float:
+    """Linear interpolation between the sorted values (statistics.quantiles' "inclusive"
+    method, which keeps quartiles inside the observed range for small samples)."""
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    below = int(position)
+    above = min(below + 1, len(ordered) - 1)
+    return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
 
 
 @dataclass
 class Metrics:
-    step_time_s: Summary | None = None  # throughput mode: mean step time of each repeat
-    throughput_per_s: float | None = None  # items per second at the median step time
-    train_time_s: Summary | None = None  # full mode: training time of each repeat (all epochs)
-    epoch_time_s: Summary | None = None  # full mode: every epoch of every repeat
-    test_accuracy: Summary | None = None  # full mode: accuracy of each repeat, dropout off
-    loss_first: float | None = None
-    loss_last: float | None = None
+    step_time_s: Optional[Summary] = None  # throughput mode: mean step time of each repeat
+    throughput_per_s: Optional[float] = None  # items per second at the median time
+    train_time_s: Optional[Summary] = None  # full mode: training time of each repeat (all epochs)
+    epoch_time_s: Optional[Summary] = None  # full mode: every epoch of every repeat
+    test_accuracy: Optional[Summary] = None  # full mode, classification: each repeat's, dropout off
+    test_roc_auc: Optional[Summary] = None  # full mode, multi-label: mean ROC-AUC of each repeat
+    seconds_per_1000: Optional[Summary] = None  # inference: the seed's unit, per repeat
+    loss_first: Optional[float] = None
+    loss_last: Optional[float] = None
+    # Inference: mean and spread of the first batch's outputs (equal across frameworks given
+    # the same weights file and seed).
+    output_mean: Optional[float] = None
+    output_std: Optional[float] = None
 
 
 @dataclass
@@ -87,24 +100,26 @@ class Model:
     parameters: int
     expected_parameters: int
     layout: str  # memory layout of the input batches, e.g. NCHW or NHWC
+    note: Optional[str] = None  # why the parameter count differs from the task's, if it does
+    weights: Optional[str] = None  # SHA-256 of the weights file loaded; None: random initialisation
 
 
 @dataclass
 class Result:
     cell: Cell
     status: str
-    settings: Settings | None = None
-    error: str | None = None
-    metrics: Metrics | None = None
-    model: Model | None = None
-    env: dict[str, Any] = field(default_factory=dict)
+    settings: Optional[Settings] = None
+    error: Optional[str] = None
+    metrics: Optional[Metrics] = None
+    model: Optional[Model] = None
+    env: Dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Result":
+    def from_dict(cls, data: Dict[str, Any]) -> "Result":
         """Rebuild a result from its JSON form (already validated against the schema)."""
         metrics = data.get("metrics")
         if metrics is not None:
@@ -129,7 +144,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write a file so that readers see either the old file or the complete new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".{}.".format(path.name), suffix=".tmp", dir=str(path.parent))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -137,11 +152,12 @@ def write_text_atomic(path: Path, text: str) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+def write_json_atomic(path: Path, payload: Dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 

@@ -1,52 +1,165 @@
 """Task specifications: the one place that says what every framework must build.
 
-Shared by the bench (inside a framework environment) and the harness (on the host),
-so it imports nothing beyond the standard library.
+Shared by the bench (inside a framework environment) and the harness (on the host), so it
+imports nothing beyond the standard library. Like every module of the bench outside
+``frameworks/``, it stays valid Python 3.6: the CNTK 2.7 image has no newer interpreter.
 """
-from __future__ import annotations
-
 from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 # Matrix names. Keras 3 runs on three backends; each is its own framework environment.
-FRAMEWORKS = ("pytorch", "tensorflow", "keras-tensorflow", "keras-jax", "keras-torch", "jax", "mxnet", "chainer")
+FRAMEWORKS = ("pytorch", "tensorflow", "keras-tensorflow", "keras-jax", "keras-torch", "jax",
+              "mxnet", "chainer", "cntk")
 # Names that stand for several frameworks in matrix.yml.
 FRAMEWORK_GROUPS = {"keras": ("keras-tensorflow", "keras-jax", "keras-torch")}
+
+# What a task measures, which decides the protocol (bench/protocol.py):
+CLASSIFY = "classify"  # train with softmax cross-entropy; test accuracy
+INFER = "infer"  # forward passes only, in inference mode; features out
+MULTILABEL = "multilabel"  # train with sigmoid cross-entropy per label; mean ROC-AUC
+
+# ChestX-ray14's findings, in the order of the model's 14 outputs.
+CHESTXRAY14_LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
+                      "Pneumonia", "Pneumothorax", "Consolidation", "Edema", "Emphysema",
+                      "Fibrosis", "Pleural_Thickening", "Hernia")
 
 
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
     title: str
+    kind: str  # CLASSIFY, INFER or MULTILABEL
     # Trainable parameters of the seed's network; every implementation must match it.
     expected_parameters: int
-    batch_size: int
+    batch_size: int  # per device
     epochs: int
     learning_rate: float
-    momentum: float
-    num_classes: int
-    # Channel-first shape of one example, as the seed's data is stored.
-    input_shape: tuple[int, ...]
+    num_classes: int  # outputs of the model (classes, labels, or features for INFER)
+    # One example as stored: channel-first (C, H, W) for images, (T,) for token sequences.
+    input_shape: Tuple[int, ...]
     train_examples: int
     test_examples: int
-    # What one training step consumes, for throughput figures.
+    # What one example is called in throughput figures.
     item: str
-    frameworks: tuple[str, ...]
+    dataset: Optional[str]  # "cifar10", "imdb", "chestxray14"; None: random inputs by design
+    momentum: float = 0.0  # SGD tasks only
+    vocabulary: int = 0  # token tasks: ids are below this
+    # Image tasks whose network ends in global pooling may run at another input size (small
+    # sizes keep CPU runs short); their parameter count does not depend on it.
+    resizable: bool = False
+    # Real data is stored this much larger than the input and randomly cropped to it.
+    stored_size_ratio: float = 1.0
+    # Data-parallel tasks scale the learning rate (and the global batch) with the devices.
+    data_parallel: bool = False
+    # Batches of the seed's own timing protocol for INFER tasks (after one untimed batch).
+    timed_batches: int = 0
+
+    def input_shape_at(self, image_size: Optional[int]) -> Tuple[int, ...]:
+        """The example shape with its spatial size replaced by ``image_size``."""
+        if image_size is None or image_size == self.input_shape[-1]:
+            return self.input_shape
+        if not self.resizable:
+            raise ValueError(f"{self.name} runs at its fixed input size {self.input_shape}; "
+                             f"it has no image size to change")
+        return self.input_shape[:-2] + (image_size, image_size)
 
 
 CNN_CIFAR10 = TaskSpec(
     name="cnn_cifar10",
     title="VGG-style CNN on CIFAR-10, training",
-    expected_parameters=3_441_592,
+    kind=CLASSIFY,
+    expected_parameters=3441592,
     batch_size=64,
     epochs=10,
     learning_rate=0.01,
     momentum=0.9,
     num_classes=10,
     input_shape=(3, 32, 32),
-    train_examples=50_000,
-    test_examples=10_000,
+    train_examples=50000,
+    test_examples=10000,
     item="images",
-    frameworks=FRAMEWORKS,
+    dataset="cifar10",
 )
 
-TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (CNN_CIFAR10,)}
+RESNET50_INFERENCE = TaskSpec(
+    name="resnet50_inference",
+    title="ResNet-50 v1.5 feature extraction, inference",
+    kind=INFER,
+    # No convolution biases; batch-norm scale and shift counted, running statistics not.
+    expected_parameters=23508032,
+    batch_size=32,
+    epochs=1,
+    learning_rate=0.0,
+    num_classes=2048,
+    input_shape=(3, 224, 224),
+    train_examples=0,
+    test_examples=0,
+    item="images",
+    dataset=None,  # the seed timed random images; weights come from a file or are random
+    resizable=True,
+    timed_batches=40,
+)
+
+GRU_IMDB = TaskSpec(
+    name="gru_imdb",
+    title="GRU sentiment classifier on IMDB, training",
+    kind=CLASSIFY,
+    # cuDNN's convention: two bias vectors per gate set.
+    expected_parameters=3818302,
+    batch_size=64,
+    epochs=3,
+    learning_rate=0.001,
+    num_classes=2,
+    input_shape=(150,),
+    train_examples=25000,
+    test_examples=25000,
+    item="reviews",
+    dataset="imdb",
+    vocabulary=30000,
+)
+
+DENSENET121_XRAY = TaskSpec(
+    name="densenet121_xray",
+    title="DenseNet-121 on chest X-rays, data-parallel training",
+    kind=MULTILABEL,
+    expected_parameters=6968206,
+    batch_size=64,
+    epochs=5,
+    learning_rate=0.0001,
+    num_classes=len(CHESTXRAY14_LABELS),
+    input_shape=(3, 224, 224),
+    train_examples=86524,  # ChestX-ray14's official train_val / test split
+    test_examples=25596,
+    item="images",
+    dataset="chestxray14",
+    resizable=True,
+    stored_size_ratio=264 / 224,
+    data_parallel=True,
+)
+
+TASKS = {spec.name: spec for spec in (CNN_CIFAR10, RESNET50_INFERENCE, GRU_IMDB,
+                                      DENSENET121_XRAY)}  # type: Dict[str, TaskSpec]
+
+
+class Unsupported(Exception):
+    """Raised by an implementation for a combination its framework cannot run (say,
+    data-parallel training on a backend without a mechanism for it); the cell is recorded as
+    skipped with this message, which must say why."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What one cell asks of a framework's implementation, resolved by the bench."""
+
+    device: str  # "cpu" or "gpu"
+    devices: int  # data-parallel replicas: GPUs, or CPU devices/processes
+    seed: int
+    threads: Optional[int]  # intra/inter-op threads; None = the framework's default
+    batch_size: int  # per device
+    input_shape: Tuple[int, ...]  # one example as the model takes it (channel-first images)
+    learning_rate: float  # the task's, times the devices for data-parallel tasks
+    weights: Optional[str] = None  # a weights file in the canonical format, or None: random
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.devices

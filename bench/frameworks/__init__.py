@@ -1,15 +1,16 @@
 """One module per framework, each with the same names in the same order:
 
-    describe(device)        -> what the framework reports about itself (version, threads, CUDA, cuDNN)
-    configure(device, seed, threads) -> seeds and performance switches (autotuner, thread pools)
-    class CnnCifar10        -> the seed's CNN: layout (NCHW or NHWC), parameter_count,
-                               train_step, loss (waits for the device), predict
-    TASKS                   -> task name -> implementation class
+    describe(run)       -> what the framework reports about itself (version, threads, CUDA, cuDNN)
+    configure(run)      -> seeds and performance switches (autotuner, thread pools, CPU devices)
+    class CnnCifar10    -> the seed's CNN
+    class Resnet50Inference -> ResNet-50 v1.5 feature extractor
+    class GruImdb       -> the seed's GRU classifier
+    class Densenet121Xray -> DenseNet-121, 14 labels, data-parallel over run.devices
+    TASKS               -> task name -> implementation class
 
-Put two of them side by side and only the framework differs.
+``run`` is a bench.specs.RunOptions; each class is built as ``Class(spec, run)`` and offers
+what bench/protocol.py lists. Put two modules side by side and only the framework differs.
 """
-from __future__ import annotations
-
 import importlib
 import os
 from types import ModuleType
@@ -22,8 +23,8 @@ KERAS_BACKENDS = {"keras-tensorflow": "tensorflow", "keras-jax": "jax", "keras-t
 
 def load(name: str) -> ModuleType:
     if name not in FRAMEWORKS:
-        raise ValueError(f"unknown framework {name!r}; known: {', '.join(FRAMEWORKS)}")
+        raise ValueError("unknown framework {!r}; known: {}".format(name, ", ".join(FRAMEWORKS)))
     if name in KERAS_BACKENDS:
         os.environ["KERAS_BACKEND"] = KERAS_BACKENDS[name]
         name = "keras"
-    return importlib.import_module(f"{__name__}.{name}")
+    return importlib.import_module("{}.{}".format(__name__, name))

@@ -5,11 +5,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..specs import TaskSpec
+from ..specs import RunOptions, TaskSpec
 
 
-def describe(device: str) -> dict:
-    on_gpu = device == "gpu"
+def describe(run: RunOptions) -> dict:
+    on_gpu = run.device == "gpu"
     return {
         "framework": "pytorch",
         "framework_version": torch.__version__,
@@ -21,13 +21,13 @@ def describe(device: str) -> dict:
     }
 
 
-def configure(device: str, seed: int, threads: int | None) -> None:
-    torch.manual_seed(seed)
-    if threads:
-        torch.set_num_threads(threads)
-        torch.set_num_interop_threads(threads)
+def configure(run: RunOptions) -> None:
+    torch.manual_seed(run.seed)
+    if run.threads:
+        torch.set_num_threads(run.threads)
+        torch.set_num_interop_threads(run.threads)
     # The cuDNN autotuner picks the fastest convolution algorithm for fixed shapes.
-    torch.backends.cudnn.benchmark = device == "gpu"
+    torch.backends.cudnn.benchmark = run.device == "gpu"
 
 
 def _torch_device(device: str) -> torch.device:
@@ -63,8 +63,11 @@ class CnnCifar10Net(nn.Module):
 
 
 class CnnCifar10:
-    def __init__(self, spec: TaskSpec, device: str, seed: int):
-        torch.manual_seed(seed)
+    parameter_note = None
+
+    def __init__(self, spec: TaskSpec, run: RunOptions):
+        torch.manual_seed(run.seed)
+        device = run.device
         self.device = _torch_device(device)
         # NCHW for cuDNN; channels-last is PyTorch's fastest CPU layout (oneDNN).
         self.memory_format = torch.contiguous_format if device == "gpu" else torch.channels_last
@@ -99,14 +102,10 @@ class CnnCifar10:
             torch.cuda.synchronize(self.device)
         return float(self._last_loss)
 
-    def predict(self, images: np.ndarray, batch_size: int) -> np.ndarray:
+    def predict(self, images: np.ndarray) -> np.ndarray:
         self.model.eval()  # dropout off
-        predictions = []
         with torch.inference_mode():
-            for start in range(0, len(images), batch_size):
-                logits = self.model(self._to_device(images[start:start + batch_size]))
-                predictions.append(logits.argmax(dim=1).cpu().numpy())
-        return np.concatenate(predictions)
+            return self.model(self._to_device(images)).cpu().numpy()
 
 
 TASKS = {"cnn_cifar10": CnnCifar10}
