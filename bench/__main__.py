@@ -40,9 +40,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per repeat (throughput mode)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=None, help="full mode (default: the task's)")
-    parser.add_argument("--batch-size", type=int, default=None, help="per device (default: the task's)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="per device (default: the task's, smaller on CPU for some tasks)")
     parser.add_argument("--image-size", type=int, default=None,
-                        help="input height and width, for tasks ending in global pooling (default: the task's)")
+                        help="input height and width, for tasks ending in global pooling "
+                             "(default: the task's, smaller on CPU for some tasks)")
     parser.add_argument("--weights", type=Path, default=None,
                         help="weights file in the canonical format (bench/weights.py); default: random")
     parser.add_argument("--seed", type=int, default=0)
@@ -151,7 +153,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     spec = TASKS[args.task]
     options = RunOptions(
         device=args.device, devices=args.devices, seed=args.seed, threads=args.threads,
-        batch_size=args.batch_size or spec.batch_size, input_shape=spec.input_shape_at(args.image_size),
+        batch_size=args.batch_size or spec.default_batch_size(args.device),
+        input_shape=spec.input_shape_at(args.image_size or spec.default_image_size(args.device)),
         learning_rate=spec.learning_rate * (args.devices if spec.data_parallel else 1),
         weights=str(args.weights) if args.weights else None)
     cell = Cell(

@@ -120,7 +120,6 @@ def fetch(download: Download, data_dir: Path) -> Path:
     local = data_dir / download.filename
     if not local.is_file():
         _download(download, local)
-        _verify(download, local)
     elif download.folder:
         _verify(download, local)  # an archive is only extracted once it is known to be the official one
     if download.folder:
@@ -128,12 +127,12 @@ def fetch(download: Download, data_dir: Path) -> Path:
     return target
 
 
-def _verify(download: Download, path: Path) -> None:
+def _verify(download: Download, path: Path, shown_as: Optional[Path] = None) -> None:
     actual = checksum_of(path, download.algorithm)
     if actual != download.checksum:
         raise DataUnavailable(
             "{}: {} is {}, expected {}; the file is damaged or not the official one: delete it "
-            "and fetch again".format(path, download.algorithm.upper(), actual, download.checksum))
+            "and fetch again".format(shown_as or path, download.algorithm.upper(), actual, download.checksum))
 
 
 def _download(download: Download, target: Path) -> None:
@@ -151,6 +150,11 @@ def _download(download: Download, target: Path) -> None:
             "{} is not in {} and {} could not be downloaded ({}); put {}{} in {} (or pass "
             "--data-dir), or run with --synthetic".format(
                 name, target.parent, url, error, download.filename, extra, target.parent)) from error
+    try:
+        _verify(download, partial, shown_as=target)  # only a checked file takes the real name
+    except DataUnavailable:
+        _remove(partial)
+        raise
     os.replace(str(partial), str(target))
 
 
@@ -226,13 +230,15 @@ def load_imdb(path: Path, vocabulary: int, length: int) -> Dataset:
     """Keras's ``imdb.load_data(num_words=vocabulary)`` followed by ``pad_sequences(maxlen=
     length)``: shuffled with seed 113, start token 1, ids shifted by 3, ids at or above the
     vocabulary replaced by 2, then padded with 0 and truncated at the front."""
+    keys = ("x_train", "y_train", "x_test", "y_test")
     try:
         # The sequences are object arrays of lists, so the file holds pickles; it is the
         # checksummed official file or one the user put there.
         with np.load(str(path), allow_pickle=True) as archive:
-            parts = {key: archive[key] for key in ("x_train", "y_train", "x_test", "y_test")}
-    except KeyError as error:
-        raise DataUnavailable("{}: {} is missing; not a Keras imdb.npz file".format(path, error)) from None
+            missing = [key for key in keys if key not in archive.files]
+            if missing:
+                raise DataUnavailable("{}: '{}' is missing; not a Keras imdb.npz file".format(path, missing[0]))
+            parts = {key: archive[key] for key in keys}
     except (OSError, ValueError) as error:
         raise DataUnavailable("{}: not a readable imdb.npz ({})".format(path, error)) from None
     shuffle = np.random.RandomState(IMDB_SHUFFLE_SEED)

@@ -53,6 +53,16 @@ class TaskSpec:
     data_parallel: bool = False
     # Batches of the seed's own timing protocol for INFER tasks (after one untimed batch).
     timed_batches: int = 0
+    # Defaults for CPU cells, where the seed's sizes would take many minutes per cell; None:
+    # the same as on GPUs. Tables show the sizes every result ran at.
+    cpu_batch_size: Optional[int] = None
+    cpu_image_size: Optional[int] = None
+
+    def default_batch_size(self, device: str) -> int:
+        return (self.cpu_batch_size if device == "cpu" else None) or self.batch_size
+
+    def default_image_size(self, device: str) -> Optional[int]:
+        return self.cpu_image_size if device == "cpu" else None
 
     def input_shape_at(self, image_size: Optional[int]) -> Tuple[int, ...]:
         """The example shape with its spatial size replaced by ``image_size``."""
@@ -98,6 +108,8 @@ RESNET50_INFERENCE = TaskSpec(
     dataset=None,  # the seed timed random images; weights come from a file or are random
     resizable=True,
     timed_batches=40,
+    cpu_batch_size=8,
+    cpu_image_size=112,
 )
 
 GRU_IMDB = TaskSpec(
@@ -135,6 +147,8 @@ DENSENET121_XRAY = TaskSpec(
     resizable=True,
     stored_size_ratio=264 / 224,
     data_parallel=True,
+    cpu_batch_size=8,
+    cpu_image_size=64,
 )
 
 TASKS = {spec.name: spec for spec in (CNN_CIFAR10, RESNET50_INFERENCE, GRU_IMDB,

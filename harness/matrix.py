@@ -6,6 +6,7 @@ does not contradict, or becomes a new cell when it fits none.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -19,11 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError
 
-from bench.specs import FRAMEWORK_GROUPS, FRAMEWORKS, TASKS
+from bench.specs import FRAMEWORK_GROUPS, FRAMEWORKS, INFER, TASKS
 
 from .gpus import Gpu, matches
 
-AXES = ("framework", "task", "gpu", "cuda", "threads")
+AXES = ("framework", "task", "gpu", "cuda", "threads", "devices")
 
 # A group name ("keras") stands for each of its frameworks, in axes, include and exclude alike.
 FrameworkName = Literal[FRAMEWORKS + tuple(FRAMEWORK_GROUPS)]  # type: ignore[valid-type]
@@ -33,6 +34,8 @@ GpuName = typing.Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-
 CudaVersion = typing.Annotated[str, Field(pattern=r"^(auto|\d+\.\d+)$")]
 # "auto" = the framework's default; a number sets its intra- and inter-op threads.
 Threads = typing.Union[Literal["auto"], typing.Annotated[int, Field(ge=1)]]
+# Data-parallel replicas: GPUs of the cell's model, or CPU devices on a CPU cell.
+Devices = typing.Annotated[int, Field(ge=1)]
 
 
 class MatrixError(Exception):
@@ -51,7 +54,13 @@ class Settings(BaseModel):
     steps: int = Field(20, ge=1)
     repeats: int = Field(5, ge=1)
     epochs: Optional[int] = Field(None, ge=1)  # None: the task's (full mode)
-    batch_size: Optional[int] = Field(None, ge=1)  # None: the task's
+    batch_size: Optional[int] = Field(None, ge=1)  # per device; None: the task's
+    # Input height and width of tasks that end in global pooling (resnet50_inference,
+    # densenet121_xray); None: the task's. Other tasks keep their fixed size.
+    image_size: Optional[int] = Field(None, ge=8)
+    # A weights file in the canonical format (bench/weights.py) for resnet50_inference,
+    # relative to the matrix file; None: random weights (timing does not depend on them).
+    weights: Optional[str] = None
     timeout_s: float = Field(1800, gt=0)
     seed: int = 0
 
@@ -69,6 +78,7 @@ class _Entry(BaseModel):
     gpu: Optional[GpuName] = None
     cuda: Optional[CudaVersion] = None
     threads: Optional[Threads] = None
+    devices: Optional[Devices] = None
 
     def axis_values(self) -> dict[str, str]:
         return {axis: getattr(self, axis) for axis in AXES if getattr(self, axis) is not None}
@@ -90,6 +100,7 @@ class Axes(BaseModel):
     gpu: list[GpuName] = Field(["auto"], min_length=1)
     cuda: list[CudaVersion] = Field(["auto"], min_length=1)
     threads: list[Threads] = Field(["auto"], min_length=1)
+    devices: list[Devices] = Field([1], min_length=1)
     include: list[IncludeEntry] = []
     exclude: list[ExcludeEntry] = []
 
@@ -110,6 +121,7 @@ class Cell:
     gpu: str  # "cpu" or a GPU model name
     cuda: str  # "auto" or a version
     threads: str | int  # "auto" or a thread count
+    devices: int  # data-parallel replicas; 1 for tasks that are not data-parallel
     settings: Settings
 
     @property
@@ -118,7 +130,15 @@ class Cell:
 
     @property
     def batch_size(self) -> int:
-        return self.settings.batch_size or TASKS[self.task].batch_size
+        return self.settings.batch_size or TASKS[self.task].default_batch_size(self.device)
+
+    @property
+    def image_size(self) -> int | None:
+        return self.settings.image_size or TASKS[self.task].default_image_size(self.device)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return TASKS[self.task].input_shape_at(self.image_size)
 
     @property
     def id(self) -> str:
@@ -126,7 +146,8 @@ class Cell:
         measured = self.settings.model_dump(exclude={"timeout_s"})
         digest = hashlib.sha256(json.dumps(measured, sort_keys=True).encode()).hexdigest()[:8]
         gpu = re.sub(r"[^a-z0-9]+", "-", self.gpu.lower()).strip("-")
-        return f"{self.task}.{self.framework}.{gpu}.cuda-{self.cuda}.threads-{self.threads}.{digest}"
+        return (f"{self.task}.{self.framework}.{gpu}.cuda-{self.cuda}.threads-{self.threads}"
+                f".devices-{self.devices}.{digest}")
 
 
 @dataclass(frozen=True)
@@ -143,8 +164,8 @@ class Matrix:
         for combo in self._combinations():
             chosen = combo.axes
             for gpu in local_models if chosen["gpu"] == "auto" else [chosen["gpu"]]:
-                cell = Cell(chosen["framework"], chosen["task"], gpu, chosen["cuda"], chosen["threads"],
-                            self.spec.settings.merged(combo.settings))
+                cell = _fitted(Cell(chosen["framework"], chosen["task"], gpu, chosen["cuda"], chosen["threads"],
+                                    chosen["devices"], self.spec.settings.merged(combo.settings)))
                 cells.setdefault(cell.id, cell)
         return list(cells.values())
 
@@ -167,8 +188,25 @@ class Matrix:
                             f"{self.path}:{_line_in(self.document, ('matrix', 'include', number))}: "
                             f"matrix.include[{number}]: it matches no cell, so it adds one, and a new "
                             f"cell needs both 'framework' and 'task'; add them")
-                    combos.append(_Combo({"gpu": "auto", "cuda": "auto", "threads": "auto"}, added, include.settings))
+                    combos.append(_Combo({"gpu": "auto", "cuda": "auto", "threads": "auto", "devices": 1},
+                                         added, include.settings))
         return combos
+
+
+def _fitted(cell: Cell) -> Cell:
+    """The cell as its task can run it: one device unless the task is data-parallel, the
+    task's fixed input size unless it ends in global pooling, random inputs for a task whose
+    protocol times random inputs. Cells that become equal are run once."""
+    spec = TASKS[cell.task]
+    settings = cell.settings
+    if not spec.resizable and settings.image_size is not None:
+        settings = settings.model_copy(update={"image_size": None})
+    if spec.kind != INFER and settings.weights is not None:
+        settings = settings.model_copy(update={"weights": None})
+    if spec.dataset is None and (settings.data != "synthetic" or settings.data_dir):
+        settings = settings.model_copy(update={"data": "synthetic", "data_dir": None})
+    devices = cell.devices if spec.data_parallel else 1
+    return dataclasses.replace(cell, devices=devices, settings=settings)
 
 
 def _members(framework: str) -> tuple[str, ...]:
@@ -248,6 +286,8 @@ def _describe(path: Path, document: Any, error: dict) -> str:
         message = f"unknown key {loc[-1]!r}; allowed keys here: {allowed}"
     elif kind == "missing":
         message = f"required key {loc[-1]!r} is missing; add it"
+    elif "devices" in loc:
+        message = f"{error['input']!r} is not a device count; use a whole number of at least 1"
     elif "threads" in loc:
         message = f"{error['input']!r} is not a thread count; use 'auto' or a whole number of at least 1"
     elif kind == "literal_error":

@@ -27,14 +27,17 @@ from sklearn.model_selection import train_test_split  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from bench.result import write_text_atomic  # noqa: E402
-from bench.specs import CNN_CIFAR10  # noqa: E402
+from bench.specs import FRAMEWORKS  # noqa: E402
 from harness import backends, run_matrix  # noqa: E402
 from harness.backends.base import REPO_ROOT  # noqa: E402
 from harness.cifar_format import write_batches  # noqa: E402
 from harness.results import load_results  # noqa: E402
+from harness.runner import IMAGE_ONLY  # noqa: E402
 
 TRAIN_BATCHES = 5
 UPSAMPLE = 4  # 8x8 digits -> 32x32, CIFAR-10's size
+# Frameworks that run in local environments (CNTK needs its own image).
+LOCAL_FRAMEWORKS = tuple(f for f in FRAMEWORKS if f not in IMAGE_ONLY)
 
 
 def write_digits_as_cifar10(folder: Path, seed: int = 0) -> tuple[int, int]:
@@ -53,9 +56,9 @@ def write_digits_as_cifar10(folder: Path, seed: int = 0) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python harness/parity.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--frameworks", nargs="+", default=list(CNN_CIFAR10.frameworks),
-                        choices=CNN_CIFAR10.frameworks, metavar="FRAMEWORK",
-                        help=f"default: all of {', '.join(CNN_CIFAR10.frameworks)}")
+    parser.add_argument("--frameworks", nargs="+", default=list(LOCAL_FRAMEWORKS),
+                        choices=FRAMEWORKS, metavar="FRAMEWORK",
+                        help=f"default: all of {', '.join(LOCAL_FRAMEWORKS)}")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--tolerance", type=float, default=0.05,
                         help="largest allowed gap between the best and worst test accuracy")

@@ -44,9 +44,10 @@ def print_plan(cells: list[Cell], folder: RunFolder, backend: backends.Backend, 
         reason = skip_reason(cell, host_gpus, backend)
         plan = f"skip: {reason}" if reason else ("done" if is_done(folder.result_path(cell.id)) else "run")
         s = cell.settings
-        rows.append([cell.id, cell.framework, cell.task, cell.gpu, cell.cuda, s.mode, s.data,
-                     cell.batch_size, plan])
-    print(tabulate(rows, headers=["cell", "framework", "task", "gpu", "cuda", "mode", "data", "batch", "plan"]))
+        rows.append([cell.framework, cell.task, cell.gpu, cell.cuda, cell.devices, s.mode, s.data,
+                     cell.batch_size, "×".join(map(str, cell.input_shape)), plan])
+    print(tabulate(rows, headers=["framework", "task", "gpu", "cuda", "devices", "mode", "data", "batch",
+                                  "input", "plan"]))
     print(f"\n{len(cells)} cells; results go to {folder.root}")
 
 

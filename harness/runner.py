@@ -13,7 +13,6 @@ from tqdm import tqdm
 
 from bench import result as contract
 from bench.host import host_facts, utc_now
-from bench.specs import TASKS
 
 from .backends import Backend, BackendError, Launch
 from .gpus import Gpu
@@ -21,6 +20,11 @@ from .matrix import Cell, host_gpu_for
 from .results import RunFolder, read_result
 
 LOG_TAIL_LINES = 12
+# Frameworks that cannot be installed next to the others, and why.
+IMAGE_ONLY = {
+    "cntk": ("CNTK 2.7 installs only on Python 3.5/3.6 and links OpenMPI 1.10: it runs in its own "
+             "image (Python 3.6, CUDA 10.0, cuDNN 7), not in a {backend} environment"),
+}
 # The bench sources do not change while a matrix runs: hash them once.
 current_bench_hash = functools.cache(contract.bench_code_hash)
 
@@ -35,13 +39,16 @@ class CellOutcome:
 
 def skip_reason(cell: Cell, host_gpus: list[Gpu], backend: Backend) -> str | None:
     """Why this host and backend cannot run ``cell``, or None."""
-    if cell.framework not in TASKS[cell.task].frameworks:
-        return f"{cell.framework} has no implementation of {cell.task}"
+    if cell.framework in IMAGE_ONLY and backend.name in ("local", "current"):
+        return IMAGE_ONLY[cell.framework].format(backend=backend.name)
     if cell.device == "cpu" and cell.cuda != "auto":
         return f"a CPU cell has no CUDA version (cuda: {cell.cuda}); use cuda: auto with gpu: cpu"
     if cell.device == "gpu" and not host_gpu_for(cell, host_gpus):
         present = ", ".join(sorted({gpu.name for gpu in host_gpus})) or "no GPU"
         return f"this host has no {cell.gpu} GPU (it has {present})"
+    if cell.device == "gpu" and len(host_gpu_for(cell, host_gpus)) < cell.devices:
+        return (f"the cell asks for {cell.devices} {cell.gpu} GPUs and this host has "
+                f"{len(host_gpu_for(cell, host_gpus))}")
     if cell.device == "gpu" and cell.cuda != "auto" and backend.name in ("local", "current"):
         return (f"the {backend.name} backend runs the CUDA its framework build brings and cannot "
                 f"pick CUDA {cell.cuda}; use cuda: auto, or a backend with per-CUDA images")
@@ -53,7 +60,12 @@ def bench_args(cell: Cell, result_path: Path, backend: Backend, matrix_dir: Path
     args = ["--framework", cell.framework, "--task", cell.task, "--device", cell.device,
             "--out", str(result_path), "--mode", s.mode, "--warmup-steps", str(s.warmup_steps),
             "--steps", str(s.steps), "--repeats", str(s.repeats), "--batch-size", str(cell.batch_size),
-            "--seed", str(s.seed), "--cell-id", cell.id, "--backend", backend.name]
+            "--seed", str(s.seed), "--cell-id", cell.id, "--backend", backend.name,
+            "--devices", str(cell.devices)]
+    if cell.image_size:
+        args += ["--image-size", str(cell.image_size)]
+    if s.weights:
+        args += ["--weights", str((matrix_dir / os.path.expanduser(s.weights)).resolve())]
     if s.epochs:
         args += ["--epochs", str(s.epochs)]
     if s.data == "synthetic":
@@ -84,7 +96,8 @@ def record(folder: RunFolder, cell: Cell, status: str, error: str, backend: Back
             id=cell.id, framework=cell.framework, task=cell.task, device=cell.device,
             gpu=None if cell.device == "cpu" else cell.gpu, cuda=None if cell.device == "cpu" else cell.cuda,
             threads=None if cell.threads == "auto" else cell.threads,
-            precision="fp32", batch_size=cell.batch_size, mode=cell.settings.mode, data=cell.settings.data),
+            precision="fp32", batch_size=cell.batch_size, devices=cell.devices,
+            input_shape=list(cell.input_shape), mode=cell.settings.mode, data=cell.settings.data),
         status=status, error=error,
         env={**host_facts(), "backend": backend.name, "bench_hash": current_bench_hash(),
              "started_utc": started, "finished_utc": utc_now()},
@@ -117,7 +130,7 @@ def run_cell(cell: Cell, folder: RunFolder, backend: Backend, host_gpus: list[Gp
     folder.staging.mkdir(parents=True, exist_ok=True)
     staged = folder.staging / f"{cell.id}.json"
     staged.unlink(missing_ok=True)  # left by a run that was killed
-    gpus = host_gpu_for(cell, host_gpus)[:1]
+    gpus = host_gpu_for(cell, host_gpus)[:cell.devices]
     launch = Launch(cell, bench_args(cell, staged, backend, matrix_dir), staged, log_path,
                     cell.settings.timeout_s, gpus)
     ended = backend.run(launch)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.result import Result, write_text_atomic
-from bench.specs import FRAMEWORKS, TASKS
+from bench.specs import FRAMEWORKS, INFER, MULTILABEL, TASKS
 
 
 @dataclass
@@ -29,14 +29,16 @@ class Table:
         return "\n".join(parts).rstrip() + "\n"
 
 
-def _device_key(result: Result) -> tuple[str, str]:
-    """The hardware a result ran on, as (device kind, name): one column each."""
+def _device_key(result: Result) -> tuple[str, str, int]:
+    """The hardware a result ran on, as (device kind, name, devices): one column each."""
+    devices = result.cell.devices
     if result.cell.device == "cpu":
         # Without a thread count each framework picks its own (not always one per core).
         threads = f", {result.cell.threads} threads" if result.cell.threads else ""
-        return ("cpu", f"{result.env.get('cpu_model', 'unknown CPU')}, {result.env.get('cpu_cores', '?')} cores{threads}")
+        name = f"{result.env.get('cpu_model', 'unknown CPU')}, {result.env.get('cpu_cores', '?')} cores{threads}"
+        return ("cpu", name, devices)
     gpu = (result.env.get("gpu") or {}).get("name") or result.cell.gpu or "GPU"
-    return ("gpu", f"{gpu}|{result.cell.cuda}")
+    return ("gpu", f"{gpu}|{result.cell.cuda}", devices)
 
 
 def _column_labels(rows: pd.DataFrame) -> dict[tuple[str, str], str]:
@@ -44,17 +46,19 @@ def _column_labels(rows: pd.DataFrame) -> dict[tuple[str, str], str]:
     frameworks in the column report the same versions, else "GPU / CUDA <asked>"."""
     labels = {}
     for key, group in rows.groupby("device_key", sort=False):
-        kind, name = key
+        kind, name, devices = key
         if kind == "cpu":
-            labels[key] = f"CPU ({name})"
+            split = f" split in {devices} devices" if devices > 1 else ""
+            labels[key] = f"CPU ({name}){split}"
             continue
         gpu, asked = name.split("|", 1)
+        count = f"{devices} × " if devices > 1 else ""
         versions = {(c, d) for c, d in zip(group["cuda"], group["cudnn"]) if c}
         if len(versions) == 1:
             cuda, cudnn = versions.pop()
-            labels[key] = f"{gpu} / CUDA {cuda} / cuDNN {cudnn}"
+            labels[key] = f"{count}{gpu} / CUDA {cuda} / cuDNN {cudnn}"
         else:
-            labels[key] = f"{gpu} / CUDA {asked}"
+            labels[key] = f"{count}{gpu} / CUDA {asked}"
     return labels
 
 
@@ -63,20 +67,24 @@ def results_frame(results: list[Result]) -> pd.DataFrame:
     rows = []
     for result in results:
         metrics, model = result.metrics, result.model
-        step = metrics.step_time_s if metrics else None
-        train = metrics.train_time_s if metrics else None
-        summary = step or train
+        # Inference is shown in the seed's unit, seconds per 1,000 images.
+        summary = metrics and (metrics.seconds_per_1000 or metrics.step_time_s or metrics.train_time_s)
+        score = metrics and (metrics.test_accuracy or metrics.test_roc_auc)
         rows.append({
             "task": result.cell.task, "mode": result.cell.mode, "data": result.cell.data,
-            "batch_size": result.cell.batch_size, "framework": result.cell.framework,
+            "batch_size": result.cell.batch_size, "devices": result.cell.devices,
+            "input_shape": "×".join(str(n) for n in result.cell.input_shape),
+            "framework": result.cell.framework,
             "device_key": _device_key(result), "status": result.status, "error": result.error,
             "median_s": summary.median if summary else None, "q1_s": summary.q1 if summary else None,
             "q3_s": summary.q3 if summary else None, "min_s": summary.min if summary else None,
             "max_s": summary.max if summary else None, "samples": len(summary.values) if summary else 0,
             "throughput_per_s": metrics.throughput_per_s if metrics else None,
-            "accuracy": metrics.test_accuracy.median if metrics and metrics.test_accuracy else None,
+            "score": score.median if score else None,
+            "score_name": "acc" if metrics and metrics.test_accuracy else "ROC-AUC",
             "parameters": model.parameters if model else None,
             "expected_parameters": model.expected_parameters if model else None,
+            "parameter_note": model.note if model else None,
             "steps": result.settings.steps if result.settings else None,
             "repeats": result.settings.repeats if result.settings else None,
             "warmup_steps": result.settings.warmup_steps if result.settings else None,
@@ -92,27 +100,41 @@ def results_frame(results: list[Result]) -> pd.DataFrame:
 def _format(row: pd.Series, item: str) -> str:
     if row.status != "ok":
         return row.status
-    if row["mode"] == "throughput":
+    if TASKS[row.task].kind == INFER:
+        text = (f"{row.median_s:.2f} s [{row.q1_s:.2f}–{row.q3_s:.2f}], "
+                f"{row.throughput_per_s:,.0f} {item}/s")
+    elif row["mode"] == "throughput":
         text = (f"{row.median_s * 1e3:.1f} ms [{row.q1_s * 1e3:.1f}–{row.q3_s * 1e3:.1f}], "
                 f"{row.throughput_per_s:,.0f} {item}/s")
     else:
         spread = f" [{row.q1_s:.1f}–{row.q3_s:.1f}]" if row.samples > 1 else ""
-        text = f"{row.median_s:.1f} s{spread}, acc {row.accuracy:.3f}"
+        text = f"{row.median_s:.1f} s{spread}, {row.score_name} {row.score:.3f}"
     return text
 
 
-def _describe(task: str, mode: str, data: str, batch_size: int, group: pd.DataFrame) -> str:
+def _describe(task: str, mode: str, data: str, batch_size: int, input_shape: str,
+              group: pd.DataFrame) -> str:
     def values(column: str) -> str:
         return "/".join(str(int(v)) for v in sorted(group[column].dropna().unique())) or "?"
 
-    if mode == "throughput":
+    spec = TASKS[task]
+    if spec.kind == INFER and mode == "throughput":
+        what = (f"Seconds per 1,000 {spec.item} (the seed's unit), median [interquartile range] over "
+                f"{values('repeats')} repeats of {values('steps')} timed batches after "
+                f"{values('warmup_steps')} warm-up batches, and {spec.item} per second")
+    elif spec.kind == INFER:
+        what = (f"Seconds per 1,000 {spec.item} over {spec.timed_batches} batches after one untimed "
+                f"batch (the seed's protocol), median [interquartile range] over {values('repeats')} runs")
+    elif mode == "throughput":
         what = (f"Median time per training step [interquartile range] over {values('repeats')} repeats "
                 f"of {values('steps')} timed steps after {values('warmup_steps')} warm-up steps, "
                 f"and {TASKS[task].item} per second at the median")
     else:
+        score = "test accuracy with dropout off" if spec.kind != MULTILABEL else "mean test ROC-AUC"
         what = (f"Training time for {values('epochs')} epochs, median [interquartile range] over "
-                f"{values('repeats')} runs, then test accuracy with dropout off")
-    return f"{what}; batch {batch_size}; {data} data."
+                f"{values('repeats')} runs, then {score}")
+    per_device = " per device" if spec.data_parallel else ""
+    return f"{what}; batch {batch_size}{per_device}; inputs {input_shape}; {data} data."
 
 
 def build_tables(results: list[Result]) -> tuple[list[Table], list[str]]:
@@ -123,12 +145,14 @@ def build_tables(results: list[Result]) -> tuple[list[Table], list[str]]:
     dropped = []
     # Two results for the same framework on the same device: the newest one is shown.
     frame = frame.sort_values("finished_utc")
-    duplicated = frame.duplicated(["task", "mode", "data", "batch_size", "framework", "device_key"], keep="last")
+    place = ["task", "mode", "data", "batch_size", "input_shape", "framework", "device_key"]
+    duplicated = frame.duplicated(place, keep="last")
     dropped += [f"{row.cell_id}: an older duplicate, not shown" for row in frame[duplicated].itertuples()]
     frame = frame[~duplicated]
     labels = _column_labels(frame)
     tables = []
-    for (task, mode, data, batch_size), group in frame.groupby(["task", "mode", "data", "batch_size"], sort=True):
+    for (task, mode, data, batch_size, input_shape), group in frame.groupby(
+            ["task", "mode", "data", "batch_size", "input_shape"], sort=True):
         spec = TASKS.get(task)
         notes: list[str] = []
         display = group.apply(lambda row: _format(row, spec.item if spec else "items"), axis=1)
@@ -137,8 +161,9 @@ def build_tables(results: list[Result]) -> tuple[list[Table], list[str]]:
                 notes.append(f"{row.framework}, {labels[row.device_key]}: {row.status}: "
                              f"{str(row.error).splitlines()[0]}")
             elif row.parameters != row.expected_parameters:
+                reason = f": {row.parameter_note}" if row.parameter_note else ""
                 notes.append(f"† {row.framework}: {int(row.parameters):,} trainable parameters, "
-                             f"the task specifies {int(row.expected_parameters):,}")
+                             f"the task specifies {int(row.expected_parameters):,}{reason}")
                 display[index] += " †"
         columns = [labels[key] for key in dict.fromkeys(group["device_key"])]
         layout = group.assign(display=display, column=group["device_key"].map(labels))
@@ -149,8 +174,8 @@ def build_tables(results: list[Result]) -> tuple[list[Table], list[str]]:
         pivot.index.name = numbers.index.name = "framework"
         pivot.columns.name = numbers.columns.name = None
         title = f"{task}: {spec.title if spec else task} ({mode} mode)"
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{task}-{mode}-{data}-batch{batch_size}")
-        tables.append(Table(name, title, _describe(task, mode, data, batch_size, group),
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{task}-{mode}-{data}-batch{batch_size}-{input_shape.replace('×', 'x')}")
+        tables.append(Table(name, title, _describe(task, mode, data, batch_size, input_shape, group),
                             pivot.fillna("–"), numbers, notes))
     return tables, dropped
 

@@ -2,7 +2,9 @@
 folder, and the framework environments the integration tests run in."""
 from __future__ import annotations
 
+import struct
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,71 @@ def cifar10_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
 
+def write_imdb_npz(path: Path, train: int = 64, test: int = 32, seed: int = 0) -> Path:
+    """Keras's imdb.npz: object arrays of word-index lists (indices from 1, frequent words
+    small, lengths varying around the padding length) and 0/1 labels. Reviews of label 1 use
+    other words than those of label 0, so a model can learn them."""
+    rng = np.random.default_rng(seed)
+
+    def split(n: int):
+        labels = rng.integers(0, 2, size=n)
+        reviews = np.empty(n, dtype=object)
+        for i, label in enumerate(labels):
+            length = int(rng.integers(20, 200))
+            words = rng.integers(1, 500, size=length) * 2 + int(label)  # odd or even words
+            words[rng.random(length) < 0.05] = 40000  # rare words, beyond a 30,000 vocabulary
+            reviews[i] = [int(w) for w in words]
+        return reviews, labels.astype(np.int64)
+
+    (x_train, y_train), (x_test, y_test) = split(train), split(test)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
+
+
+def write_png(path: Path, pixels: np.ndarray) -> Path:
+    """An 8-bit PNG, grayscale (H, W) or RGBA (H, W, 4), written with the standard library."""
+    color_type = {2: 0, 3: 6}[pixels.ndim]
+    height, width = pixels.shape[:2]
+    rows = b"".join(b"\0" + row.tobytes() for row in pixels.astype(np.uint8))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def write_chestxray14(folder: Path, train: int = 16, test: int = 8, size: int = 40, seed: int = 0) -> Path:
+    """A ChestX-ray14 folder: images/*.png (grayscale, one RGBA as in the real set),
+    Data_Entry_2017.csv and the official split lists. Images with a finding are brighter in
+    their upper half, so the labels are learnable."""
+    from bench.specs import CHESTXRAY14_LABELS
+
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    entries, names = [], {"train_val_list.txt": [], "test_list.txt": []}
+    for index in range(train + test):
+        name = f"{index:08d}_000.png"
+        findings = [label for label in CHESTXRAY14_LABELS if rng.random() < 0.3]
+        pixels = rng.integers(0, 120, size=(size, size))
+        if findings:
+            pixels[: size // 2] += 120
+        if index == 1:
+            pixels = np.dstack([pixels, pixels, pixels, np.full_like(pixels, 255)])
+        write_png(folder / "images" / name, pixels)
+        entries.append(f"{name},{'|'.join(findings) or 'No Finding'},0,{index},60,M,PA,{size},{size},0.14,0.14,")
+        names["train_val_list.txt" if index < train else "test_list.txt"].append(name)
+    header = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+              "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],")
+    (folder / "Data_Entry_2017.csv").write_text("\n".join([header] + entries) + "\n")
+    for split, listed in names.items():
+        (folder / split).write_text("\n".join(listed) + "\n")
+    return folder
+
+
 def write_matrix(path: Path, text: str) -> Path:
     path.write_text(text.lstrip("\n"), encoding="utf-8")
     return path
@@ -57,8 +124,8 @@ def result_payload(framework: str = "pytorch", status: str = "ok", error: str | 
 
     cell = Cell(id=cell_id or f"cnn_cifar10.{framework}.{device}", framework=framework, task="cnn_cifar10",
                 device=device, gpu=gpu_name if device == "gpu" else None,
-                cuda="auto" if device == "gpu" else None, threads=None, precision="fp32", batch_size=64, mode=mode,
-                data="synthetic")
+                cuda="auto" if device == "gpu" else None, threads=None, precision="fp32", batch_size=64,
+                devices=1, input_shape=[3, 32, 32], mode=mode, data="synthetic")
     result = Result(cell=cell, status=status, error=error)
     result.env = {"hostname": "host", "os": "Linux", "cpu_model": cpu_model, "cpu_cores": 2,
                   "started_utc": "2026-11-25T09:59:00+00:00", "finished_utc": finished, "backend": "local"}

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from bench.specs import CNN_CIFAR10
+from bench.specs import FRAMEWORKS, TASKS
 from conftest import REPO, write_matrix
 from harness.gpus import Gpu
 from harness.matrix import MatrixError, load
@@ -35,8 +35,11 @@ def cells_of(tmp_path, extra="", gpus=()):
 
 def test_the_default_matrix_on_a_host_without_gpus():
     cells = load(REPO / "matrix.yml").cells([])
-    assert [(c.framework, c.task, c.device) for c in cells] == [
-        (framework, "cnn_cifar10", "cpu") for framework in CNN_CIFAR10.frameworks]  # keras = its three backends
+    # keras = its three backends; the data-parallel task on 1 and 2 CPU devices, the others on one.
+    assert [(c.framework, c.task, c.devices) for c in cells] == [
+        (framework, task.name, devices) for framework in FRAMEWORKS for task in TASKS.values()
+        for devices in ((1, 2) if task.data_parallel else (1,))]
+    assert all(c.device == "cpu" for c in cells)
     assert all(c.settings.mode == "throughput" and c.settings.data == "synthetic" for c in cells)
 
 
@@ -135,7 +138,7 @@ def test_cell_ids_change_with_measured_settings_only(tmp_path):
     ("matrix:\n  framework: [pytorch\n  task: [x]\n", r"m.yml:\d: not valid YAML"),
     ("- just a list\n", r"m.yml:1: the file must be a mapping"),
     ("matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10]\n  include:\n    - framework: pytorch\n      bogus: 1\n",
-     r"m.yml:6: matrix.include\[0\].bogus: unknown key 'bogus'; allowed keys here: framework, task, gpu, cuda, threads, settings"),
+     r"m.yml:6: matrix.include\[0\].bogus: unknown key 'bogus'; allowed keys here: framework, task, gpu, cuda, threads, devices, settings"),
 ])
 def test_validation_errors_name_file_line_field_and_fix(tmp_path, text, expected):
     with pytest.raises(MatrixError, match=expected):
@@ -156,7 +159,7 @@ def test_cli_rejects_a_bad_matrix_with_one_line_exit_2_and_nothing_written(tmp_p
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"error: {path}:4: matrix.gpus: unknown key 'gpus'; allowed keys here: "
-        "framework, task, gpu, cuda, threads, include, exclude"]
+        "framework, task, gpu, cuda, threads, devices, include, exclude"]
     assert not results.exists()
 
 

@@ -47,7 +47,7 @@ WRITE_OK = f"""
 
 
 def cell(steps=20, timeout_s=60.0):
-    return Cell("pytorch", "cnn_cifar10", "cpu", "auto", "auto", Settings(steps=steps, timeout_s=timeout_s))
+    return Cell("pytorch", "cnn_cifar10", "cpu", "auto", "auto", 1, Settings(steps=steps, timeout_s=timeout_s))
 
 
 def run_one(tmp_path, script, **kwargs):

@@ -32,7 +32,7 @@ def test_one_row_per_framework_one_column_per_device_median_and_spread():
     assert table.display.loc["pytorch", "CPU (Test CPU, 2 cores)"] == "300.0 ms [290.0–310.0], 213 images/s"
     assert table.display.loc["tensorflow", "NVIDIA H100 80GB HBM3 / CUDA 12.8 / cuDNN 91002"] == "–"
     assert table.numbers.loc["tensorflow", "CPU (Test CPU, 2 cores)"] == 0.20
-    assert "over 3/5 repeats" in table.description and "batch 64; synthetic data" in table.description
+    assert "over 3/5 repeats" in table.description and "batch 64; inputs 3×32×32; synthetic data" in table.description
 
 
 def test_gpu_columns_keep_the_asked_cuda_when_frameworks_bring_different_versions():
@@ -88,7 +88,7 @@ def test_tables_are_written_as_markdown_and_csv(tmp_path):
     tables, _ = build_tables(loaded)
     summary = write_tables(tables, loaded, tmp_path / "tables")
     assert "| pytorch" in summary.read_text()
-    csv = pd.read_csv(tmp_path / "tables" / "cnn_cifar10-throughput-synthetic-batch64.csv", index_col=0)
+    csv = pd.read_csv(tmp_path / "tables" / "cnn_cifar10-throughput-synthetic-batch64-3x32x32.csv", index_col=0)
     assert csv.loc["pytorch", "CPU (Test CPU, 2 cores)"] == 0.30
     cells = pd.read_csv(tmp_path / "tables" / "cells.csv")
     assert sorted(cells["framework"]) == ["pytorch", "tensorflow"]
