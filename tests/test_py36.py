@@ -4,6 +4,7 @@ import time (annotations are evaluated at definition time there)."""
 from __future__ import annotations
 
 import ast
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,17 @@ def test_the_checker_finds_what_36_rejects():
     assert len(problems_for_py36(source)) == 5
     with pytest.raises(SyntaxError):
         problems_for_py36("if (n := 3):\n    pass\n")
+
+
+# A real interpreter where there is one (pyenv's, not its shim, which needs a selected version).
+PYTHON36 = next(iter(sorted(Path.home().glob(".pyenv/versions/3.6*/bin/python3.6"))), None)
+
+
+@pytest.mark.skipif(PYTHON36 is None, reason="no Python 3.6 interpreter on this machine")
+def test_python_36_itself_compiles_the_modules(tmp_path):
+    script = ("import py_compile, sys\n"
+              "for path in sys.argv[1:]:\n"
+              "    py_compile.compile(path, cfile=sys.argv[0] + '.pyc', doraise=True)\n")
+    done = subprocess.run([PYTHON36, "-c", script, *map(str, PY36_MODULES)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
