@@ -167,14 +167,16 @@ def train_full(models: Iterable[Any], spec: TaskSpec, data: Data, settings: Sett
 def _score(model: Any, spec: TaskSpec, data: Data, prepared: dict, batch_size: int) -> float:
     """Test accuracy (classification) or mean ROC-AUC over the labels (multi-label)."""
     if isinstance(data, ImageFolderDataset):
-        pairs = list(model.input_pipeline(data.test, data.stored_size, batch_size, False, 0))
-        outputs = [model.predict(x) for x, _ in pairs]
-        labels = np.concatenate([np.asarray(y) for _, y in pairs]) if pairs else np.zeros((0, spec.num_classes))
+        # Unshuffled and complete when not training: the batches follow the file list.
+        outputs = [model.predict(x) for x, _ in model.input_pipeline(data.test, data.stored_size, batch_size, False, 0)]
+        labels = data.test.labels
     else:
         x_test = prepared[model.layout][1]
         outputs = [model.predict(x_test[start:start + batch_size]) for start in range(0, len(x_test), batch_size)]
         labels = data.y_test
     scores = np.concatenate(outputs) if outputs else np.zeros((0, spec.num_classes))
+    if len(scores) != len(labels):
+        raise ValueError("the model scored {} test examples of {}".format(len(scores), len(labels)))
     if spec.kind == CLASSIFY:
         return float(np.mean(np.argmax(scores, axis=1) == labels))
     return mean_roc_auc(scores, labels)
