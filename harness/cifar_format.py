@@ -13,12 +13,15 @@ import numpy as np
 LABEL_NAMES = [f"class{i}".encode() for i in range(10)]
 
 
-class _PortablePickler(pickle.Pickler):
-    """Pickles arrays as ``numpy.ndarray(shape, dtype, buffer)``: numpy 2 would otherwise name
-    its private ``numpy._core`` module, which the numpy 1.x of MXNet and Chainer cannot load
-    (the official files, written by numpy 1, load everywhere)."""
+class PortablePickler(pickle.Pickler):
+    """Pickles arrays through ``numpy.ndarray`` itself: numpy 2 would otherwise name its
+    private ``numpy._core`` module, which the numpy 1.x of MXNet and Chainer cannot load (the
+    official files, written by numpy 1, load everywhere). Object arrays (Keras's imdb.npz)
+    are rebuilt from their list of items, as numpy's own pickles do."""
 
     def reducer_override(self, obj):
+        if isinstance(obj, np.ndarray) and obj.dtype.hasobject:
+            return np.ndarray, ((0,), object), (1, obj.shape, np.dtype(object), False, list(obj.ravel()))
         if isinstance(obj, np.ndarray):
             return np.ndarray, (obj.shape, obj.dtype.str, np.ascontiguousarray(obj).tobytes())
         return NotImplemented
@@ -26,7 +29,7 @@ class _PortablePickler(pickle.Pickler):
 
 def _dump(path: Path, payload: dict) -> None:
     buffer = io.BytesIO()
-    _PortablePickler(buffer, protocol=2).dump(payload)  # protocol 2, like the official Python 2 files
+    PortablePickler(buffer, protocol=2).dump(payload)  # protocol 2, like the official Python 2 files
     path.write_bytes(buffer.getvalue())
 
 

@@ -2,15 +2,17 @@
 folder, and the framework environments the integration tests run in."""
 from __future__ import annotations
 
+import io
 import struct
 import tarfile
+import zipfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from harness.cifar_format import write_batches
+from harness.cifar_format import PortablePickler, write_batches
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,8 +64,21 @@ def write_imdb_npz(path: Path, train: int = 64, test: int = 32, seed: int = 0) -
 
     (x_train, y_train), (x_test, y_test) = split(train), split(test)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, array in (("x_train", x_train), ("y_train", y_train), ("x_test", x_test), ("y_test", y_test)):
+            archive.writestr(f"{name}.npy", _npy_bytes(array))
     return path
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    """One .npy member as np.save writes it, its pickle readable by numpy 1 and 2 alike."""
+    buffer = io.BytesIO()
+    if not array.dtype.hasobject:  # raw bytes, no pickle
+        np.lib.format.write_array(buffer, array)
+        return buffer.getvalue()
+    np.lib.format.write_array_header_1_0(buffer, np.lib.format.header_data_from_array_1_0(array))
+    PortablePickler(buffer, protocol=2).dump(array)
+    return buffer.getvalue()
 
 
 def write_png(path: Path, pixels: np.ndarray) -> Path:
