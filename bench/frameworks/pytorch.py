@@ -1,10 +1,24 @@
-"""PyTorch: nn.Module models, torch.optim optimisers, an eager training loop."""
+"""PyTorch: nn.Module models, torch.optim optimisers, an eager training loop; DenseNet-121
+data-parallel with DistributedDataParallel (one process per replica) fed by a DataLoader."""
 from __future__ import annotations
+
+import atexit
+import os
+import queue
+import socket
+from collections import OrderedDict
+from datetime import timedelta
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from .. import weights as canonical
+from ..data import ImageFiles
 from ..specs import RunOptions, TaskSpec
 
 
@@ -13,25 +27,77 @@ def describe(run: RunOptions) -> dict:
     return {
         "framework": "pytorch",
         "framework_version": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(),  # per process: a data-parallel run has one per replica
         "interop_threads": torch.get_num_interop_threads(),
         "cuda": torch.version.cuda if on_gpu else None,
         "cudnn": str(torch.backends.cudnn.version()) if on_gpu else None,
-        "framework_settings": {"cudnn_benchmark": torch.backends.cudnn.benchmark},
+        "framework_settings": {
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "data_parallel": (f"DistributedDataParallel, {_distributed_backend(run.device)}, "
+                              f"{run.devices} processes") if run.devices > 1 else None,
+        },
     }
 
 
 def configure(run: RunOptions) -> None:
     torch.manual_seed(run.seed)
-    if run.threads:
-        torch.set_num_threads(run.threads)
-        torch.set_num_interop_threads(run.threads)
+    threads = _threads_per_process(run)
+    if threads:
+        torch.set_num_threads(threads)
+        torch.set_num_interop_threads(threads)
     # The cuDNN autotuner picks the fastest convolution algorithm for fixed shapes.
     torch.backends.cudnn.benchmark = run.device == "gpu"
 
 
-def _torch_device(device: str) -> torch.device:
-    return torch.device("cuda" if device == "gpu" else "cpu")
+def _threads_per_process(run: RunOptions) -> int | None:
+    """run.threads; a data-parallel run has one process per replica, which share the threads
+    asked for (or the cores) equally."""
+    if run.devices == 1:
+        return run.threads
+    return max(1, (run.threads or torch.get_num_threads()) // run.devices)
+
+
+def _torch_device(device: str, index: int = 0) -> torch.device:
+    return torch.device("cuda", index) if device == "gpu" else torch.device("cpu")
+
+
+def _image_format(device: str) -> tuple[str, torch.memory_format]:
+    """The layout numpy batches come in and the memory format of the model: NCHW for cuDNN;
+    channels-last is PyTorch's fastest CPU layout (oneDNN)."""
+    if device == "gpu":
+        return "NCHW", torch.contiguous_format
+    return "NHWC", torch.channels_last
+
+
+def _as_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Numpy arrays (synthetic data) and tensors (the input pipeline) alike, without a copy."""
+    return array if isinstance(array, torch.Tensor) else torch.from_numpy(np.asarray(array))
+
+
+def _nchw(images: np.ndarray | torch.Tensor, layout: str) -> torch.Tensor:
+    """Images as an NCHW-shaped tensor. Numpy batches come in the model's layout: an NHWC one
+    becomes a channels-last view of NCHW, no copy. Tensors come from the input pipeline, NCHW."""
+    if isinstance(images, torch.Tensor):
+        return images
+    tensor = torch.from_numpy(images)
+    return tensor.permute(0, 3, 1, 2) if layout == "NHWC" else tensor
+
+
+def _to_device(images: np.ndarray | torch.Tensor, layout: str, device: torch.device,
+               memory_format: torch.memory_format) -> torch.Tensor:
+    # non_blocking: a copy from pinned memory (the GPU input pipeline) overlaps with compute.
+    return _nchw(images, layout).to(device, memory_format=memory_format, non_blocking=True)
+
+
+def _parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _read_loss(loss: torch.Tensor, device: torch.device) -> float:
+    """A loss as a number, after the device has finished all queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return float(loss)
 
 
 def _glorot_uniform(module: nn.Module) -> None:
@@ -67,29 +133,20 @@ class CnnCifar10:
 
     def __init__(self, spec: TaskSpec, run: RunOptions):
         torch.manual_seed(run.seed)
-        device = run.device
-        self.device = _torch_device(device)
-        # NCHW for cuDNN; channels-last is PyTorch's fastest CPU layout (oneDNN).
-        self.memory_format = torch.contiguous_format if device == "gpu" else torch.channels_last
-        self.layout = "NCHW" if device == "gpu" else "NHWC"
+        self.device = _torch_device(run.device)
+        self.layout, self.memory_format = _image_format(run.device)
         self.model = CnnCifar10Net(spec).to(self.device, memory_format=self.memory_format)
         self.criterion = nn.CrossEntropyLoss()
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=spec.learning_rate, momentum=spec.momentum)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=run.learning_rate, momentum=spec.momentum)
         self._last_loss: torch.Tensor | None = None
 
     def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-
-    def _to_device(self, images: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(images)
-        if self.layout == "NHWC":
-            tensor = tensor.permute(0, 3, 1, 2)  # a channels-last view of NCHW: no copy
-        return tensor.to(self.device, memory_format=self.memory_format)
+        return _parameter_count(self.model)
 
     def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
         self.model.train()
-        x = self._to_device(images)
-        y = torch.from_numpy(labels).long().to(self.device)
+        x = _to_device(images, self.layout, self.device, self.memory_format)
+        y = _as_tensor(labels).long().to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.criterion(self.model(x), y)
         loss.backward()
@@ -97,15 +154,422 @@ class CnnCifar10:
         self._last_loss = loss.detach()
 
     def loss(self) -> float:
-        """The last step's loss, after the device has finished all queued work."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return float(self._last_loss)
+        return _read_loss(self._last_loss, self.device)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         self.model.eval()  # dropout off
         with torch.inference_mode():
-            return self.model(self._to_device(images)).cpu().numpy()
+            return self.model(_to_device(images, self.layout, self.device, self.memory_format)).cpu().numpy()
 
 
-TASKS = {"cnn_cifar10": CnnCifar10}
+class Bottleneck(nn.Module):
+    """ResNet v1.5 bottleneck: the stride sits on the 3×3 convolution; no convolution biases."""
+
+    def __init__(self, channels: int, width: int, stride: int):
+        super().__init__()
+        out = width * canonical.RESNET50_EXPANSION
+        self.conv1, self.bn1 = nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, out, 1, bias=False), nn.BatchNorm2d(out)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or channels != out:
+            self.downsample = nn.Sequential(nn.Conv2d(channels, out, 1, stride=stride, bias=False),
+                                            nn.BatchNorm2d(out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)))
+        return self.relu(self.bn3(self.conv3(x)) + shortcut)
+
+
+class Resnet50(nn.Module):
+    """ResNet-50 v1.5 up to global average pooling; parameter names follow torchvision's,
+    which are the canonical weights file's."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        channels = 64
+        for stage, (width, blocks) in enumerate(canonical.RESNET50_STAGES, start=1):
+            stride = 1 if stage == 1 else 2
+            layers = []
+            for block in range(blocks):
+                layers.append(Bottleneck(channels, width, stride if block == 0 else 1))
+                channels = width * canonical.RESNET50_EXPANSION
+            setattr(self, f"layer{stage}", nn.Sequential(*layers))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.pool(x), 1)
+
+
+class Resnet50Inference:
+    parameter_note = None
+
+    def __init__(self, spec: TaskSpec, run: RunOptions):
+        torch.manual_seed(run.seed)
+        self.device = _torch_device(run.device)
+        self.layout, self.memory_format = _image_format(run.device)
+        self.model = Resnet50()
+        if run.weights:
+            arrays = canonical.load(run.weights, canonical.resnet50_shapes())
+            missing, _ = self.model.load_state_dict(
+                {name: torch.from_numpy(value) for name, value in arrays.items()}, strict=False)
+            # Only batch-norm's step counters (unused in inference) are not in the file.
+            missing = [name for name in missing if not name.endswith("num_batches_tracked")]
+            if missing:
+                raise ValueError(f"{run.weights}: no weights for {', '.join(missing)}")
+        self.model = self.model.to(self.device, memory_format=self.memory_format).eval()
+
+    def parameter_count(self) -> int:
+        return _parameter_count(self.model)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            x = _to_device(images, self.layout, self.device, self.memory_format)
+            return self.model(x).cpu().numpy()  # the copy back waits for the device
+
+
+class GruImdbNet(nn.Module):
+    def __init__(self, spec: TaskSpec):
+        super().__init__()
+        self.embedding = nn.Embedding(spec.vocabulary, 125)
+        # Time-major (batch_first=False) is cuDNN's own layout; cuDNN's GRU convention: two bias vectors.
+        self.gru = nn.GRU(125, 100)
+        self.dense = nn.Linear(100, spec.num_classes)  # logits: softmax lives in the loss
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        outputs, _ = self.gru(self.embedding(tokens.t()))  # ids (N, T) -> (T, N): time-major
+        return self.dense(outputs[-1])  # the last time step's output
+
+
+class GruImdb:
+    parameter_note = None
+    layout = "TNC"
+
+    def __init__(self, spec: TaskSpec, run: RunOptions):
+        torch.manual_seed(run.seed)
+        self.device = _torch_device(run.device)
+        self.model = GruImdbNet(spec).to(self.device)
+        self.criterion = nn.CrossEntropyLoss()
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=run.learning_rate, betas=(0.9, 0.999),
+                                          eps=1e-8)
+        self._last_loss: torch.Tensor | None = None
+
+    def parameter_count(self) -> int:
+        return _parameter_count(self.model)
+
+    def _tokens(self, tokens: np.ndarray) -> torch.Tensor:
+        return _as_tensor(tokens).long().to(self.device)
+
+    def train_step(self, tokens: np.ndarray, labels: np.ndarray) -> None:
+        self.model.train()
+        y = _as_tensor(labels).long().to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.criterion(self.model(self._tokens(tokens)), y)
+        loss.backward()
+        self.optimizer.step()
+        self._last_loss = loss.detach()
+
+    def loss(self) -> float:
+        return _read_loss(self._last_loss, self.device)
+
+    def predict(self, tokens: np.ndarray) -> np.ndarray:
+        self.model.eval()
+        with torch.inference_mode():
+            return self.model(self._tokens(tokens)).cpu().numpy()
+
+
+class DenseLayer(nn.Module):
+    """BN-ReLU-conv1×1 (the bottleneck, 4 × growth) then BN-ReLU-conv3×3 (growth new channels)."""
+
+    def __init__(self, channels: int, growth: int, bottleneck: int):
+        super().__init__()
+        self.norm1, self.relu1 = nn.BatchNorm2d(channels), nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(channels, bottleneck * growth, 1, bias=False)
+        self.norm2, self.relu2 = nn.BatchNorm2d(bottleneck * growth), nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(bottleneck * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        x = self.conv1(self.relu1(self.norm1(torch.cat(inputs, 1))))
+        return self.conv2(self.relu2(self.norm2(x)))
+
+
+class DenseBlock(nn.ModuleDict):
+    """Each layer sees the concatenation of the block's input and every earlier layer's output."""
+
+    def __init__(self, layers: int, channels: int, growth: int, bottleneck: int):
+        super().__init__({f"denselayer{i + 1}": DenseLayer(channels + i * growth, growth, bottleneck)
+                          for i in range(layers)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [x]
+        for layer in self.values():
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+class Transition(nn.Sequential):
+    def __init__(self, channels: int, out: int):
+        super().__init__(OrderedDict(norm=nn.BatchNorm2d(channels), relu=nn.ReLU(inplace=True),
+                                     conv=nn.Conv2d(channels, out, 1, bias=False),
+                                     pool=nn.AvgPool2d(2, stride=2)))
+
+
+class DenseNet121(nn.Module):
+    """torchvision's densenet121 (same structure, names and initialisation) with its own head."""
+
+    BLOCKS, GROWTH, BOTTLENECK, STEM = (6, 12, 24, 16), 32, 4, 64
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        channels = self.STEM
+        self.features = nn.Sequential(OrderedDict(
+            conv0=nn.Conv2d(3, channels, 7, stride=2, padding=3, bias=False), norm0=nn.BatchNorm2d(channels),
+            relu0=nn.ReLU(inplace=True), pool0=nn.MaxPool2d(3, stride=2, padding=1)))
+        for index, layers in enumerate(self.BLOCKS, start=1):
+            self.features.add_module(f"denseblock{index}", DenseBlock(layers, channels, self.GROWTH, self.BOTTLENECK))
+            channels += layers * self.GROWTH
+            if index < len(self.BLOCKS):
+                self.features.add_module(f"transition{index}", Transition(channels, channels // 2))
+                channels //= 2
+        self.features.add_module("norm5", nn.BatchNorm2d(channels))
+        self.classifier = nn.Linear(channels, num_classes)  # logits: the sigmoid lives in the loss
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight)
+            elif isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.features(x))
+        return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class ChestXrayImages(torch.utils.data.Dataset):
+    """PNG files decoded with Pillow: RGB, resized to stored_size, cropped to crop_size (random
+    crop and horizontal flip when training, centre crop otherwise), float32 [0, 1] CHW."""
+
+    def __init__(self, files: ImageFiles, stored_size: int, crop_size: int, training: bool, seed: int):
+        self.paths, self.labels = files.paths, files.labels
+        self.stored_size, self.crop_size = stored_size, crop_size
+        self.training, self.seed = training, seed
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with Image.open(self.paths[index]) as image:
+            image = image.convert("RGB")  # grayscale, RGB or RGBA files
+        if image.size != (self.stored_size, self.stored_size):
+            image = image.resize((self.stored_size, self.stored_size), Image.Resampling.BILINEAR)
+        margin = self.stored_size - self.crop_size
+        if self.training:
+            # Seeded by (epoch seed, example): the same augmentation whichever loader worker runs it.
+            rng = np.random.default_rng((self.seed, index))
+            left, top = rng.integers(0, margin + 1, size=2)
+            flip = rng.random() < 0.5
+        else:
+            left = top = int(round(margin / 2))
+            flip = False
+        image = image.crop((left, top, left + self.crop_size, top + self.crop_size))
+        if flip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)
+        return torch.from_numpy(pixels).permute(2, 0, 1), torch.from_numpy(self.labels[index])
+
+
+# The DenseNet instance whose worker processes and process group are alive: one at a time.
+_live_densenet: Densenet121Xray | None = None
+# How long a rank waits for the others at start-up and in a collective before failing.
+_COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+
+
+def _distributed_backend(device: str) -> str:
+    return "nccl" if device == "gpu" else "gloo"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class DensenetReplica:
+    """One replica of the data-parallel model: rank 0 runs it in the bench's process, ranks 1..N-1
+    each in a worker process. With several ranks the module is wrapped in DistributedDataParallel,
+    which all-reduces (averages) the gradients during backward, so every rank's Adam step keeps
+    the replicas identical."""
+
+    def __init__(self, spec: TaskSpec, run: RunOptions, rank: int):
+        self.device = _torch_device(run.device, rank)  # GPU: rank r uses the r-th visible GPU
+        self.layout, self.memory_format = _image_format(run.device)
+        torch.manual_seed(run.seed)  # the same initial weights on every rank
+        self.model = DenseNet121(spec.num_classes).to(self.device, memory_format=self.memory_format)
+        self.replica: nn.Module = self.model
+        if run.devices > 1:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group(_distributed_backend(run.device), rank=rank, world_size=run.devices,
+                                    timeout=_COLLECTIVE_TIMEOUT)
+            self.replica = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.criterion = nn.BCEWithLogitsLoss()  # mean over labels and examples
+        self.optimizer = torch.optim.Adam(self.replica.parameters(), lr=run.learning_rate)
+        self.last_loss = torch.zeros((), device=self.device)
+
+    def train_step(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> None:
+        self.replica.train()
+        x = _to_device(images, self.layout, self.device, self.memory_format)
+        y = _as_tensor(labels).to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.criterion(self.replica(x), y)
+        loss.backward()  # DDP: the gradients' all-reduce overlaps with backward
+        self.optimizer.step()
+        self.last_loss = loss.detach()
+
+    def mean_loss(self) -> torch.Tensor:
+        """The last step's loss averaged over the ranks (a collective: every rank calls it)."""
+        loss = self.last_loss.clone()
+        dist.all_reduce(loss)
+        return loss / dist.get_world_size()
+
+
+def _replica_worker(rank: int, spec: TaskSpec, run: RunOptions, threads: int, interop_threads: int,
+                    commands: mp.Queue) -> None:
+    """Rank ``rank``'s process: trains on the shards rank 0 sends until told to stop (None), or
+    until rank 0's process has gone."""
+    torch.set_num_threads(threads)
+    torch.set_num_interop_threads(interop_threads)
+    torch.backends.cudnn.benchmark = run.device == "gpu"
+    replica = DensenetReplica(spec, run, rank)
+    parent = mp.parent_process()
+    while True:
+        try:
+            command = commands.get(timeout=1.0)
+        except queue.Empty:
+            if parent is None or parent.is_alive():
+                continue
+            break
+        if command is None:
+            break
+        if command == "loss":
+            replica.mean_loss()
+        else:
+            replica.train_step(*command)
+    dist.destroy_process_group()
+
+
+class Densenet121Xray:
+    parameter_note = None
+
+    def __init__(self, spec: TaskSpec, run: RunOptions):
+        global _live_densenet
+        if _live_densenet is not None:  # full mode builds a fresh model per repeat
+            _live_densenet.close()
+        self.devices = run.devices
+        self.crop_size = run.input_shape[-1]
+        self.layout, _ = _image_format(run.device)
+        self.workers: list[mp.Process] = []
+        self.commands: list[mp.Queue] = []
+        if run.devices > 1:
+            self._start_workers(spec, run)
+            _live_densenet = self
+        self.rank0 = DensenetReplica(spec, run, rank=0)
+        self.device = self.rank0.device
+
+    def _start_workers(self, spec: TaskSpec, run: RunOptions) -> None:
+        """One process per further replica (spawned: a clean interpreter, safe with CUDA), each
+        with this process's share of the threads (configure)."""
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
+        context = mp.get_context("spawn")
+        for rank in range(1, run.devices):
+            commands = context.Queue()
+            worker = context.Process(target=_replica_worker, daemon=True, name=f"densenet-rank{rank}",
+                                     args=(rank, spec, run, torch.get_num_threads(),
+                                           torch.get_num_interop_threads(), commands))
+            worker.start()
+            self.workers.append(worker)
+            self.commands.append(commands)
+
+    def close(self) -> None:
+        """Stop the worker processes and leave the process group (a no-op with one device)."""
+        global _live_densenet
+        for commands in self.commands:
+            commands.put(None)
+        for worker in self.workers:
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.terminate()
+                worker.join()
+        for commands in self.commands:
+            commands.close()
+        self.workers, self.commands = [], []
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if _live_densenet is self:
+            _live_densenet = None
+
+    def parameter_count(self) -> int:
+        return _parameter_count(self.rank0.model)
+
+    def _send(self, commands: list[object]) -> None:
+        """commands[r - 1] to rank r, each worker checked first: a dead rank would leave the
+        others waiting in a collective."""
+        for rank, (worker, inbox, command) in enumerate(zip(self.workers, self.commands, commands), start=1):
+            if not worker.is_alive():
+                raise RuntimeError(f"DenseNet replica {rank} exited (code {worker.exitcode})")
+            inbox.put(command)
+
+    def train_step(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> None:
+        """One step on a global batch: shard r goes to rank r, shard 0 is trained here."""
+        x, y = _nchw(images, self.layout), _as_tensor(labels)
+        if self.workers:
+            # Ranks receive views of one shared-memory copy (a loader's batch is there already).
+            x, y = x.share_memory_(), y.share_memory_()
+            x_shards, y_shards = torch.tensor_split(x, self.devices), torch.tensor_split(y, self.devices)
+            self._send(list(zip(x_shards[1:], y_shards[1:])))
+            x, y = x_shards[0], y_shards[0]
+        self.rank0.train_step(x, y)
+
+    def loss(self) -> float:
+        """The last step's loss, averaged over the replicas once every rank has finished it."""
+        if not self.workers:
+            return _read_loss(self.rank0.last_loss, self.device)
+        self._send(["loss"] * len(self.workers))
+        return _read_loss(self.rank0.mean_loss(), self.device)
+
+    def predict(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Label probabilities, on rank 0's replica (all replicas hold the same weights)."""
+        model = self.rank0.model.eval()  # batch norm: running statistics
+        with torch.inference_mode():
+            x = _to_device(images, self.layout, self.device, self.rank0.memory_format)
+            return torch.sigmoid(model(x)).cpu().numpy()
+
+    def input_pipeline(self, files: ImageFiles, stored_size: int, batch_size: int, training: bool,
+                       seed: int) -> torch.utils.data.DataLoader:
+        images = ChestXrayImages(files, stored_size, self.crop_size, training, seed)
+        return torch.utils.data.DataLoader(
+            images, batch_size=batch_size, shuffle=training, drop_last=training, num_workers=2,
+            persistent_workers=False, generator=torch.Generator().manual_seed(seed),
+            # Pinned batches copy to the GPU asynchronously; shards for other ranks go through shared memory.
+            pin_memory=self.device.type == "cuda" and not self.workers)
+
+
+@atexit.register
+def _close_live_densenet() -> None:
+    """Stop the workers cleanly when the bench exits (they are daemons: killed otherwise)."""
+    if _live_densenet is not None:
+        _live_densenet.close()
+
+
+TASKS = {"cnn_cifar10": CnnCifar10, "resnet50_inference": Resnet50Inference, "gru_imdb": GruImdb,
+         "densenet121_xray": Densenet121Xray}
