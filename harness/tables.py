@@ -97,15 +97,20 @@ def results_frame(results: list[Result]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _rate(per_second: float) -> str:
+    """Three significant figures at most, but never fewer than the integer part."""
+    return f"{per_second:,.0f}" if per_second >= 100 else f"{per_second:.3g}"
+
+
 def _format(row: pd.Series, item: str) -> str:
     if row.status != "ok":
         return row.status
     if TASKS[row.task].kind == INFER:
         text = (f"{row.median_s:.2f} s [{row.q1_s:.2f}–{row.q3_s:.2f}], "
-                f"{row.throughput_per_s:,.0f} {item}/s")
+                f"{_rate(row.throughput_per_s)} {item}/s")
     elif row["mode"] == "throughput":
         text = (f"{row.median_s * 1e3:.1f} ms [{row.q1_s * 1e3:.1f}–{row.q3_s * 1e3:.1f}], "
-                f"{row.throughput_per_s:,.0f} {item}/s")
+                f"{_rate(row.throughput_per_s)} {item}/s")
     else:
         spread = f" [{row.q1_s:.1f}–{row.q3_s:.1f}]" if row.samples > 1 else ""
         text = f"{row.median_s:.1f} s{spread}, {row.score_name} {row.score:.3f}"

@@ -1,15 +1,37 @@
-"""TensorFlow: tf.keras layers, a tf.function training step with tf.GradientTape."""
+"""TensorFlow: tf.keras layers, a tf.function training step with tf.GradientTape, tf.data input
+pipelines and tf.distribute.MirroredStrategy for data-parallel training."""
 from __future__ import annotations
+
+import os
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf
 
-from ..specs import TaskSpec
+from .. import weights as canonical
+from ..specs import RunOptions, TaskSpec, Unsupported
+
+# The GRU classifier's sizes (the seed's).
+EMBEDDING_SIZE = 125
+GRU_UNITS = 100
+# torchvision's batch-norm epsilon (Keras's default is 1e-3).
+BATCH_NORM_EPSILON = 1e-5
 
 
-def describe(device: str) -> dict:
+def describe(run: RunOptions) -> dict:
     build = tf.sysconfig.get_build_info()
-    on_gpu = device == "gpu"
+    on_gpu = run.device == "gpu"
+    settings = {
+        "keras_version": tf.keras.__version__,
+        # The devices TensorFlow sees: logical CPU devices, one per replica of a data-parallel
+        # CPU cell (configure() makes them), or the visible GPUs.
+        "devices": [device.name for device in tf.config.list_logical_devices("GPU" if on_gpu else "CPU")],
+    }
+    if on_gpu:
+        # TensorFlow autotunes cuDNN convolutions unless TF_CUDNN_USE_AUTOTUNE=0, and runs fp32
+        # matmuls and convolutions in TF32 on Ampere and newer unless told otherwise.
+        settings["cudnn_autotune"] = os.environ.get("TF_CUDNN_USE_AUTOTUNE", "1") not in ("0", "false")
+        settings["tf32"] = tf.config.experimental.tensor_float_32_execution_enabled()
     return {
         "framework": "tensorflow",
         "framework_version": tf.__version__,
@@ -18,37 +40,91 @@ def describe(device: str) -> dict:
         "interop_threads": tf.config.threading.get_inter_op_parallelism_threads(),
         "cuda": build.get("cuda_version") if on_gpu else None,
         "cudnn": build.get("cudnn_version") if on_gpu else None,
-        "framework_settings": {
-            "keras_version": tf.keras.__version__,
-        },
+        "framework_settings": settings,
     }
 
 
-def configure(device: str, seed: int, threads: int | None) -> None:
-    tf.keras.utils.set_random_seed(seed)
-    if threads:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
-    if device == "gpu":
+def configure(run: RunOptions) -> None:
+    # Device and thread options only apply before TensorFlow initialises its runtime.
+    if run.device == "gpu":
         for gpu in tf.config.list_physical_devices("GPU"):
             tf.config.experimental.set_memory_growth(gpu, True)
     else:
         tf.config.set_visible_devices([], "GPU")
+        if run.devices > 1:
+            # A data-parallel CPU cell: split the host CPU into logical devices, one per replica
+            # (they share the process's thread pools).
+            cpu = tf.config.list_physical_devices("CPU")[0]
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(run.devices)])
+    if run.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(run.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(run.threads)
+    tf.keras.utils.set_random_seed(run.seed)
 
 
 def _tf_device(device: str) -> str:
     return "/GPU:0" if device == "gpu" else "/CPU:0"
 
 
+def _replica_devices(run: RunOptions) -> list:
+    """The logical devices a data-parallel run mirrors over: the first run.devices GPUs, or the
+    CPU's logical devices that configure() made."""
+    kind = "GPU" if run.device == "gpu" else "CPU"
+    devices = tf.config.list_logical_devices(kind)
+    if len(devices) < run.devices:
+        raise Unsupported(f"{run.devices} {kind} devices asked for, {len(devices)} visible to TensorFlow")
+    return devices[:run.devices]
+
+
+def _layout(device: str) -> str:
+    # NCHW for cuDNN; TensorFlow's CPU convolutions (oneDNN) only take NHWC.
+    return "NCHW" if device == "gpu" else "NHWC"
+
+
+def _data_format(layout: str) -> str:
+    return "channels_first" if layout == "NCHW" else "channels_last"
+
+
+def _image_shape(input_shape: tuple, data_format: str) -> tuple:
+    """One example's shape in the data format, from the channel-first (C, H, W)."""
+    channels, height, width = input_shape
+    return (channels, height, width) if data_format == "channels_first" else (height, width, channels)
+
+
+def _parameter_count(model: tf.keras.Model) -> int:
+    return int(sum(np.prod(v.shape) for v in model.trainable_variables))
+
+
+def _optimiser_step(model: tf.keras.Model, optimizer: tf.keras.optimizers.Optimizer,
+                    loss_fn: Callable, inputs: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """Forward in training mode, gradients with tf.GradientTape, one update; the loss."""
+    with tf.GradientTape() as tape:
+        loss = loss_fn(labels, model(inputs, training=True))
+    gradients = tape.gradient(loss, model.trainable_variables)
+    optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+    return loss
+
+
+def _adam(learning_rate: float) -> tf.keras.optimizers.Adam:
+    # PyTorch's epsilon (Keras's default is 1e-7).
+    return tf.keras.optimizers.Adam(learning_rate=learning_rate, beta_1=0.9, beta_2=0.999, epsilon=1e-8)
+
+
+def _read_loss(loss: tf.Tensor, on_gpu: bool) -> float:
+    """A loss tensor as a float, after the device has finished all queued work."""
+    if on_gpu:
+        tf.test.experimental.sync_devices()
+    return float(loss.numpy())
+
+
 def build_cnn_cifar10(spec: TaskSpec, data_format: str) -> tf.keras.Model:
     layers = tf.keras.layers
-    channels, height, width = spec.input_shape
-    shape = (channels, height, width) if data_format == "channels_first" else (height, width, channels)
     conv = dict(kernel_size=3, padding="same", data_format=data_format,
                 kernel_initializer="glorot_uniform", bias_initializer="zeros")
     dense = dict(kernel_initializer="glorot_uniform", bias_initializer="zeros")
     return tf.keras.Sequential([
-        tf.keras.Input(shape=shape),
+        tf.keras.Input(shape=_image_shape(spec.input_shape, data_format)),
         layers.Conv2D(50, activation="relu", **conv),
         layers.Conv2D(50, **conv), layers.MaxPooling2D(2, data_format=data_format), layers.ReLU(), layers.Dropout(0.25),
         layers.Conv2D(100, activation="relu", **conv),
@@ -60,33 +136,26 @@ def build_cnn_cifar10(spec: TaskSpec, data_format: str) -> tf.keras.Model:
 
 
 class CnnCifar10:
-    def __init__(self, spec: TaskSpec, device: str, seed: int):
-        tf.keras.utils.set_random_seed(seed)
-        self.device = _tf_device(device)
-        # NCHW for cuDNN; TensorFlow's CPU convolutions (oneDNN) only take NHWC.
-        self.layout = "NCHW" if device == "gpu" else "NHWC"
-        data_format = "channels_first" if self.layout == "NCHW" else "channels_last"
+    parameter_note = None
+
+    def __init__(self, spec: TaskSpec, run: RunOptions):
+        tf.keras.utils.set_random_seed(run.seed)
+        self.on_gpu = run.device == "gpu"
+        self.device = _tf_device(run.device)
+        self.layout = _layout(run.device)
         with tf.device(self.device):
-            self.model = build_cnn_cifar10(spec, data_format)
+            self.model = build_cnn_cifar10(spec, _data_format(self.layout))
             self.loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
             self.optimizer = tf.keras.optimizers.SGD(learning_rate=spec.learning_rate, momentum=spec.momentum)
         batch_shape = (None, *self.model.input_shape[1:])
         signature = [tf.TensorSpec(batch_shape, tf.float32), tf.TensorSpec((None,), tf.int32)]
-        self._train_step = tf.function(self._train_step_eager, input_signature=signature)
-        self._predict = tf.function(lambda x: tf.argmax(self.model(x, training=False), axis=1),
-                                    input_signature=signature[:1])
+        self._train_step = tf.function(
+            lambda x, y: _optimiser_step(self.model, self.optimizer, self.loss_fn, x, y), input_signature=signature)
+        self._predict = tf.function(lambda x: self.model(x, training=False), input_signature=signature[:1])
         self._last_loss: tf.Tensor | None = None
 
     def parameter_count(self) -> int:
-        return int(sum(np.prod(v.shape) for v in self.model.trainable_variables))
-
-    def _train_step_eager(self, images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
-        with tf.GradientTape() as tape:
-            logits = self.model(images, training=True)
-            loss = self.loss_fn(labels, logits)
-        gradients = tape.gradient(loss, self.model.trainable_variables)
-        self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
-        return loss
+        return _parameter_count(self.model)
 
     def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
         with tf.device(self.device):
@@ -95,16 +164,250 @@ class CnnCifar10:
 
     def loss(self) -> float:
         """The last step's loss, after the device has finished all queued work."""
-        if self.device == "/GPU:0":
-            tf.test.experimental.sync_devices()
-        return float(self._last_loss.numpy())
+        return _read_loss(self._last_loss, self.on_gpu)
 
-    def predict(self, images: np.ndarray, batch_size: int) -> np.ndarray:
+    def predict(self, images: np.ndarray) -> np.ndarray:
         with tf.device(self.device):
-            return np.concatenate([
-                self._predict(images[start:start + batch_size]).numpy()
-                for start in range(0, len(images), batch_size)
-            ])
+            return self._predict(images).numpy()  # dropout off; the read-back waits for the device
 
 
-TASKS = {"cnn_cifar10": CnnCifar10}
+def build_resnet50(input_shape: tuple, data_format: str) -> tf.keras.Model:
+    """ResNet-50 v1.5 up to global average pooling. Layers carry torchvision's names (those of
+    the canonical weights file); the stride sits on each stage's first 3×3 convolution; no
+    convolution biases."""
+    layers = tf.keras.layers
+    axis = 1 if data_format == "channels_first" else -1
+
+    def conv(x: tf.Tensor, filters: int, size: int, stride: int, name: str) -> tf.Tensor:
+        padding = "valid" if size == 1 else "same"
+        if size > 1 and stride > 1:
+            # "same" pads a strided convolution more at the end than at the start; PyTorch pads
+            # both sides equally, so pad explicitly.
+            x = layers.ZeroPadding2D(size // 2, data_format=data_format, name=name + "_pad")(x)
+            padding = "valid"
+        return layers.Conv2D(filters, size, strides=stride, padding=padding, use_bias=False,
+                             data_format=data_format, name=name)(x)
+
+    def batch_norm(x: tf.Tensor, name: str) -> tf.Tensor:
+        return layers.BatchNormalization(axis=axis, epsilon=BATCH_NORM_EPSILON, name=name)(x)
+
+    def bottleneck(x: tf.Tensor, width: int, stride: int, name: str) -> tf.Tensor:
+        out = width * canonical.RESNET50_EXPANSION
+        shortcut = x
+        if stride != 1 or x.shape[axis] != out:
+            shortcut = batch_norm(conv(x, out, 1, stride, name + ".downsample.0"), name + ".downsample.1")
+        x = layers.ReLU()(batch_norm(conv(x, width, 1, 1, name + ".conv1"), name + ".bn1"))
+        x = layers.ReLU()(batch_norm(conv(x, width, 3, stride, name + ".conv2"), name + ".bn2"))
+        x = batch_norm(conv(x, out, 1, 1, name + ".conv3"), name + ".bn3")
+        return layers.ReLU()(layers.Add()([x, shortcut]))
+
+    inputs = tf.keras.Input(shape=input_shape)
+    x = layers.ReLU()(batch_norm(conv(inputs, 64, 7, 2, "conv1"), "bn1"))
+    # Zero padding equals PyTorch's -inf padding here: the inputs are ReLU outputs, >= 0.
+    x = layers.ZeroPadding2D(1, data_format=data_format, name="maxpool_pad")(x)
+    x = layers.MaxPooling2D(3, strides=2, data_format=data_format, name="maxpool")(x)
+    for stage, (width, blocks) in enumerate(canonical.RESNET50_STAGES, start=1):
+        for block in range(blocks):
+            stride = 2 if stage > 1 and block == 0 else 1
+            x = bottleneck(x, width, stride, f"layer{stage}.{block}")
+    outputs = layers.GlobalAveragePooling2D(data_format=data_format)(x)
+    return tf.keras.Model(inputs, outputs, name="resnet50_v1_5")
+
+
+def load_resnet50(model: tf.keras.Model, path: str) -> None:
+    """Canonical (torchvision-named) tensors into the layers of the same names."""
+    arrays = canonical.load(path, canonical.resnet50_shapes())
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.Conv2D):
+            # O×I×kH×kW to Keras's kH×kW×I×O (the same in both data formats).
+            layer.set_weights([arrays[layer.name + ".weight"].transpose(2, 3, 1, 0)])
+        elif isinstance(layer, tf.keras.layers.BatchNormalization):
+            # gamma, beta, moving mean, moving variance
+            layer.set_weights([arrays[f"{layer.name}.{field}"]
+                               for field in ("weight", "bias", "running_mean", "running_var")])
+
+
+class Resnet50Inference:
+    parameter_note = None
+
+    def __init__(self, spec: TaskSpec, run: RunOptions):
+        tf.keras.utils.set_random_seed(run.seed)
+        self.device = _tf_device(run.device)
+        self.layout = _layout(run.device)
+        data_format = _data_format(self.layout)
+        shape = _image_shape(run.input_shape, data_format)
+        with tf.device(self.device):
+            self.model = build_resnet50(shape, data_format)
+        if run.weights:
+            load_resnet50(self.model, run.weights)
+        # Inference mode: batch norm uses its running statistics; no tape, so no gradients.
+        self._predict = tf.function(lambda x: self.model(x, training=False),
+                                    input_signature=[tf.TensorSpec((None, *shape), tf.float32)])
+
+    def parameter_count(self) -> int:
+        return _parameter_count(self.model)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        with tf.device(self.device):
+            return self._predict(images).numpy()  # the copy back waits for the device
+
+
+def build_gru_imdb(spec: TaskSpec) -> tf.keras.Model:
+    layers = tf.keras.layers
+    return tf.keras.Sequential([
+        tf.keras.Input(shape=spec.input_shape, dtype="int32"),
+        layers.Embedding(spec.vocabulary, EMBEDDING_SIZE),
+        # Default arguments (tanh, sigmoid, reset_after=True, no dropout, no mask) are what
+        # let Keras run the cuDNN kernel on a GPU; only the last step's output comes out.
+        layers.GRU(GRU_UNITS),
+        layers.Dense(spec.num_classes),  # logits: softmax lives in the loss
+    ])
+
+
+class GruImdb:
+    parameter_note = None
+
+    def __init__(self, spec: TaskSpec, run: RunOptions):
+        tf.keras.utils.set_random_seed(run.seed)
+        self.on_gpu = run.device == "gpu"
+        self.device = _tf_device(run.device)
+        # Keras RNNs take batch-major input; the cuDNN kernel transposes to time-major inside.
+        self.layout = "NTC"
+        with tf.device(self.device):
+            self.model = build_gru_imdb(spec)
+            self.loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+            self.optimizer = _adam(run.learning_rate)
+        signature = [tf.TensorSpec((None, *spec.input_shape), tf.int32), tf.TensorSpec((None,), tf.int32)]
+        self._train_step = tf.function(
+            lambda x, y: _optimiser_step(self.model, self.optimizer, self.loss_fn, x, y), input_signature=signature)
+        self._predict = tf.function(lambda x: self.model(x, training=False), input_signature=signature[:1])
+        self._last_loss: tf.Tensor | None = None
+
+    def parameter_count(self) -> int:
+        return _parameter_count(self.model)
+
+    def train_step(self, tokens: np.ndarray, labels: np.ndarray) -> None:
+        with tf.device(self.device):
+            self._last_loss = self._train_step(tokens, labels)
+
+    def loss(self) -> float:
+        return _read_loss(self._last_loss, self.on_gpu)
+
+    def predict(self, tokens: np.ndarray) -> np.ndarray:
+        with tf.device(self.device):
+            return self._predict(tokens).numpy()
+
+
+def build_densenet121(spec: TaskSpec, input_shape: tuple) -> tf.keras.Model:
+    """Keras's zoo DenseNet-121 (torchvision's architecture; batch-norm epsilon 1.001e-5) with
+    a 14-logit head; channels-last input."""
+    features = tf.keras.applications.DenseNet121(weights=None, include_top=False, pooling="avg",
+                                                 input_shape=input_shape)
+    logits = tf.keras.layers.Dense(spec.num_classes, name="logits")(features.output)  # sigmoid in the loss
+    return tf.keras.Model(features.input, logits, name="densenet121")
+
+
+class Densenet121Xray:
+    parameter_note = None
+
+    def __init__(self, spec: TaskSpec, run: RunOptions):
+        tf.keras.utils.set_random_seed(run.seed)
+        self.on_gpu = run.device == "gpu"
+        # Keras's DenseNet refuses channels_first, so NHWC on GPUs too; there TensorFlow's graph
+        # optimiser (Grappler) converts the convolutions to cuDNN's NCHW inside the tf.function.
+        self.layout = "NHWC"
+        self.image_size = run.input_shape[-1]
+        self.threads = run.threads
+        if run.devices > 1:
+            # One replica per device; gradients are all-reduced (NCCL on GPUs, through one device
+            # on CPUs) before every replica applies the same update.
+            self.strategy = tf.distribute.MirroredStrategy([d.name for d in _replica_devices(run)])
+        else:
+            self.strategy = tf.distribute.get_strategy()  # the default: no distribution machinery
+        shape = _image_shape(run.input_shape, "channels_last")
+        with self.strategy.scope():  # variables mirrored on every replica
+            self.model = build_densenet121(spec, shape)
+            self.optimizer = _adam(run.learning_rate)
+            # Its slots are created here, mirrored, not lazily inside a replica's step.
+            self.optimizer.build(self.model.trainable_variables)
+        # Per example: the mean over the 14 labels of sigmoid cross-entropy.
+        self.per_example_loss = tf.keras.losses.BinaryCrossentropy(from_logits=True, reduction=None)
+        signature = [tf.TensorSpec((None, *shape), tf.float32), tf.TensorSpec((None, spec.num_classes), tf.float32)]
+        self._train_step = tf.function(self._distributed_step, input_signature=signature)
+        self._predict = tf.function(lambda x: tf.sigmoid(self.model(x, training=False)),
+                                    input_signature=signature[:1])
+        self._last_loss: tf.Tensor | None = None
+
+    def parameter_count(self) -> int:
+        return _parameter_count(self.model)
+
+    def _distributed_step(self, images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+        """Splits the global batch over the replicas, runs one step on each, returns the
+        global batch's mean loss."""
+        replicas = self.strategy.num_replicas_in_sync
+        global_batch = tf.shape(images)[0]
+        shard_size = global_batch // replicas
+
+        def shard(context: tf.distribute.experimental.ValueContext) -> tuple:
+            start = context.replica_id_in_sync_group * shard_size
+            return images[start:start + shard_size], labels[start:start + shard_size]
+
+        def average_loss(y: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+            # Scaled by the global batch: the all-reduce sums the replicas' gradients.
+            return tf.nn.compute_average_loss(self.per_example_loss(y, logits), global_batch_size=global_batch)
+
+        x, y = self.strategy.experimental_distribute_values_from_function(shard)
+        losses = self.strategy.run(
+            lambda x, y: _optimiser_step(self.model, self.optimizer, average_loss, x, y), args=(x, y))
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
+
+    def train_step(self, images: np.ndarray | tf.Tensor, labels: np.ndarray | tf.Tensor) -> None:
+        self._last_loss = self._train_step(images, labels)
+
+    def loss(self) -> float:
+        return _read_loss(self._last_loss, self.on_gpu)
+
+    def predict(self, images: np.ndarray | tf.Tensor) -> np.ndarray:
+        # Scoring on the first replica's device: the mirrored variables read as one model.
+        return self._predict(images).numpy()
+
+    def input_pipeline(self, files, stored_size: int, batch_size: int, training: bool,
+                       seed: int) -> tf.data.Dataset:
+        """tf.data over a bench.data.ImageFiles: decode and augment in parallel threads, batch,
+        prefetch; global batches of (images, multi-hot labels) as tensors."""
+        size = self.image_size
+        dataset = tf.data.Dataset.from_tensor_slices((tf.constant(files.paths, tf.string), files.labels))
+        if training:
+            # One epoch per call, shuffled with this epoch's seed.
+            dataset = dataset.shuffle(max(len(files.paths), 1), seed=seed, reshuffle_each_iteration=False)
+
+        def load(index: tf.Tensor, example: tuple) -> tuple:
+            path, label = example
+            image = tf.io.decode_png(tf.io.read_file(path), channels=3)  # grey or RGBA to RGB
+            image = tf.image.convert_image_dtype(image, tf.float32)  # [0, 1]
+            stored = tf.reduce_all(tf.shape(image)[:2] == stored_size)
+            # Bilinear, antialiased when shrinking as PIL's bilinear resize is.
+            image = tf.cond(stored, lambda: image,
+                            lambda: tf.image.resize(image, (stored_size, stored_size), antialias=True))
+            if training:
+                # Stateless ops seeded by (epoch seed, position): the same augmentation however
+                # the parallel calls are scheduled.
+                crop_seed, flip_seed = tf.unstack(tf.random.split(tf.stack([tf.constant(seed, tf.int64), index])))
+                image = tf.image.stateless_random_crop(image, (size, size, 3), seed=crop_seed)
+                image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+            else:
+                offset = (stored_size - size) // 2
+                image = tf.image.crop_to_bounding_box(image, offset, offset, size, size)
+            return image, label
+
+        dataset = dataset.enumerate().map(load, num_parallel_calls=tf.data.AUTOTUNE)
+        dataset = dataset.batch(batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
+        if self.threads:
+            options = tf.data.Options()
+            options.threading.private_threadpool_size = self.threads
+            dataset = dataset.with_options(options)
+        return dataset
+
+
+TASKS = {"cnn_cifar10": CnnCifar10, "resnet50_inference": Resnet50Inference, "gru_imdb": GruImdb,
+         "densenet121_xray": Densenet121Xray}
