@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,12 +10,14 @@ import chainer
 import chainer.functions as F
 import chainer.links as L
 from chainer.backends import cuda
+from PIL import Image
 
-from ..specs import TaskSpec
+from .. import weights as canonical
+from ..specs import RunOptions, TaskSpec
 
 
-def describe(device: str) -> dict:
-    on_gpu = device == "gpu"
+def describe(run: RunOptions) -> dict:
+    on_gpu = run.device == "gpu"
     return {
         "framework": "chainer",
         "framework_version": chainer.__version__,
@@ -63,23 +66,65 @@ def _seed(device: str, seed: int) -> None:
         cuda.cupy.random.seed(seed)
 
 
-def configure(device: str, seed: int, threads: int | None) -> None:
-    _seed(device, seed)
+def configure(run: RunOptions) -> None:
+    _seed(run.device, run.seed)
     # bench.environment.limit_threads set OPENBLAS_NUM_THREADS before numpy loaded; say it again.
     set_num_threads = _openblas("set_num_threads")
-    if threads and set_num_threads:
-        set_num_threads(threads)
+    if run.threads and set_num_threads:
+        set_num_threads(run.threads)
     # Argument type checks on every function call are a debugging aid; they cost Python time.
     chainer.global_config.type_check = False
-    if device == "gpu":
-        # cuDNN for convolutions and pooling, and its autotuner picks the fastest convolution
-        # algorithm for fixed shapes.
+    if run.device == "gpu":
+        # cuDNN for convolutions, pooling, batch norm and the GRU, and its autotuner picks the
+        # fastest convolution algorithm for fixed shapes.
         chainer.global_config.use_cudnn = "always"
         chainer.global_config.autotune = True
+    # CPU "devices" need nothing here: every CPU replica is a numpy copy of the model.
 
 
-def _chainer_device(device: str) -> chainer.backend.Device:
-    return chainer.get_device("@cupy:0" if device == "gpu" else "@numpy")
+def _chainer_device(device: str, index: int = 0) -> chainer.backend.Device:
+    return chainer.get_device(f"@cupy:{index}" if device == "gpu" else "@numpy")
+
+
+def _trainable_parameters(model: chainer.Link) -> int:
+    return sum(p.size for p in model.params() if p.update_rule is None or p.update_rule.enabled)
+
+
+def _synchronize(device: chainer.backend.Device) -> None:
+    if device.xp is not np:
+        device.device.synchronize()
+
+
+def _conv(channels: int, filters: int, ksize: int, stride: int = 1, pad: int = 0) -> L.Convolution2D:
+    """A convolution without bias (batch norm follows), He-initialised as Chainer's ResNet is."""
+    return L.Convolution2D(channels, filters, ksize, stride=stride, pad=pad, nobias=True,
+                           initialW=chainer.initializers.HeNormal())
+
+
+def _batch_norm(channels: int) -> L.BatchNormalization:
+    # torchvision's epsilon (Chainer's default is 2e-5); decay 0.9 is PyTorch's momentum 0.1.
+    return L.BatchNormalization(channels, eps=1e-5, decay=0.9)
+
+
+def _max_pool(x: chainer.Variable) -> chainer.Variable:
+    # cover_all=False: PyTorch's output size (Chainer's default, True, can add a row and column).
+    return F.max_pooling_2d(x, 3, stride=2, pad=1, cover_all=False)
+
+
+def _global_average_pool(x: chainer.Variable) -> chainer.Variable:
+    return F.mean(x, axis=(2, 3))
+
+
+class Stack(chainer.ChainList):
+    """Links applied in turn. chainer.Sequential would be the idiom, but Chainer 7.8.1's
+    Sequential.insert registers every link appended after the second at position 1, so the
+    parameter order differs from the call order and addgrads/copyparams between two copies
+    pair the wrong layers (they index the call order, iterate the registration order)."""
+
+    def forward(self, x: chainer.Variable) -> chainer.Variable:
+        for link in self:
+            x = link(x)
+        return x
 
 
 class CnnCifar10Net(chainer.Chain):
@@ -107,9 +152,11 @@ class CnnCifar10Net(chainer.Chain):
 
 
 class CnnCifar10:
-    def __init__(self, spec: TaskSpec, device: str, seed: int):
-        _seed(device, seed)
-        self.device = _chainer_device(device)
+    parameter_note = None
+
+    def __init__(self, spec: TaskSpec, run: RunOptions):
+        _seed(run.device, run.seed)
+        self.device = _chainer_device(run.device)
         self.device.use()
         # NCHW: Chainer's only layout, on the CPU and for cuDNN alike.
         self.layout = "NCHW"
@@ -120,7 +167,7 @@ class CnnCifar10:
         self._last_loss = None
 
     def parameter_count(self) -> int:
-        return sum(p.size for p in self.model.params() if p.update_rule is None or p.update_rule.enabled)
+        return _trainable_parameters(self.model)
 
     def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
         # The numpy batch is copied to the device here, inside the timed step.
@@ -134,17 +181,335 @@ class CnnCifar10:
 
     def loss(self) -> float:
         """The last step's loss, after the device has finished all queued work."""
-        if self.device.xp is not np:
-            self.device.device.synchronize()
+        _synchronize(self.device)
         return float(self._last_loss)
 
-    def predict(self, images: np.ndarray, batch_size: int) -> np.ndarray:
-        predictions = []
+    def predict(self, images: np.ndarray) -> np.ndarray:
         with chainer.using_config("train", False), chainer.no_backprop_mode():  # dropout off
-            for start in range(0, len(images), batch_size):
-                logits = self.model(self.device.send(images[start:start + batch_size]))
-                predictions.append(cuda.to_cpu(logits.array.argmax(axis=1)))
-        return np.concatenate(predictions)
+            return cuda.to_cpu(self.model(self.device.send(images)).array)
 
 
-TASKS = {"cnn_cifar10": CnnCifar10}
+class Bottleneck(chainer.Chain):
+    """ResNet v1.5 bottleneck: the stride sits on the 3×3 convolution; no convolution biases."""
+
+    def __init__(self, channels: int, width: int, stride: int):
+        super().__init__()
+        out = width * canonical.RESNET50_EXPANSION
+        projected = stride != 1 or channels != out
+        if not projected:
+            self.downsample = None
+        with self.init_scope():
+            self.conv1, self.bn1 = _conv(channels, width, 1), _batch_norm(width)
+            self.conv2, self.bn2 = _conv(width, width, 3, stride=stride, pad=1), _batch_norm(width)
+            self.conv3, self.bn3 = _conv(width, out, 1), _batch_norm(out)
+            if projected:
+                self.downsample = Stack(_conv(channels, out, 1, stride=stride), _batch_norm(out))
+
+    def forward(self, x: chainer.Variable) -> chainer.Variable:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = F.relu(self.bn2(self.conv2(h)))
+        return F.relu(self.bn3(self.conv3(h)) + shortcut)
+
+
+class Resnet50(chainer.Chain):
+    """ResNet-50 v1.5 up to global average pooling, with torchvision's attribute names (the
+    canonical weights file's): chainer.links.ResNet50Layers is v1, the stride on the 1×1."""
+
+    def __init__(self):
+        super().__init__()
+        with self.init_scope():
+            self.conv1, self.bn1 = _conv(3, 64, 7, stride=2, pad=3), _batch_norm(64)
+            channels = 64
+            for stage, (width, blocks) in enumerate(canonical.RESNET50_STAGES, start=1):
+                stride = 1 if stage == 1 else 2
+                layers = []
+                for block in range(blocks):
+                    layers.append(Bottleneck(channels, width, stride if block == 0 else 1))
+                    channels = width * canonical.RESNET50_EXPANSION
+                setattr(self, f"layer{stage}", Stack(*layers))
+
+    def forward(self, x: chainer.Variable) -> chainer.Variable:
+        h = _max_pool(F.relu(self.bn1(self.conv1(x))))
+        h = self.layer4(self.layer3(self.layer2(self.layer1(h))))
+        return _global_average_pool(h)
+
+
+# torchvision's batch-norm names -> Chainer's (scale and shift are parameters, the running
+# statistics persistent values); convolution kernels are O×I×kH×kW in both.
+_CHAINER_NAMES = {"weight": "gamma", "bias": "beta", "running_mean": "avg_mean", "running_var": "avg_var"}
+
+
+def _load_canonical(model: chainer.Chain, arrays: dict) -> None:
+    """Copy the canonical file's arrays into the model, walking torchvision's dotted names
+    (``layer1.0.downsample.0.weight``) down the same attribute and index path."""
+    for name, value in arrays.items():
+        *path, field = name.split(".")
+        link = model
+        for part in path:
+            link = link[int(part)] if part.isdigit() else getattr(link, part)
+        if isinstance(link, L.Convolution2D):
+            target = link.W.array
+        else:
+            target = getattr(link, _CHAINER_NAMES[field])
+            target = target.array if isinstance(target, chainer.Variable) else target
+        if target.shape != value.shape:
+            raise ValueError(f"{name}: shape {value.shape}, the model has {target.shape}")
+        target[...] = value
+
+
+class Resnet50Inference:
+    parameter_note = None
+
+    def __init__(self, spec: TaskSpec, run: RunOptions):
+        _seed(run.device, run.seed)
+        self.device = _chainer_device(run.device)
+        self.device.use()
+        self.layout = "NCHW"  # Chainer's only layout
+        self.model = Resnet50()
+        if run.weights:
+            _load_canonical(self.model, canonical.load(run.weights, canonical.resnet50_shapes()))
+        self.model.to_device(self.device)
+
+    def parameter_count(self) -> int:
+        return _trainable_parameters(self.model)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        # train=False: batch norm uses its running statistics; no graph is kept.
+        with chainer.using_config("train", False), chainer.no_backprop_mode():
+            return cuda.to_cpu(self.model(self.device.send(images)).array)  # waits for the device
+
+
+class GruImdbNet(chainer.Chain):
+    def __init__(self, spec: TaskSpec):
+        super().__init__()
+        with self.init_scope():
+            self.embed = L.EmbedID(spec.vocabulary, 125)
+            # cuDNN's GRU (and its convention off the GPU too): six weight matrices and six bias
+            # vectors of 100, two per gate, the reset gate applied after the recurrent matmul.
+            self.gru = L.NStepGRU(1, 125, 100, dropout=0.0)
+            self.fc = L.Linear(100, spec.num_classes)
+
+    def forward(self, ids: chainer.Variable) -> chainer.Variable:
+        # NStepGRU takes a list of (T, 125) sequences, one per review, and runs time-major
+        # inside (cuDNN on the GPU). With one unidirectional layer, the final hidden state
+        # hy[-1] is the last time step's output: it saves slicing the 150-step outputs ys.
+        sequences = F.separate(self.embed(ids), axis=0)
+        hy, _ = self.gru(None, sequences)
+        return self.fc(hy[-1])  # logits: softmax lives in the loss
+
+
+class GruImdb:
+    parameter_note = None
+
+    def __init__(self, spec: TaskSpec, run: RunOptions):
+        _seed(run.device, run.seed)
+        self.device = _chainer_device(run.device)
+        self.device.use()
+        # Batch-major token ids, as NStepGRU consumes its list of sequences.
+        self.layout = "NTC"
+        self.model = GruImdbNet(spec)
+        self.model.to_device(self.device)
+        self.optimizer = chainer.optimizers.Adam(alpha=run.learning_rate, beta1=0.9, beta2=0.999, eps=1e-8)
+        self.optimizer.setup(self.model)
+        self._last_loss = None
+
+    def parameter_count(self) -> int:
+        return _trainable_parameters(self.model)
+
+    def train_step(self, ids: np.ndarray, labels: np.ndarray) -> None:
+        x, t = self.device.send(ids), self.device.send(labels)
+        with chainer.using_config("train", True):
+            loss = F.softmax_cross_entropy(self.model(x), t)
+        self.model.cleargrads()
+        loss.backward()
+        self.optimizer.update()
+        self._last_loss = loss.array
+
+    def loss(self) -> float:
+        _synchronize(self.device)
+        return float(self._last_loss)
+
+    def predict(self, ids: np.ndarray) -> np.ndarray:
+        with chainer.using_config("train", False), chainer.no_backprop_mode():
+            return cuda.to_cpu(self.model(self.device.send(ids)).array)
+
+
+class DenseLayer(chainer.Chain):
+    """BN-ReLU-conv 1×1 (4 × growth) then BN-ReLU-conv 3×3 (growth), concatenated to the input."""
+
+    def __init__(self, channels: int, growth: int = 32, bottleneck: int = 4):
+        super().__init__()
+        with self.init_scope():
+            self.norm1, self.conv1 = _batch_norm(channels), _conv(channels, bottleneck * growth, 1)
+            self.norm2, self.conv2 = _batch_norm(bottleneck * growth), _conv(bottleneck * growth, growth, 3, pad=1)
+
+    def forward(self, x: chainer.Variable) -> chainer.Variable:
+        h = self.conv1(F.relu(self.norm1(x)))
+        h = self.conv2(F.relu(self.norm2(h)))
+        return F.concat((x, h), axis=1)
+
+
+class Transition(chainer.Chain):
+    """BN-ReLU-conv 1×1 to half the channels, then 2×2 average pooling."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        with self.init_scope():
+            self.norm, self.conv = _batch_norm(channels), _conv(channels, channels // 2, 1)
+
+    def forward(self, x: chainer.Variable) -> chainer.Variable:
+        return F.average_pooling_2d(self.conv(F.relu(self.norm(x))), 2, stride=2)
+
+
+class Densenet121(chainer.Chain):
+    """torchvision's DenseNet-121 with a ``classes``-output head."""
+
+    def __init__(self, classes: int, blocks=(6, 12, 24, 16), growth: int = 32):
+        super().__init__()
+        channels = 64
+        features = []
+        for index, layers in enumerate(blocks):
+            for _ in range(layers):
+                features.append(DenseLayer(channels, growth))
+                channels += growth
+            if index != len(blocks) - 1:
+                features.append(Transition(channels))
+                channels //= 2
+        with self.init_scope():
+            self.conv0, self.norm0 = _conv(3, 64, 7, stride=2, pad=3), _batch_norm(64)
+            self.features = Stack(*features)
+            self.norm5 = _batch_norm(channels)
+            self.classifier = L.Linear(channels, classes)
+
+    def forward(self, x: chainer.Variable) -> chainer.Variable:
+        h = _max_pool(F.relu(self.norm0(self.conv0(x))))
+        h = F.relu(self.norm5(self.features(h)))
+        return self.classifier(_global_average_pool(h))  # logits: the sigmoid lives in the loss
+
+
+class XrayImages(chainer.dataset.DatasetMixin):
+    """PNG files as (float32 CHW image in [0, 1], float32 multi-hot labels): read as RGB,
+    resized to the stored size, then randomly cropped and flipped (training) or centre-cropped."""
+
+    def __init__(self, files, stored_size: int, crop_size: int, training: bool, seed: int):
+        self.paths, self.labels = files.paths, files.labels
+        self.stored_size, self.crop_size = stored_size, crop_size
+        self.training, self.seed = training, seed
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def get_example(self, index: int):
+        with Image.open(self.paths[index]) as image:
+            image = image.convert("RGB")  # grayscale and RGBA X-rays alike
+        size = (self.stored_size, self.stored_size)
+        if image.size != size:
+            image = image.resize(size, Image.BILINEAR)
+        margin = self.stored_size - self.crop_size
+        if self.training:
+            # One generator per (epoch seed, example): the same crops whichever loader thread
+            # reads the example.
+            rng = np.random.default_rng([self.seed, index])
+            left, top = (int(offset) for offset in rng.integers(0, margin + 1, size=2))
+            flip = bool(rng.random() < 0.5)
+        else:
+            left = top = margin // 2
+            flip = False
+        image = image.crop((left, top, left + self.crop_size, top + self.crop_size))
+        if flip:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
+        return np.ascontiguousarray(pixels), self.labels[index]
+
+
+class Densenet121Xray:
+    parameter_note = None
+
+    def __init__(self, spec: TaskSpec, run: RunOptions):
+        _seed(run.device, run.seed)
+        self.layout = "NCHW"
+        self.input_size = run.input_shape[-1]
+        # Chainer's multi-device training (training.updaters.ParallelUpdater) in train_step:
+        # one model per device, "main" on the first; '@numpy' for every CPU replica.
+        self.devices = [_chainer_device(run.device, index) for index in range(run.devices)]
+        self.devices[0].use()
+        self.model = Densenet121(spec.num_classes)
+        replicas = [self.model] + [self.model.copy(mode="copy") for _ in self.devices[1:]]
+        for replica, device in zip(replicas, self.devices):
+            replica.to_device(device)
+        self.replicas = list(zip(replicas, self.devices))
+        self.optimizer = chainer.optimizers.Adam(alpha=run.learning_rate)  # already × devices
+        self.optimizer.setup(self.model)
+        # The image decoding threads: the cell's thread count, else one per core.
+        self.loader_threads = run.threads or os.cpu_count() or 1
+        self._last_losses = []
+
+    def parameter_count(self) -> int:
+        return _trainable_parameters(self.model)
+
+    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
+        """ParallelUpdater.update_core on a given global batch: each replica takes its slice,
+        the replicas' gradients are added into the main model's, the main model is updated and
+        its parameters copied back. On GPUs the replicas' kernels run concurrently (each device
+        has its own queue); on the CPU they run in turn: Chainer has no concurrent CPU data
+        parallelism. As in ParallelUpdater, the gradient is the sum of the replicas' mean-loss
+        gradients, which Adam's update does not depend on (up to epsilon)."""
+        size = len(images) // len(self.replicas)
+        targets = np.asarray(labels).astype(np.int32)  # sigmoid_cross_entropy takes int labels
+        losses = []
+        for replica, _ in self.replicas:
+            replica.cleargrads()
+        with chainer.using_config("train", True):
+            for index, (replica, device) in enumerate(self.replicas):
+                part = slice(index * size, (index + 1) * size)
+                with chainer.using_device(device):
+                    logits = replica(device.send(images[part]))
+                    # normalize=True: the mean over every label of every image in the slice.
+                    losses.append(F.sigmoid_cross_entropy(logits, device.send(targets[part]), normalize=True))
+        for loss in losses:
+            loss.backward()
+        for replica, _ in self.replicas[1:]:
+            self.model.addgrads(replica)
+        self.optimizer.update()
+        for replica, _ in self.replicas[1:]:
+            replica.copyparams(self.model)
+        self._last_losses = [loss.array for loss in losses]
+
+    def loss(self) -> float:
+        """The mean of the replicas' losses of the last step, after every device has finished."""
+        for _, device in self.replicas:
+            _synchronize(device)
+        return float(np.mean([float(cuda.to_cpu(loss)) for loss in self._last_losses]))
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        device = self.devices[0]
+        with chainer.using_config("train", False), chainer.no_backprop_mode():
+            return cuda.to_cpu(F.sigmoid(self.model(device.send(images))).array)
+
+    def input_pipeline(self, files, stored_size: int, batch_size: int, training: bool, seed: int):
+        """Chainer's own loading: a DatasetMixin decoding PNGs with Pillow, a MultithreadIterator
+        (Pillow releases the GIL while decoding) shuffling with ``seed`` when training, and
+        concat_examples stacking each batch into numpy arrays."""
+        dataset = XrayImages(files, stored_size, self.input_size, training, seed)
+        if training:
+            order = dict(order_sampler=chainer.iterators.ShuffleOrderSampler(np.random.RandomState(seed)))
+        else:
+            order = dict(shuffle=False)
+        iterator = chainer.iterators.MultithreadIterator(dataset, batch_size, repeat=False,
+                                                         n_threads=self.loader_threads, **order)
+        try:
+            for batch in iterator:
+                if training and len(batch) < batch_size:
+                    break  # the last partial batch
+                yield chainer.dataset.concat_examples(batch)
+        finally:
+            iterator.finalize()
+
+
+TASKS = {
+    "cnn_cifar10": CnnCifar10,
+    "resnet50_inference": Resnet50Inference,
+    "gru_imdb": GruImdb,
+    "densenet121_xray": Densenet121Xray,
+}
