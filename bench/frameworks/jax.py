@@ -1,17 +1,29 @@
-"""JAX: Flax NNX modules, an optax optimiser, an nnx.jit-compiled training step."""
+"""JAX: Flax NNX modules, optax optimisers, jax.jit-compiled steps over the modules' state (SPMD
+over a device mesh for data parallelism), and a Pillow thread pool for image files (JAX has no
+data loader)."""
 from __future__ import annotations
 
+import functools
 import os
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import flax
 import jax
+import jax.numpy as jnp
 import jaxlib
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from PIL import Image
 
-from ..specs import TaskSpec
+from .. import weights as canonical
+from ..specs import RunOptions, TaskSpec
+
+if TYPE_CHECKING:  # for annotations only: the bench's data module is not imported at run time
+    from ..data import ImageFiles
 
 
 def _cuda_versions() -> tuple[str | None, str | None]:
@@ -30,8 +42,8 @@ def _xla_threads() -> int | None:
     return int(found.group(1)) if found else None
 
 
-def describe(device: str) -> dict:
-    on_gpu = device == "gpu"
+def describe(run: RunOptions) -> dict:
+    on_gpu = run.device == "gpu"
     cuda, cudnn = _cuda_versions() if on_gpu else (None, None)
     return {
         "framework": "jax",
@@ -45,22 +57,94 @@ def describe(device: str) -> dict:
             "flax_version": flax.__version__,
             "optax_version": optax.__version__,
             "jaxlib_version": jaxlib.__version__,
-            "platform": _jax_device(device).platform,
+            "platform": _jax_devices(run)[0].platform,
+            "devices_visible": len(jax.devices(_platform(run))),
         },
     }
 
 
-def configure(device: str, seed: int, threads: int | None) -> None:
-    # JAX has no global seed: each model draws from the nnx.Rngs(seed) it is built with.
-    # XLA reads its thread count from XLA_FLAGS, which bench.environment.limit_threads sets
-    # before JAX is imported: nothing to do here for `threads`.
+def configure(run: RunOptions) -> None:
+    # JAX has no global seed: each model draws from the nnx.Rngs(run.seed) it is built with.
+    # XLA reads its thread count (bench.environment.limit_threads) and, for a data-parallel CPU
+    # cell, its number of CPU devices (expose_cpu_devices) from XLA_FLAGS, which the bench sets
+    # before JAX is imported: nothing to do here for `threads` or `devices`. XLA autotunes its
+    # cuDNN convolutions on its own (no flag).
     # A CPU cell must not start the CUDA backend (which would take 75% of a GPU's memory).
-    if device == "cpu":
+    if run.device == "cpu":
         jax.config.update("jax_platforms", "cpu")
 
 
-def _jax_device(device: str) -> jax.Device:
-    return jax.devices("gpu" if device == "gpu" else "cpu")[0]
+def _platform(run: RunOptions) -> str:
+    return "gpu" if run.device == "gpu" else "cpu"
+
+
+def _jax_devices(run: RunOptions) -> list[jax.Device]:
+    """The cell's ``run.devices`` devices: GPUs, or the CPU devices XLA was asked to make."""
+    devices = jax.devices(_platform(run))
+    if len(devices) < run.devices:
+        if run.device == "cpu":
+            raise RuntimeError(
+                f"JAX sees {len(devices)} CPU device(s) but the cell asks for {run.devices}: "
+                f"XLA_FLAGS=--xla_force_host_platform_device_count={run.devices} must be set before "
+                f"JAX is imported (bench.environment.expose_cpu_devices)")
+        raise RuntimeError(f"JAX sees {len(devices)} GPU(s) but the cell asks for {run.devices}")
+    return devices[:run.devices]
+
+
+def _functional(model: nnx.Module, optimizer: nnx.Optimizer,
+                placement: jax.Device | NamedSharding) -> tuple[nnx.GraphDef, nnx.GraphDef, nnx.State]:
+    """Flax's functional API, for hot loops: the static structure of (model, optimiser) in
+    training mode and of the model in inference mode, and all their arrays as one pytree put on
+    the device(s). nnx.jit would walk the module graph in Python on every call (tens of
+    milliseconds for ResNet-50, more than a GPU step); jax.jit over (graphdef, state) does not.
+    The module objects keep their initial arrays; training advances the returned state."""
+    model.eval()  # dropout off, batch norm on running statistics
+    inference = nnx.graphdef(model)
+    model.train()
+    training, state = nnx.split((model, optimizer))
+    return training, inference, jax.device_put(state, placement)
+
+
+def _parameter_count(model: nnx.Module) -> int:
+    """Trainable parameters: nnx.Param leaves only (batch-norm statistics are nnx.BatchStat)."""
+    return sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def _classification_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def _multilabel_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return optax.sigmoid_binary_cross_entropy(logits, labels).mean()  # over labels and batch
+
+
+# The old state's buffers are donated: XLA writes the new state over them instead of holding two
+# copies (accelerator memory).
+@functools.partial(jax.jit, static_argnames="loss_fn", donate_argnames="state")
+def _train_step(graph: nnx.GraphDef, state: nnx.State, inputs: jax.Array, labels: jax.Array,
+                loss_fn: Callable[[jax.Array, jax.Array], jax.Array]) -> tuple[jax.Array, nnx.State]:
+    model, optimizer = nnx.merge(graph, state)
+
+    def model_loss(model: nnx.Module) -> jax.Array:
+        return loss_fn(model(inputs), labels)
+
+    loss, grads = nnx.value_and_grad(model_loss)(model)
+    optimizer.update(model, grads)  # updates the merged model's parameters in place
+    return loss, nnx.state((model, optimizer))
+
+
+@functools.partial(jax.jit, static_argnames="activation")
+def _predict(graph: nnx.GraphDef, state: nnx.State, inputs: jax.Array,
+             activation: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+    outputs = nnx.merge(graph, state)(inputs)
+    return outputs if activation is None else activation(outputs)
+
+
+def _finished_loss(loss: jax.Array, state: nnx.State) -> float:
+    """The last step's loss, after the device has finished all queued work."""
+    # Waiting on the updated state too: the loss alone is known before the update.
+    jax.block_until_ready((loss, state))
+    return float(loss)
 
 
 class CnnCifar10Net(nnx.Module):
@@ -91,56 +175,330 @@ class CnnCifar10Net(nnx.Module):
         return self.dense2(x)
 
 
-@nnx.jit
-def _train_step(model: CnnCifar10Net, optimizer: nnx.Optimizer, images: jax.Array,
-                labels: jax.Array) -> jax.Array:
-    def loss_fn(model: CnnCifar10Net) -> jax.Array:
-        logits = model(images)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads)  # updates the model's parameters in place
-    return loss
-
-
-@nnx.jit
-def _predict(model: CnnCifar10Net, images: jax.Array) -> jax.Array:
-    return model(images).argmax(axis=1)
-
-
 class CnnCifar10:
-    def __init__(self, spec: TaskSpec, device: str, seed: int):
-        self.device = _jax_device(device)
+    parameter_note = None
+
+    def __init__(self, spec: TaskSpec, run: RunOptions):
+        self.device = _jax_devices(run)[0]
         # Flax convolutions take NHWC; on GPU XLA picks the cuDNN layout itself.
         self.layout = "NHWC"
-        with jax.default_device(self.device):
-            self.model = CnnCifar10Net(spec, nnx.Rngs(seed))
-            self.optimizer = nnx.Optimizer(self.model, optax.sgd(spec.learning_rate, momentum=spec.momentum),
-                                           wrt=nnx.Param)
+        self.model = CnnCifar10Net(spec, nnx.Rngs(run.seed))
+        optimizer = nnx.Optimizer(self.model, optax.sgd(spec.learning_rate, momentum=spec.momentum), wrt=nnx.Param)
+        # Dropout is on in the training graph, off in the inference graph.
+        self._training, self._inference, self._state = _functional(self.model, optimizer, self.device)
         self._last_loss: jax.Array | None = None
 
     def parameter_count(self) -> int:
-        return sum(p.size for p in jax.tree.leaves(nnx.state(self.model, nnx.Param)))
+        return _parameter_count(self.model)
 
     def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
-        self.model.train()  # dropout on
         # The numpy batch is copied to the device here, inside the timed step.
         x = jax.device_put(images, self.device)
         y = jax.device_put(labels, self.device)
-        self._last_loss = _train_step(self.model, self.optimizer, x, y)
+        self._last_loss, self._state = _train_step(self._training, self._state, x, y,
+                                                   loss_fn=_classification_loss)
 
     def loss(self) -> float:
-        """The last step's loss, after the device has finished all queued work."""
-        # Waiting on the updated parameters too: the loss alone is known before the update.
-        jax.block_until_ready((self._last_loss, nnx.state(self.model, nnx.Param)))
-        return float(self._last_loss)
+        return _finished_loss(self._last_loss, self._state)
 
-    def predict(self, images: np.ndarray, batch_size: int) -> np.ndarray:
-        self.model.eval()  # dropout off
-        return np.concatenate([
-            np.asarray(_predict(self.model, jax.device_put(images[start:start + batch_size], self.device)))
-            for start in range(0, len(images), batch_size)
-        ])
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        outputs = _predict(self._inference, self._state[0], jax.device_put(images, self.device))  # [0]: the model's
+        return np.asarray(outputs)  # the read-back waits for the device
 
 
-TASKS = {"cnn_cifar10": CnnCifar10}
+# Torchvision's ResNet-50 and DenseNet-121 initialise convolutions with He (Kaiming) normal.
+_he_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+def _conv(in_features: int, out_features: int, kernel: int, stride: int = 1, *,
+          rngs: nnx.Rngs) -> nnx.Conv:
+    """A bias-free convolution padded like PyTorch's: kernel // 2 on every side. (XLA's "SAME"
+    pads a stride-2 convolution asymmetrically, which would shift every output.)"""
+    pad = kernel // 2
+    return nnx.Conv(in_features, out_features, (kernel, kernel), strides=stride,
+                    padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=_he_normal, rngs=rngs)
+
+
+def _batch_norm(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    # PyTorch's momentum 0.1 (weight of the new batch) is Flax's 0.9 (weight of the old average).
+    return nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, rngs=rngs)
+
+
+def _max_pool(x: jax.Array) -> jax.Array:
+    """The stem's 3×3/2 max-pool, padded by 1 (with -inf) like PyTorch's."""
+    return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+class Bottleneck(nnx.Module):
+    """ResNet v1.5 bottleneck: the stride sits on the 3×3 convolution; no convolution biases."""
+
+    def __init__(self, channels: int, width: int, stride: int, rngs: nnx.Rngs):
+        out = width * canonical.RESNET50_EXPANSION
+        self.conv1, self.bn1 = _conv(channels, width, 1, rngs=rngs), _batch_norm(width, rngs)
+        self.conv2, self.bn2 = _conv(width, width, 3, stride, rngs=rngs), _batch_norm(width, rngs)
+        self.conv3, self.bn3 = _conv(width, out, 1, rngs=rngs), _batch_norm(out, rngs)
+        self.downsample = (nnx.Sequential(_conv(channels, out, 1, stride, rngs=rngs), _batch_norm(out, rngs))
+                           if stride != 1 or channels != out else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        x = nnx.relu(self.bn1(self.conv1(x)))
+        x = nnx.relu(self.bn2(self.conv2(x)))
+        return nnx.relu(self.bn3(self.conv3(x)) + shortcut)
+
+
+class Resnet50(nnx.Module):
+    """ResNet-50 v1.5 up to global average pooling; attribute names follow torchvision's, which
+    are the canonical weights file's."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv1, self.bn1 = _conv(3, 64, 7, 2, rngs=rngs), _batch_norm(64, rngs)
+        channels = 64
+        for stage, (width, blocks) in enumerate(canonical.RESNET50_STAGES, start=1):
+            stride = 1 if stage == 1 else 2
+            layers = []
+            for block in range(blocks):
+                layers.append(Bottleneck(channels, width, stride if block == 0 else 1, rngs))
+                channels = width * canonical.RESNET50_EXPANSION
+            setattr(self, f"layer{stage}", nnx.Sequential(*layers))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = _max_pool(nnx.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return x.mean(axis=(1, 2))  # global average pooling over H and W (NHWC)
+
+
+def _load_canonical(model: nnx.Module, arrays: dict[str, np.ndarray]) -> None:
+    """Copy a canonical weights file into a model whose attributes carry torchvision's names."""
+    batch_norm_fields = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
+    for name, value in arrays.items():
+        *path, field = name.split(".")
+        layer = model
+        for part in path:  # e.g. layer1.0.downsample.1: digits index an nnx.Sequential
+            layer = layer.layers[int(part)] if part.isdigit() else getattr(layer, part)
+        if isinstance(layer, nnx.Conv):
+            layer.kernel.set_value(jnp.asarray(value.transpose(2, 3, 1, 0)))  # O,I,kH,kW -> kH,kW,I,O
+        else:
+            getattr(layer, batch_norm_fields[field]).set_value(jnp.asarray(value))
+
+
+class Resnet50Inference:
+    parameter_note = None
+
+    def __init__(self, spec: TaskSpec, run: RunOptions):
+        self.device = _jax_devices(run)[0]
+        # NHWC is XLA's native image layout; on GPU XLA's layout assignment picks cuDNN's.
+        self.layout = "NHWC"
+        self.model = Resnet50(nnx.Rngs(run.seed))
+        if run.weights:
+            _load_canonical(self.model, canonical.load(run.weights, canonical.resnet50_shapes()))
+        self.model.eval()  # batch norm on its running statistics
+        self._inference, state = nnx.split(self.model)  # Flax's functional API: see _functional
+        self._state = jax.device_put(state, self.device)
+
+    def parameter_count(self) -> int:
+        return _parameter_count(self.model)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        # Forward only: no gradient is ever asked for, so none is computed.
+        outputs = _predict(self._inference, self._state, jax.device_put(images, self.device))
+        return np.asarray(outputs)  # the read-back waits for the device
+
+
+GRU_EMBEDDING, GRU_UNITS = 125, 100
+
+
+class GruImdbNet(nnx.Module):
+    # JAX has no cuDNN GRU (jax.experimental.rnn wraps cuDNN's LSTM only): the recurrence is an
+    # XLA scan of GRUCell steps, on GPU as on CPU.
+    def __init__(self, spec: TaskSpec, rngs: nnx.Rngs):
+        self.embedding = nnx.Embed(spec.vocabulary, GRU_EMBEDDING, rngs=rngs)
+        # Time-major: the scan steps over the leading axis, so no activation is transposed.
+        self.gru = nnx.RNN(nnx.GRUCell(GRU_EMBEDDING, GRU_UNITS, rngs=rngs), time_major=True)
+        self.dense = nnx.Linear(GRU_UNITS, spec.num_classes, rngs=rngs)  # logits: softmax in the loss
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        x = self.embedding(tokens.T)  # ids (N, T) -> (T, N): transposing ints is the cheap place
+        outputs = self.gru(x)  # (T, N, units)
+        return self.dense(outputs[-1])  # the last time step's output
+
+
+class GruImdb:
+    parameter_note = ("Flax's GRUCell has no biases on its hidden-to-hidden projections (cuDNN's "
+                      "b_hr, b_hz, b_hn): 3 x 100 = 300 fewer; b_hr and b_hz only duplicate the "
+                      "input biases, b_hn (inside r * (W_hn h + b_hn)) has no counterpart")
+
+    def __init__(self, spec: TaskSpec, run: RunOptions):
+        self.device = _jax_devices(run)[0]
+        self.layout = "TNC"
+        self.model = GruImdbNet(spec, nnx.Rngs(run.seed))
+        optimizer = nnx.Optimizer(self.model, optax.adam(run.learning_rate, b1=0.9, b2=0.999, eps=1e-8),
+                                  wrt=nnx.Param)
+        self._training, self._inference, self._state = _functional(self.model, optimizer, self.device)
+        self._last_loss: jax.Array | None = None
+
+    def parameter_count(self) -> int:
+        return _parameter_count(self.model)
+
+    def train_step(self, tokens: np.ndarray, labels: np.ndarray) -> None:
+        x = jax.device_put(tokens, self.device)
+        y = jax.device_put(labels, self.device)
+        self._last_loss, self._state = _train_step(self._training, self._state, x, y,
+                                                   loss_fn=_classification_loss)
+
+    def loss(self) -> float:
+        return _finished_loss(self._last_loss, self._state)
+
+    def predict(self, tokens: np.ndarray) -> np.ndarray:
+        return np.asarray(_predict(self._inference, self._state[0], jax.device_put(tokens, self.device)))
+
+
+# torchvision's densenet121: blocks of (6, 12, 24, 16) layers, growth 32, bottleneck 4 × 32.
+DENSENET121_BLOCKS, DENSENET_GROWTH, DENSENET_BOTTLENECK, DENSENET_STEM = (6, 12, 24, 16), 32, 4 * 32, 64
+
+
+class DenseLayer(nnx.Module):
+    """BN-ReLU-conv 1×1 (bottleneck), BN-ReLU-conv 3×3 (growth); its output joins its input."""
+
+    def __init__(self, channels: int, rngs: nnx.Rngs):
+        self.norm1, self.conv1 = _batch_norm(channels, rngs), _conv(channels, DENSENET_BOTTLENECK, 1, rngs=rngs)
+        self.norm2 = _batch_norm(DENSENET_BOTTLENECK, rngs)
+        self.conv2 = _conv(DENSENET_BOTTLENECK, DENSENET_GROWTH, 3, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.conv1(nnx.relu(self.norm1(x)))
+        y = self.conv2(nnx.relu(self.norm2(y)))
+        return jnp.concatenate([x, y], axis=-1)  # channels last
+
+
+class Transition(nnx.Module):
+    """BN-ReLU-conv 1×1 to half the channels, then 2×2/2 average pooling."""
+
+    def __init__(self, channels: int, rngs: nnx.Rngs):
+        self.norm, self.conv = _batch_norm(channels, rngs), _conv(channels, channels // 2, 1, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nnx.avg_pool(self.conv(nnx.relu(self.norm(x))), (2, 2), strides=(2, 2))
+
+
+class DenseNet121(nnx.Module):
+    def __init__(self, spec: TaskSpec, rngs: nnx.Rngs):
+        self.conv0, self.norm0 = _conv(3, DENSENET_STEM, 7, 2, rngs=rngs), _batch_norm(DENSENET_STEM, rngs)
+        layers, channels = [], DENSENET_STEM
+        for index, count in enumerate(DENSENET121_BLOCKS):
+            for _ in range(count):
+                layers.append(DenseLayer(channels, rngs))
+                channels += DENSENET_GROWTH
+            if index < len(DENSENET121_BLOCKS) - 1:
+                layers.append(Transition(channels, rngs))
+                channels //= 2
+        self.blocks = nnx.Sequential(*layers)
+        self.norm5 = _batch_norm(channels, rngs)
+        self.classifier = nnx.Linear(channels, spec.num_classes, rngs=rngs)  # logits: sigmoid in the loss
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = _max_pool(nnx.relu(self.norm0(self.conv0(x))))
+        x = nnx.relu(self.norm5(self.blocks(x)))
+        return self.classifier(x.mean(axis=(1, 2)))  # global average pooling (NHWC)
+
+
+def _read_image(path: str, stored_size: int, size: int, left: int, top: int, flip: bool) -> np.ndarray:
+    """One example, HWC in [0, 1]: decoded as RGB (grayscale and RGBA files alike), resized
+    bilinearly to the stored size, cropped to the input size, maybe mirrored."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+    if image.size != (stored_size, stored_size):
+        image = image.resize((stored_size, stored_size), Image.Resampling.BILINEAR)
+    image = image.crop((left, top, left + size, top + size))
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(image, dtype=np.float32) / np.float32(255.0)
+
+
+class Densenet121Xray:
+    parameter_note = None
+
+    def __init__(self, spec: TaskSpec, run: RunOptions):
+        devices = _jax_devices(run)
+        self.layout = "NHWC"
+        self.input_size = run.input_shape[-1]
+        self.replicas = run.devices
+        self.model = DenseNet121(spec, nnx.Rngs(run.seed))
+        optimizer = nnx.Optimizer(self.model, optax.adam(run.learning_rate), wrt=nnx.Param)
+        if run.devices == 1:
+            self._batch_placement: jax.Device | NamedSharding = devices[0]
+            state_placement: jax.Device | NamedSharding = devices[0]
+        else:
+            # Data parallelism the JAX way: a one-axis mesh; the global batch is split along
+            # "data", parameters and optimizer state are replicated; the jitted step then runs
+            # SPMD on every device and XLA inserts the gradient all-reduce. (Batch-norm
+            # statistics are thereby over the global batch, as on one device.)
+            mesh = Mesh(np.array(devices), ("data",))
+            self._batch_placement = NamedSharding(mesh, PartitionSpec("data"))
+            state_placement = NamedSharding(mesh, PartitionSpec())
+        # Batch norm uses batch statistics in the training graph, running ones in inference.
+        self._training, self._inference, self._state = _functional(self.model, optimizer, state_placement)
+        self._last_loss: jax.Array | None = None
+
+    def parameter_count(self) -> int:
+        return _parameter_count(self.model)
+
+    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
+        x = jax.device_put(images, self._batch_placement)  # the global batch, split over the mesh
+        y = jax.device_put(labels, self._batch_placement)
+        self._last_loss, self._state = _train_step(self._training, self._state, x, y, loss_fn=_multilabel_loss)
+
+    def loss(self) -> float:
+        return _finished_loss(self._last_loss, self._state)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        count = len(images)
+        padding = -count % self.replicas  # a mesh splits a batch evenly: pad a last partial batch
+        if padding:
+            images = np.concatenate([np.asarray(images), np.zeros((padding,) + images.shape[1:], np.float32)])
+        probabilities = _predict(self._inference, self._state[0], jax.device_put(images, self._batch_placement),
+                                 activation=nnx.sigmoid)
+        return np.asarray(probabilities)[:count]  # the read-back waits for the devices
+
+    def input_pipeline(self, files: ImageFiles, stored_size: int, batch_size: int, training: bool,
+                       seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Global batches (NHWC float32, multi-hot labels). JAX leaves input pipelines to the
+        user (its docs point to tf.data or Grain): Pillow decodes a batch's files in a thread
+        pool (PNG decoding and resizing release the GIL) while the previous batch trains."""
+        count, size = len(files.paths), self.input_size
+        rng = np.random.default_rng(seed)  # order, crop corners and flips: all drawn up front
+        if training:
+            order = rng.permutation(count)
+            corners = rng.integers(0, stored_size - size + 1, size=(count, 2))
+            flips = rng.random(count) < 0.5
+            starts = range(0, count - batch_size + 1, batch_size)  # whole batches only
+        else:
+            order = np.arange(count)
+            corners = np.full((count, 2), (stored_size - size) // 2)  # the centre crop
+            flips = np.zeros(count, dtype=bool)
+            starts = range(0, count, batch_size)  # the last partial batch too
+        pool = ThreadPoolExecutor()  # Python's default: min(32, cores + 4) threads
+
+        def submit(start: int) -> tuple[np.ndarray, list[Future]]:
+            indices = order[start:start + batch_size]
+            return indices, [pool.submit(_read_image, files.paths[i], stored_size, size, int(corners[i, 0]),
+                                         int(corners[i, 1]), bool(flips[i])) for i in indices]
+
+        def collect(indices: np.ndarray, images: list[Future]) -> tuple[np.ndarray, np.ndarray]:
+            return np.stack([image.result() for image in images]), files.labels[indices]
+
+        try:
+            ready = None
+            for start in starts:
+                ahead = submit(start)  # the next batch decodes while the caller uses this one
+                if ready is not None:
+                    yield collect(*ready)
+                ready = ahead
+            if ready is not None:
+                yield collect(*ready)
+        finally:  # also when the caller stops early (throughput mode)
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+TASKS = {"cnn_cifar10": CnnCifar10, "resnet50_inference": Resnet50Inference, "gru_imdb": GruImdb,
+         "densenet121_xray": Densenet121Xray}
