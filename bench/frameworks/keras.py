@@ -1,30 +1,46 @@
-"""Keras 3: a keras.Sequential model, compile() and train_on_batch(), on the backend that
-KERAS_BACKEND names (tensorflow, jax or torch); the loader sets it before this import."""
+"""Keras 3: keras.Model built from keras.layers (keras.applications for DenseNet-121),
+compile() and train_on_batch() / predict_on_batch(), on the backend that KERAS_BACKEND names
+(tensorflow, jax or torch); the loader sets it before this import. DenseNet-121 runs
+data-parallel with each backend's standard mechanism: tf.distribute.MirroredStrategy on
+TensorFlow, keras.distribution.DataParallel on JAX; Keras has none for torch. Images come
+from a keras.utils.PyDataset that decodes with keras.utils.load_img (Pillow)."""
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
 
 import keras
 import numpy as np
 
-from ..specs import TaskSpec
+from .. import weights as canonical
+from ..data import ImageFiles
+from ..specs import RunOptions, TaskSpec, Unsupported
 
 BACKEND = keras.backend.backend()  # "tensorflow", "jax" or "torch"
 # Each backend's CPU layout. TensorFlow's CPU convolutions (oneDNN) only take NHWC (NCHW
 # fails in the backward pass unless XLA compiles it, and XLA was 2.5x slower here); JAX and
 # torch measured the same in both layouts (2-core EPYC), so Keras's default, channels_last.
 CPU_LAYOUTS = {"tensorflow": "NHWC", "jax": "NHWC", "torch": "NHWC"}
+# keras.distribution (DataParallel) only has a JAX implementation; Keras's PyTorch
+# multi-GPU guide drives torch's DistributedDataParallel from a hand-written torch loop,
+# outside compile()/train_on_batch(), so it is PyTorch's mechanism, not Keras's.
+TORCH_DATA_PARALLEL = ("Keras 3 has no data-parallel mechanism for the torch backend "
+                       "(its distribution API is JAX-only)")
 
 
-def describe(device: str) -> dict:
-    on_gpu = device == "gpu"
+def describe(run: RunOptions) -> dict:
+    on_gpu = run.device == "gpu"
     cuda, cudnn = _cuda_cudnn() if on_gpu else (None, None)
     settings = {
         "keras_version": keras.__version__,
         "backend": BACKEND,
         "backend_version": _backend_module().__version__,
-        "jit_compile": _jit_compile(device),
+        "jit_compile": _jit_compile(run),
+        "data_parallel": _data_parallel_mechanism(run),
     }
     if BACKEND == "torch":
         settings["cudnn_benchmark"] = _backend_module().backends.cudnn.benchmark
@@ -39,34 +55,42 @@ def describe(device: str) -> dict:
     }
 
 
-def configure(device: str, seed: int, threads: int | None) -> None:
-    keras.utils.set_random_seed(seed)  # Python, numpy and the backend's generators
+def configure(run: RunOptions) -> None:
     if BACKEND == "tensorflow":
         tf = _backend_module()
-        if threads:
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(threads)
-        if device == "gpu":
+        # Device options only apply before TensorFlow initialises its runtime: first.
+        if run.device == "gpu":
             for gpu in tf.config.list_physical_devices("GPU"):
                 tf.config.experimental.set_memory_growth(gpu, True)
         else:
             tf.config.set_visible_devices([], "GPU")
+            if run.devices > 1:
+                # MirroredStrategy's replicas on CPU: the one CPU split into logical devices
+                # (they share TensorFlow's thread pools).
+                cpu = tf.config.list_physical_devices("CPU")[0]
+                tf.config.set_logical_device_configuration(
+                    cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(run.devices)])
+        if run.threads:
+            tf.config.threading.set_intra_op_parallelism_threads(run.threads)
+            tf.config.threading.set_inter_op_parallelism_threads(run.threads)
     elif BACKEND == "torch":
         torch = _backend_module()
-        if threads:
-            torch.set_num_threads(threads)
-            torch.set_num_interop_threads(threads)
+        if run.threads:
+            torch.set_num_threads(run.threads)
+            torch.set_num_interop_threads(run.threads)
         # The cuDNN autotuner picks the fastest convolution algorithm for fixed shapes.
-        torch.backends.cudnn.benchmark = device == "gpu"
-    elif device == "cpu":
-        # XLA reads its thread count from XLA_FLAGS, which bench.environment.limit_threads sets
-        # before JAX is imported. A CPU cell must not start JAX's CUDA backend (which would
-        # take 75% of a GPU's memory).
+        torch.backends.cudnn.benchmark = run.device == "gpu"
+    elif run.device == "cpu":
+        # XLA reads its thread count (and, for several devices, the CPU device count) from
+        # XLA_FLAGS, which the bench sets before JAX is imported. A CPU cell must not start
+        # JAX's CUDA backend (which would take 75% of a GPU's memory).
         _backend_module().config.update("jax_platforms", "cpu")
+    keras.utils.set_random_seed(run.seed)  # Python, numpy and the backend's generators
 
 
 def _backend_module():
-    """The backend framework itself, imported only to ask it about itself and to sync."""
+    """The backend framework itself, imported only to ask it about itself, to configure it,
+    to sync and (TensorFlow) for its distribution strategy."""
     if BACKEND == "tensorflow":
         import tensorflow
         return tensorflow
@@ -114,13 +138,21 @@ def _cuda_cudnn() -> tuple[str | None, str | None]:
         return None, None
 
 
-def _jit_compile(device: str) -> bool:
-    """What compile(jit_compile="auto") picks on a host that has only the cell's device: XLA
-    always for JAX, for TensorFlow on GPU only (Keras turns it off on CPU: slower there),
-    eager for torch. Said explicitly so that a CPU cell on a GPU host gets the same."""
+def _jit_compile(run: RunOptions) -> bool:
+    """What compile(jit_compile="auto") picks on a host that has only the cell's devices: XLA
+    always for JAX; for TensorFlow on one GPU only (Keras turns it off on CPU, slower there,
+    and under tf.distribute, where one XLA cluster cannot reach the other replicas'
+    variables); eager for torch. Said explicitly so that a CPU cell on a GPU host gets the same."""
     if BACKEND == "tensorflow":
-        return device == "gpu"
+        return run.device == "gpu" and run.devices == 1
     return BACKEND == "jax"
+
+
+def _data_parallel_mechanism(run: RunOptions) -> str | None:
+    mechanism = {"tensorflow": "tf.distribute.MirroredStrategy", "jax": "keras.distribution.DataParallel"}.get(BACKEND)
+    if run.devices == 1 or mechanism is None:
+        return None
+    return f"{mechanism}, {run.devices} {run.device} devices"
 
 
 def _keras_device(device: str) -> str:
@@ -128,6 +160,30 @@ def _keras_device(device: str) -> str:
     # which torch counts as a copy from "cpu" that drops the Parameter type, and Dropout's
     # integer seed variable then fails ("Only Tensors of floating point ... require gradients").
     return "gpu" if device == "gpu" else "cpu"
+
+
+def _image_layout(device: str) -> str:
+    # NCHW for cuDNN on every backend; on CPU the layout CPU_LAYOUTS gives (measured).
+    return "NCHW" if device == "gpu" else CPU_LAYOUTS[BACKEND]
+
+
+def _data_format(layout: str) -> str:
+    return "channels_first" if layout == "NCHW" else "channels_last"
+
+
+def _image_shape(input_shape: tuple[int, ...], data_format: str) -> tuple[int, ...]:
+    """One example's shape in the model's data format, from the channel-first (C, H, W)."""
+    channels, height, width = input_shape
+    return (channels, height, width) if data_format == "channels_first" else (height, width, channels)
+
+
+def _parameter_count(model: keras.Model) -> int:
+    return int(sum(np.prod(v.shape) for v in model.trainable_weights))
+
+
+def _adam(learning_rate: float) -> keras.optimizers.Adam:
+    # Keras's default epsilon is 1e-7; the task's (and PyTorch's) is 1e-8.
+    return keras.optimizers.Adam(learning_rate=learning_rate, beta_1=0.9, beta_2=0.999, epsilon=1e-8)
 
 
 def _sync_device(model: keras.Model) -> None:
@@ -141,15 +197,20 @@ def _sync_device(model: keras.Model) -> None:
         _backend_module().block_until_ready([v.value for v in model.variables])
 
 
+def _read_loss(model: keras.Model, loss: float | None, on_gpu: bool) -> float:
+    """The last step's loss, after the device has finished all queued work."""
+    if on_gpu:
+        _sync_device(model)
+    return float(loss)
+
+
 def build_cnn_cifar10(spec: TaskSpec, data_format: str) -> keras.Sequential:
     layers = keras.layers
-    channels, height, width = spec.input_shape
-    shape = (channels, height, width) if data_format == "channels_first" else (height, width, channels)
     conv = dict(kernel_size=3, padding="same", data_format=data_format,
                 kernel_initializer="glorot_uniform", bias_initializer="zeros")
     dense = dict(kernel_initializer="glorot_uniform", bias_initializer="zeros")
     return keras.Sequential([
-        keras.Input(shape=shape),
+        keras.Input(shape=_image_shape(spec.input_shape, data_format)),
         layers.Conv2D(50, activation="relu", **conv),
         layers.Conv2D(50, **conv), layers.MaxPooling2D(2, data_format=data_format), layers.ReLU(), layers.Dropout(0.25),
         layers.Conv2D(100, activation="relu", **conv),
@@ -161,24 +222,24 @@ def build_cnn_cifar10(spec: TaskSpec, data_format: str) -> keras.Sequential:
 
 
 class CnnCifar10:
-    def __init__(self, spec: TaskSpec, device: str, seed: int):
-        keras.utils.set_random_seed(seed)
-        self.on_gpu = device == "gpu"
-        self.device = _keras_device(device)
-        # NCHW for cuDNN on every backend; on CPU the layout CPU_LAYOUTS gives (measured).
-        self.layout = "NCHW" if self.on_gpu else CPU_LAYOUTS[BACKEND]
-        data_format = "channels_first" if self.layout == "NCHW" else "channels_last"
+    parameter_note = None
+
+    def __init__(self, spec: TaskSpec, run: RunOptions):
+        keras.utils.set_random_seed(run.seed)
+        self.on_gpu = run.device == "gpu"
+        self.device = _keras_device(run.device)
+        self.layout = _image_layout(run.device)
         with keras.device(self.device):
-            self.model = build_cnn_cifar10(spec, data_format)
+            self.model = build_cnn_cifar10(spec, _data_format(self.layout))
             self.model.compile(
                 optimizer=keras.optimizers.SGD(learning_rate=spec.learning_rate, momentum=spec.momentum),
                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                jit_compile=_jit_compile(device),
+                jit_compile=_jit_compile(run),
             )
         self._last_loss: float | None = None
 
     def parameter_count(self) -> int:
-        return int(sum(np.prod(v.shape) for v in self.model.trainable_weights))
+        return _parameter_count(self.model)
 
     def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
         with keras.device(self.device):
@@ -187,18 +248,324 @@ class CnnCifar10:
             self._last_loss = self.model.train_on_batch(images, labels)
 
     def loss(self) -> float:
-        """The last step's loss, after the device has finished all queued work."""
-        if self.on_gpu:
-            _sync_device(self.model)
-        return float(self._last_loss)
+        return _read_loss(self.model, self._last_loss, self.on_gpu)
 
-    def predict(self, images: np.ndarray, batch_size: int) -> np.ndarray:
+    def predict(self, images: np.ndarray) -> np.ndarray:
         with keras.device(self.device):
-            # predict_on_batch runs the model with training=False: dropout off.
-            return np.concatenate([
-                np.argmax(self.model.predict_on_batch(images[start:start + batch_size]), axis=1)
-                for start in range(0, len(images), batch_size)
-            ])
+            # predict_on_batch runs the model with training=False (dropout off) and returns numpy.
+            return np.asarray(self.model.predict_on_batch(images))
 
 
-TASKS = {"cnn_cifar10": CnnCifar10}
+def build_resnet50(input_shape: tuple[int, ...], data_format: str) -> keras.Model:
+    """ResNet-50 v1.5 up to global average pooling, with the functional API; layers are named
+    after torchvision's modules (the canonical weights file's names). keras.applications'
+    ResNet50 is v1 (stride on the first 1×1) with convolution biases: not this network."""
+    layers = keras.layers
+    axis = 1 if data_format == "channels_first" else -1
+
+    def conv(x, filters: int, size: int, stride: int, name: str):
+        if size > 1:
+            # Symmetric padding, as PyTorch's: "same" pads stride-2 convolutions unevenly.
+            x = layers.ZeroPadding2D(size // 2, data_format=data_format)(x)
+        return layers.Conv2D(filters, size, strides=stride, use_bias=False, data_format=data_format,
+                             name=_keras_name(name))(x)
+
+    def batch_norm(x, name: str):
+        # torchvision's epsilon; Keras's default is 1e-3.
+        return layers.BatchNormalization(axis=axis, epsilon=1e-5, name=_keras_name(name))(x)
+
+    inputs = keras.Input(shape=_image_shape(input_shape, data_format))
+    x = layers.ReLU()(batch_norm(conv(inputs, 64, 7, 2, "conv1"), "bn1"))
+    # Zero padding before the max-pool equals PyTorch's (-inf) padding: the inputs are ReLU outputs.
+    x = layers.ZeroPadding2D(1, data_format=data_format)(x)
+    x = layers.MaxPooling2D(3, strides=2, data_format=data_format)(x)
+    for stage, (width, blocks) in enumerate(canonical.RESNET50_STAGES, start=1):
+        out = width * canonical.RESNET50_EXPANSION
+        for block in range(blocks):
+            name = f"layer{stage}.{block}"
+            stride = 2 if stage > 1 and block == 0 else 1  # v1.5: the stride sits on the 3×3 conv2
+            shortcut = x
+            if block == 0:  # the projection to the stage's width (and stride)
+                shortcut = batch_norm(conv(x, out, 1, stride, f"{name}.downsample.0"), f"{name}.downsample.1")
+            y = layers.ReLU()(batch_norm(conv(x, width, 1, 1, f"{name}.conv1"), f"{name}.bn1"))
+            y = layers.ReLU()(batch_norm(conv(y, width, 3, stride, f"{name}.conv2"), f"{name}.bn2"))
+            y = batch_norm(conv(y, out, 1, 1, f"{name}.conv3"), f"{name}.bn3")
+            x = layers.ReLU()(layers.Add()([y, shortcut]))
+    outputs = layers.GlobalAveragePooling2D(data_format=data_format)(x)
+    return keras.Model(inputs, outputs, name="resnet50_v1_5")
+
+
+def _keras_name(name: str) -> str:
+    """A torchvision module name as a Keras layer name: the torch backend registers layers as
+    torch modules, whose names cannot hold dots."""
+    return name.replace(".", "_")
+
+
+def _load_canonical(model: keras.Model, arrays: dict[str, np.ndarray]) -> None:
+    """Copy a canonical weights file into a model whose layers are named after torchvision's
+    modules: kernels O×I×kH×kW become Keras's kH×kW×I×O (in either data format); batch norm
+    takes gamma, beta, moving mean, moving variance."""
+    modules = {_keras_name(name.rsplit(".", 1)[0]): name.rsplit(".", 1)[0] for name in arrays}
+    used = set()
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            fields = ["weight"]
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            fields = ["weight", "bias", "running_mean", "running_var"]
+        else:
+            continue
+        if layer.name not in modules:
+            raise ValueError(f"the weights file has nothing for layer {layer.name}")
+        names = [f"{modules[layer.name]}.{field}" for field in fields]
+        values = [arrays[name] for name in names]
+        if isinstance(layer, keras.layers.Conv2D):
+            values = [values[0].transpose(2, 3, 1, 0)]
+        layer.set_weights(values)
+        used.update(names)
+    unused = [name for name in arrays if name not in used]
+    if unused:
+        raise ValueError(f"the model has no layer for {', '.join(unused)}")
+
+
+class Resnet50Inference:
+    parameter_note = None
+
+    def __init__(self, spec: TaskSpec, run: RunOptions):
+        keras.utils.set_random_seed(run.seed)
+        self.device = _keras_device(run.device)
+        self.layout = _image_layout(run.device)
+        with keras.device(self.device):
+            self.model = build_resnet50(run.input_shape, _data_format(self.layout))
+            if run.weights:
+                _load_canonical(self.model, canonical.load(run.weights, canonical.resnet50_shapes()))
+            # No optimizer or loss: compile() only sets how predict_on_batch runs (XLA or not).
+            self.model.compile(jit_compile=_jit_compile(run))
+
+    def parameter_count(self) -> int:
+        return _parameter_count(self.model)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        with keras.device(self.device):
+            # Inference mode (batch norm on its moving statistics), no gradients; the numpy
+            # result is the read-back that waits for the device.
+            return np.asarray(self.model.predict_on_batch(images))
+
+
+def build_gru_imdb(spec: TaskSpec) -> keras.Sequential:
+    return keras.Sequential([
+        keras.Input(shape=spec.input_shape, dtype="int32"),
+        keras.layers.Embedding(spec.vocabulary, 125),
+        # The defaults are cuDNN's GRU (reset gate after the recurrent matmul, two bias vectors),
+        # which the TensorFlow and torch backends run on cuDNN on a GPU; only the last time
+        # step's output comes out (return_sequences=False).
+        keras.layers.GRU(100),
+        keras.layers.Dense(spec.num_classes),  # logits: softmax lives in the loss
+    ])
+
+
+class GruImdb:
+    parameter_note = None
+    # Keras's recurrent layers take batch-major sequences; the backends' cuDNN paths
+    # transpose to time-major inside the layer.
+    layout = "NTC"
+
+    def __init__(self, spec: TaskSpec, run: RunOptions):
+        keras.utils.set_random_seed(run.seed)
+        self.on_gpu = run.device == "gpu"
+        self.device = _keras_device(run.device)
+        with keras.device(self.device):
+            self.model = build_gru_imdb(spec)
+            self.model.compile(optimizer=_adam(run.learning_rate),
+                               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                               jit_compile=_jit_compile(run))
+        self._last_loss: float | None = None
+
+    def parameter_count(self) -> int:
+        return _parameter_count(self.model)
+
+    def train_step(self, tokens: np.ndarray, labels: np.ndarray) -> None:
+        with keras.device(self.device):
+            self._last_loss = self.model.train_on_batch(tokens, labels)
+
+    def loss(self) -> float:
+        return _read_loss(self.model, self._last_loss, self.on_gpu)
+
+    def predict(self, tokens: np.ndarray) -> np.ndarray:
+        with keras.device(self.device):
+            return np.asarray(self.model.predict_on_batch(tokens))
+
+
+def build_densenet121(input_shape: tuple[int, ...], num_classes: int, data_format: str) -> keras.Model:
+    """keras.applications' DenseNet-121 (torchvision's architecture) without its ImageNet head,
+    global average pooling, then a dense layer of num_classes logits."""
+    # keras.applications read the layout from the global image data format.
+    keras.config.set_image_data_format(data_format)
+    features = keras.applications.DenseNet121(weights=None, include_top=False, pooling="avg",
+                                              input_shape=_image_shape(input_shape, data_format))
+    logits = keras.layers.Dense(num_classes, name="logits")(features.output)  # the sigmoid lives in the loss
+    return keras.Model(features.input, logits, name="densenet121")
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * logits))  # the logistic function, without overflow
+
+
+class ChestXrayBatches(keras.utils.PyDataset):
+    """Batches of PNG files: keras.utils.load_img (Pillow) decodes each as RGB (grayscale and
+    RGBA files alike) resized bilinearly to stored_size; then a random crop to crop_size and a
+    random horizontal flip when training, the centre crop otherwise; float32 in [0, 1] in the
+    model's data format, with the files' multi-hot labels."""
+
+    def __init__(self, files: ImageFiles, stored_size: int, crop_size: int, batch_size: int,
+                 training: bool, seed: int, data_format: str):
+        # Threads, not processes: Pillow releases the GIL while it decodes and resizes.
+        super().__init__(workers=os.cpu_count() or 1, use_multiprocessing=False)
+        self.files, self.stored_size, self.crop_size = files, stored_size, crop_size
+        self.batch_size, self.training, self.seed = batch_size, training, seed
+        self.data_format = data_format
+        count = len(files.paths)
+        self.order = np.random.default_rng(seed).permutation(count) if training else np.arange(count)
+
+    def __len__(self) -> int:
+        count = len(self.files.paths)
+        # Training drops the last partial batch; scoring keeps it.
+        return count // self.batch_size if self.training else -(-count // self.batch_size)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        indices = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        images = np.stack([self._example(i) for i in indices])
+        if self.data_format == "channels_first":
+            images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+        return images, self.files.labels[indices]
+
+    def _example(self, index: int) -> np.ndarray:
+        size = self.stored_size
+        image = keras.utils.load_img(self.files.paths[index], color_mode="rgb", target_size=(size, size),
+                                     interpolation="bilinear")  # resizes only if the file is another size
+        pixels = keras.utils.img_to_array(image, data_format="channels_last", dtype="float32")
+        margin = size - self.crop_size
+        if self.training:
+            # Seeded by (epoch seed, example): the same augmentation whichever thread decodes it.
+            rng = np.random.default_rng((self.seed, index))
+            left, top = rng.integers(0, margin + 1, size=2)
+            flip = rng.random() < 0.5
+        else:
+            left = top = margin // 2
+            flip = False
+        pixels = pixels[top:top + self.crop_size, left:left + self.crop_size]
+        if flip:
+            pixels = pixels[:, ::-1]
+        return pixels / np.float32(255.0)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The batches in order, `workers` threads decoding up to `max_queue_size` batches
+        ahead: what Keras's own enqueuer does for a PyDataset inside fit(), which
+        train_on_batch does not use (iterated by hand, a PyDataset runs on one thread)."""
+        pool = ThreadPoolExecutor(self.workers)
+        pending = collections.deque()
+        try:
+            for index in range(len(self)):
+                pending.append(pool.submit(self.__getitem__, index))
+                if len(pending) >= self.max_queue_size:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:  # also when the caller stops early (throughput mode)
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _replica_devices(run: RunOptions) -> list[str]:
+    """The first run.devices devices of the cell's kind: GPUs, or the CPU devices made for the
+    cell (XLA_FLAGS for JAX, logical devices in configure for TensorFlow)."""
+    kind = "gpu" if run.device == "gpu" else "cpu"
+    if BACKEND == "tensorflow":
+        devices = [device.name for device in _backend_module().config.list_logical_devices(kind.upper())]
+    else:
+        devices = keras.distribution.list_devices(kind)
+    if len(devices) < run.devices:
+        raise ValueError(f"{run.devices} {kind} devices asked for, {len(devices)} available: {devices}")
+    return devices[:run.devices]
+
+
+class Densenet121Xray:
+    parameter_note = None
+
+    def __init__(self, spec: TaskSpec, run: RunOptions):
+        keras.utils.set_random_seed(run.seed)
+        self.on_gpu = run.device == "gpu"
+        self.device = _keras_device(run.device)
+        self.layout = _image_layout(run.device)
+        self.data_format = _data_format(self.layout)
+        self.crop_size = run.input_shape[-1]
+        self.strategy = None  # TensorFlow's MirroredStrategy when data-parallel
+        if run.devices > 1:
+            if BACKEND == "torch":
+                raise Unsupported(TORCH_DATA_PARALLEL)
+            if BACKEND == "jax":
+                # Data parallelism the Keras way: a one-axis device mesh; variables replicated,
+                # each train_on_batch splits the global batch along it, and XLA all-reduces
+                # the gradients (batch-norm statistics are thereby over the global batch).
+                keras.distribution.set_distribution(
+                    keras.distribution.DataParallel(devices=_replica_devices(run)))
+            else:
+                # One replica per device, each on its share of the global batch, gradients
+                # all-reduced; variables made in its scope are mirrored on every device.
+                self.strategy = _backend_module().distribute.MirroredStrategy(_replica_devices(run))
+        with self._placement():
+            self.model = build_densenet121(run.input_shape, spec.num_classes, self.data_format)
+            self.model.compile(optimizer=_adam(run.learning_rate),
+                               loss=keras.losses.BinaryCrossentropy(from_logits=True),  # mean over labels and batch
+                               jit_compile=_jit_compile(run))
+        if self.strategy is not None:
+            # Keras builds a compiled loss from the shapes of the first batch it sees, which
+            # values split over replicas do not have: build it from one plain example first.
+            example = np.zeros((1,) + _image_shape(run.input_shape, self.data_format), np.float32)
+            self.model.compute_loss(x=example, y=np.zeros((1, spec.num_classes), np.float32),
+                                    y_pred=self.model(example))
+        self._last_loss: float | None = None
+
+    def _placement(self) -> contextlib.AbstractContextManager:
+        """Where variables and steps live: the strategy's replicas, or the one device (with
+        keras.distribution, the distribution places both)."""
+        return self.strategy.scope() if self.strategy is not None else keras.device(self.device)
+
+    def _per_replica(self, batch: np.ndarray):
+        """A global batch as TensorFlow's per-replica values, replica r taking the r-th slice,
+        copied to its device (given a plain array, every replica would run the whole batch)."""
+        if self.strategy is None:
+            return batch
+        tf = _backend_module()
+        devices = self.strategy.extended.worker_devices
+        shards = []
+        for device, shard in zip(devices, np.array_split(np.asarray(batch), len(devices))):
+            with tf.device(device):
+                shards.append(tf.constant(shard))
+        return self.strategy.experimental_distribute_values_from_function(
+            lambda context: shards[context.replica_id_in_sync_group])
+
+    def parameter_count(self) -> int:
+        return _parameter_count(self.model)
+
+    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
+        with self._placement():
+            # Each replica's loss is scaled by 1 / replicas before the gradients' all-reduce
+            # (a sum), so the step is the global batch's mean; the reported loss is its mean.
+            self._last_loss = self.model.train_on_batch(self._per_replica(images), self._per_replica(labels))
+
+    def loss(self) -> float:
+        return _read_loss(self.model, self._last_loss, self.on_gpu)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        with self._placement():
+            # Inference mode (batch norm on its moving statistics); the replicas' outputs
+            # come back concatenated in order.
+            logits = np.asarray(self.model.predict_on_batch(self._per_replica(images)))
+        return _sigmoid(logits)
+
+    def input_pipeline(self, files: ImageFiles, stored_size: int, batch_size: int, training: bool,
+                       seed: int) -> ChestXrayBatches:
+        return ChestXrayBatches(files, stored_size, self.crop_size, batch_size, training, seed, self.data_format)
+
+
+TASKS = {"cnn_cifar10": CnnCifar10, "resnet50_inference": Resnet50Inference, "gru_imdb": GruImdb,
+         "densenet121_xray": Densenet121Xray}
