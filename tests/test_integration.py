@@ -1,5 +1,5 @@
-"""PyTorch and TensorFlow for real, through harness/run_matrix.py and the local backend
-(their environments are built from images/<framework>/ on first use and cached)."""
+"""The frameworks for real, through harness/run_matrix.py and the local backend (their
+environments are built from images/<framework>/ on first use and cached)."""
 from __future__ import annotations
 
 import json
@@ -13,13 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from bench.specs import CNN_CIFAR10
-from conftest import REPO, write_matrix
+import numpy as np
+
+from bench import weights as canonical
+from bench.specs import TASKS
+from conftest import REPO, write_chestxray14, write_imdb_npz, write_matrix
+from harness.parity import LOCAL_FRAMEWORKS
 from harness.results import load_results, read_result
 
 pytestmark = pytest.mark.integration
 
-FRAMEWORKS = ("pytorch", "tensorflow")
 QUICK = "  warmup_steps: 1\n  steps: 2\n  repeats: 2\n"
 
 
@@ -40,40 +43,6 @@ def by_framework(results_dir: Path, **cell_fields) -> dict:
             if all(getattr(r.cell, k) == v for k, v in cell_fields.items())}
 
 
-def test_both_frameworks_train_the_seed_cnn_on_synthetic_and_real_data(tmp_path, cifar10_dir):
-    results = tmp_path / "results"
-    synthetic = run_matrix(write_matrix(tmp_path / "synthetic.yml", matrix_text(QUICK)), results)
-    assert synthetic.returncode == 0, synthetic.stderr
-    real_settings = f"  mode: full\n  data: real\n  data_dir: {cifar10_dir}\n  epochs: 2\n  repeats: 1\n"
-    real = run_matrix(write_matrix(tmp_path / "real.yml", matrix_text(real_settings)), results)
-    assert real.returncode == 0, real.stderr
-
-    for data in ("synthetic", "real"):
-        cells = by_framework(results, data=data)
-        assert sorted(cells) == list(FRAMEWORKS)
-        for framework, result in cells.items():
-            assert result.status == "ok", result.error
-            assert result.model.parameters == CNN_CIFAR10.expected_parameters == 3_441_592
-            assert result.model.layout == "NHWC"  # each framework's fastest CPU layout
-            assert result.env["framework"] == framework and result.env["framework_version"]
-            assert result.env["backend"] == "local" and result.env["bench_hash"]
-            assert result.env["cpu_model"] and result.env["cpu_cores"] >= 1 and result.env["gpu"] is None
-    for result in by_framework(results, data="synthetic").values():
-        step = result.metrics.step_time_s
-        assert len(step.values) == 2 and step.min <= step.median <= step.max
-        assert result.metrics.throughput_per_s == pytest.approx(64 / step.median)
-        assert abs(result.metrics.loss_first - math.log(10)) < 0.5  # a fresh 10-class model guesses
-    for result in by_framework(results, data="real").values():
-        assert result.cell.mode == "full" and len(result.metrics.epoch_time_s.values) == 2
-        assert 0.0 <= result.metrics.test_accuracy.median <= 1.0
-
-    tables = (results / "tables" / "README.md").read_text()
-    assert "(throughput mode)" in tables and "(full mode)" in tables and "real data" in tables
-    for framework in FRAMEWORKS:
-        assert f"| {framework}" in tables
-    assert "### cnn_cifar10" in real.stdout  # printed at the end of the run
-
-
 def test_real_data_that_is_missing_fails_the_cell_with_a_clear_message(tmp_path):
     settings = f"  data: real\n  data_dir: {tmp_path / 'empty'}\n" + QUICK
     matrix = write_matrix(tmp_path / "m.yml", matrix_text(settings).replace("pytorch, tensorflow", "pytorch"))
@@ -87,20 +56,89 @@ def test_real_data_that_is_missing_fails_the_cell_with_a_clear_message(tmp_path)
     assert "failed" in done.stdout and "DataUnavailable" in done.stderr
 
 
-def test_every_framework_trains_the_seed_cnn(tmp_path):
-    frameworks = ", ".join(CNN_CIFAR10.frameworks)
-    text = matrix_text(QUICK).replace("[pytorch, tensorflow]", f"[{frameworks}]")
-    done = run_matrix(write_matrix(tmp_path / "m.yml", text), tmp_path / "results")
+# Every framework that runs in a local environment (CNTK needs its own image).
+ALL = LOCAL_FRAMEWORKS
+TINY = ("  warmup_steps: 1\n  steps: 1\n  repeats: 1\n  image_size: 32\n  batch_size: 4\n")
+
+
+def every_task_matrix(settings: str, tasks=tuple(TASKS), devices=(1, 2)) -> str:
+    return (f"matrix:\n  framework: [{', '.join(ALL)}]\n  task: [{', '.join(tasks)}]\n  gpu: [cpu]\n"
+            f"  devices: [{', '.join(map(str, devices))}]\nsettings:\n{settings}")
+
+
+@pytest.mark.timeout(3000)
+def test_every_framework_runs_every_task(tmp_path):
+    """Synthetic data, throughput mode, tiny sizes, one device (the real-data test below runs
+    the data-parallel task on two); ResNet-50 with one shared weights file, so every framework
+    must compute the same features."""
+    weights_file = tmp_path / "resnet50.npz"
+    np.savez(weights_file, **canonical.random_weights(canonical.resnet50_shapes(), seed=0))
+    matrix = write_matrix(tmp_path / "m.yml", every_task_matrix(TINY + f"  weights: {weights_file}\n", devices=(1,)))
+    done = run_matrix(matrix, tmp_path / "results", timeout=2400)
     assert done.returncode == 0, done.stderr
-    cells = by_framework(tmp_path / "results")
-    assert sorted(cells) == sorted(CNN_CIFAR10.frameworks)
-    for framework, result in cells.items():
-        assert result.status == "ok", f"{framework}: {result.error}"
-        assert result.model.parameters == 3_441_592, framework
-        assert abs(result.metrics.loss_first - math.log(10)) < 0.5, framework
-        assert result.env["framework_version"], framework
+    loaded = load_results(tmp_path / "results" / "cells")
+    assert not loaded.problems
+    results = {(r.cell.framework, r.cell.task, r.cell.devices): r for _, r in loaded.results}
+    assert set(results) == {(f, task, 1) for f in ALL for task in TASKS}
+    for (framework, task, devices), result in results.items():
+        where = f"{framework} {task}"
+        assert result.status == "ok", f"{where}: {result.error}"
+        assert result.env["framework"] == framework and result.env["framework_version"], where
+        assert result.env["backend"] == "local" and result.env["bench_hash"] and result.env["gpu"] is None, where
+        step = result.metrics.step_time_s
+        assert step.min <= step.median <= step.max, where
+        assert result.metrics.throughput_per_s == pytest.approx(4 / step.median), where
+        spec = TASKS[task]
+        assert result.model.parameters == spec.expected_parameters or result.model.note, where
+        assert result.cell.input_shape == list(spec.input_shape_at(32) if spec.resizable else spec.input_shape), where
+        if spec.kind == "classify":
+            assert abs(result.metrics.loss_first - math.log(spec.num_classes)) < 0.5, where
+    # The same weights and the same seeded images give the same features in every framework.
+    features = {f: results[(f, "resnet50_inference", 1)] for f in ALL}
+    reference = features["pytorch"].metrics
+    for framework, result in features.items():
+        assert result.model.weights == features["pytorch"].model.weights, framework
+        assert result.metrics.output_mean == pytest.approx(reference.output_mean, rel=1e-3), framework
+        assert result.metrics.output_std == pytest.approx(reference.output_std, rel=1e-3), framework
+
     tables = (tmp_path / "results" / "tables" / "README.md").read_text()
-    assert all(f"| {framework}" in tables for framework in CNN_CIFAR10.frameworks)
+    for task in TASKS:
+        assert f"### {task}" in tables
+    assert "Seconds per 1,000 images" in tables
+    assert "inputs 3×32×32" in tables and "inputs 150" in tables
+
+
+@pytest.mark.timeout(3000)
+def test_every_framework_trains_on_real_data_formats(tmp_path):
+    """Full mode, one epoch, on small files in the official formats: Keras's imdb.npz, and a
+    ChestX-ray14 folder read by each framework's own input pipeline, data-parallel on 2 CPU
+    devices (real CIFAR-10 batches: the parity test)."""
+    data_dir = tmp_path / "data"
+    write_imdb_npz(data_dir / "imdb.npz")
+    write_chestxray14(data_dir / "chestxray14", train=16, test=8, size=40)
+    settings = f"  mode: full\n  data: real\n  data_dir: {data_dir}\n  epochs: 1\n  repeats: 1\n" \
+               f"  image_size: 32\n  batch_size: 4\n"
+    tasks = ("gru_imdb", "densenet121_xray")
+    matrix = write_matrix(tmp_path / "m.yml", every_task_matrix(settings, tasks, devices=(2,)))
+    done = run_matrix(matrix, tmp_path / "results", timeout=2400)
+    assert done.returncode == 0, done.stderr
+    loaded = load_results(tmp_path / "results" / "cells")
+    results = {(r.cell.framework, r.cell.task): r for _, r in loaded.results}
+    assert set(results) == {(f, t) for f in ALL for t in tasks}
+    for (framework, task), result in results.items():
+        if result.status == "skipped":  # Keras on PyTorch has no data-parallel mechanism, and says so
+            assert (framework, task) == ("keras-torch", "densenet121_xray"), result.error
+            assert "no data-parallel mechanism" in result.error
+            continue
+        assert result.status == "ok", f"{framework} {task}: {result.error}"
+        assert result.cell.data == "real" and result.cell.mode == "full"
+        if task == "densenet121_xray":
+            assert result.cell.devices == 2 and result.settings.train_examples == 16
+            assert 0.0 <= result.metrics.test_roc_auc.median <= 1.0
+        else:
+            assert 0.0 <= result.metrics.test_accuracy.median <= 1.0
+    tables = (tmp_path / "results" / "tables" / "README.md").read_text()
+    assert "ROC-AUC" in tables and "real data" in tables and "split in 2 devices" in tables
 
 
 def _bench_processes(cell_marker: str) -> list[int]:
