@@ -151,27 +151,26 @@ class CnnCifar10Net(chainer.Chain):
         return self.fc2(h)  # logits: softmax lives in the loss
 
 
-class CnnCifar10:
+class _SoftmaxClassifier:
+    """The CNN and the GRU: one Chain trained batch by batch with softmax cross-entropy on
+    logits, define-by-run."""
     parameter_note = None
 
-    def __init__(self, spec: TaskSpec, run: RunOptions):
-        _seed(run.device, run.seed)
+    def __init__(self, run: RunOptions, model: chainer.Chain, optimizer: chainer.Optimizer):
         self.device = _chainer_device(run.device)
         self.device.use()
-        # NCHW: Chainer's only layout, on the CPU and for cuDNN alike.
-        self.layout = "NCHW"
-        self.model = CnnCifar10Net(spec)
+        self.model = model
         self.model.to_device(self.device)
-        self.optimizer = chainer.optimizers.MomentumSGD(lr=spec.learning_rate, momentum=spec.momentum)
+        self.optimizer = optimizer
         self.optimizer.setup(self.model)
         self._last_loss = None
 
     def parameter_count(self) -> int:
         return _trainable_parameters(self.model)
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
+    def train_step(self, inputs: np.ndarray, labels: np.ndarray) -> None:
         # The numpy batch is copied to the device here, inside the timed step.
-        x, t = self.device.send(images), self.device.send(labels)
+        x, t = self.device.send(inputs), self.device.send(labels)
         with chainer.using_config("train", True):
             loss = F.softmax_cross_entropy(self.model(x), t)
         self.model.cleargrads()
@@ -184,9 +183,19 @@ class CnnCifar10:
         _synchronize(self.device)
         return float(self._last_loss)
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
+    def predict(self, inputs: np.ndarray) -> np.ndarray:
         with chainer.using_config("train", False), chainer.no_backprop_mode():  # dropout off
-            return cuda.to_cpu(self.model(self.device.send(images)).array)
+            return cuda.to_cpu(self.model(self.device.send(inputs)).array)
+
+
+class CnnCifar10(_SoftmaxClassifier):
+    # NCHW: Chainer's only layout, on the CPU and for cuDNN alike.
+    layout = "NCHW"
+
+    def __init__(self, spec: TaskSpec, run: RunOptions):
+        _seed(run.device, run.seed)
+        super().__init__(run, CnnCifar10Net(spec),
+                         chainer.optimizers.MomentumSGD(lr=spec.learning_rate, momentum=spec.momentum))
 
 
 class Bottleneck(chainer.Chain):
@@ -299,40 +308,14 @@ class GruImdbNet(chainer.Chain):
         return self.fc(hy[-1])  # logits: softmax lives in the loss
 
 
-class GruImdb:
-    parameter_note = None
+class GruImdb(_SoftmaxClassifier):
+    # Batch-major token ids, as NStepGRU consumes its list of sequences.
+    layout = "NTC"
 
     def __init__(self, spec: TaskSpec, run: RunOptions):
         _seed(run.device, run.seed)
-        self.device = _chainer_device(run.device)
-        self.device.use()
-        # Batch-major token ids, as NStepGRU consumes its list of sequences.
-        self.layout = "NTC"
-        self.model = GruImdbNet(spec)
-        self.model.to_device(self.device)
-        self.optimizer = chainer.optimizers.Adam(alpha=run.learning_rate, beta1=0.9, beta2=0.999, eps=1e-8)
-        self.optimizer.setup(self.model)
-        self._last_loss = None
-
-    def parameter_count(self) -> int:
-        return _trainable_parameters(self.model)
-
-    def train_step(self, ids: np.ndarray, labels: np.ndarray) -> None:
-        x, t = self.device.send(ids), self.device.send(labels)
-        with chainer.using_config("train", True):
-            loss = F.softmax_cross_entropy(self.model(x), t)
-        self.model.cleargrads()
-        loss.backward()
-        self.optimizer.update()
-        self._last_loss = loss.array
-
-    def loss(self) -> float:
-        _synchronize(self.device)
-        return float(self._last_loss)
-
-    def predict(self, ids: np.ndarray) -> np.ndarray:
-        with chainer.using_config("train", False), chainer.no_backprop_mode():
-            return cuda.to_cpu(self.model(self.device.send(ids)).array)
+        super().__init__(run, GruImdbNet(spec),
+                         chainer.optimizers.Adam(alpha=run.learning_rate, beta1=0.9, beta2=0.999, eps=1e-8))
 
 
 class DenseLayer(chainer.Chain):

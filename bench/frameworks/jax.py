@@ -175,15 +175,15 @@ class CnnCifar10Net(nnx.Module):
         return self.dense2(x)
 
 
-class CnnCifar10:
+class _SoftmaxClassifier:
+    """The CNN and the GRU: one NNX model and its optax optimizer, trained batch by batch with
+    softmax cross-entropy on logits through jitted functional steps."""
     parameter_note = None
 
-    def __init__(self, spec: TaskSpec, run: RunOptions):
+    def __init__(self, run: RunOptions, model: nnx.Module, transform: optax.GradientTransformation):
         self.device = _jax_devices(run)[0]
-        # Flax convolutions take NHWC; on GPU XLA picks the cuDNN layout itself.
-        self.layout = "NHWC"
-        self.model = CnnCifar10Net(spec, nnx.Rngs(run.seed))
-        optimizer = nnx.Optimizer(self.model, optax.sgd(spec.learning_rate, momentum=spec.momentum), wrt=nnx.Param)
+        self.model = model
+        optimizer = nnx.Optimizer(self.model, transform, wrt=nnx.Param)
         # Dropout is on in the training graph, off in the inference graph.
         self._training, self._inference, self._state = _functional(self.model, optimizer, self.device)
         self._last_loss: jax.Array | None = None
@@ -191,9 +191,9 @@ class CnnCifar10:
     def parameter_count(self) -> int:
         return _parameter_count(self.model)
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
+    def train_step(self, inputs: np.ndarray, labels: np.ndarray) -> None:
         # The numpy batch is copied to the device here, inside the timed step.
-        x = jax.device_put(images, self.device)
+        x = jax.device_put(inputs, self.device)
         y = jax.device_put(labels, self.device)
         self._last_loss, self._state = _train_step(self._training, self._state, x, y,
                                                    loss_fn=_classification_loss)
@@ -201,9 +201,18 @@ class CnnCifar10:
     def loss(self) -> float:
         return _finished_loss(self._last_loss, self._state)
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        outputs = _predict(self._inference, self._state[0], jax.device_put(images, self.device))  # [0]: the model's
+    def predict(self, inputs: np.ndarray) -> np.ndarray:
+        outputs = _predict(self._inference, self._state[0], jax.device_put(inputs, self.device))  # [0]: the model's
         return np.asarray(outputs)  # the read-back waits for the device
+
+
+class CnnCifar10(_SoftmaxClassifier):
+    # Flax convolutions take NHWC; on GPU XLA picks the cuDNN layout itself.
+    layout = "NHWC"
+
+    def __init__(self, spec: TaskSpec, run: RunOptions):
+        super().__init__(run, CnnCifar10Net(spec, nnx.Rngs(run.seed)),
+                         optax.sgd(spec.learning_rate, momentum=spec.momentum))
 
 
 # Torchvision's ResNet-50 and DenseNet-121 initialise convolutions with He (Kaiming) normal.
@@ -323,34 +332,15 @@ class GruImdbNet(nnx.Module):
         return self.dense(outputs[-1])  # the last time step's output
 
 
-class GruImdb:
+class GruImdb(_SoftmaxClassifier):
     parameter_note = ("Flax's GRUCell has no biases on its hidden-to-hidden projections (cuDNN's "
                       "b_hr, b_hz, b_hn): 3 x 100 = 300 fewer; b_hr and b_hz only duplicate the "
                       "input biases, b_hn (inside r * (W_hn h + b_hn)) has no counterpart")
+    layout = "TNC"
 
     def __init__(self, spec: TaskSpec, run: RunOptions):
-        self.device = _jax_devices(run)[0]
-        self.layout = "TNC"
-        self.model = GruImdbNet(spec, nnx.Rngs(run.seed))
-        optimizer = nnx.Optimizer(self.model, optax.adam(run.learning_rate, b1=0.9, b2=0.999, eps=1e-8),
-                                  wrt=nnx.Param)
-        self._training, self._inference, self._state = _functional(self.model, optimizer, self.device)
-        self._last_loss: jax.Array | None = None
-
-    def parameter_count(self) -> int:
-        return _parameter_count(self.model)
-
-    def train_step(self, tokens: np.ndarray, labels: np.ndarray) -> None:
-        x = jax.device_put(tokens, self.device)
-        y = jax.device_put(labels, self.device)
-        self._last_loss, self._state = _train_step(self._training, self._state, x, y,
-                                                   loss_fn=_classification_loss)
-
-    def loss(self) -> float:
-        return _finished_loss(self._last_loss, self._state)
-
-    def predict(self, tokens: np.ndarray) -> np.ndarray:
-        return np.asarray(_predict(self._inference, self._state[0], jax.device_put(tokens, self.device)))
+        super().__init__(run, GruImdbNet(spec, nnx.Rngs(run.seed)),
+                         optax.adam(run.learning_rate, b1=0.9, b2=0.999, eps=1e-8))
 
 
 # torchvision's densenet121: blocks of (6, 12, 24, 16) layers, growth 32, bottleneck 4 × 32.

@@ -11,7 +11,7 @@ import contextlib
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
+from typing import Callable, Iterator
 
 import keras
 import numpy as np
@@ -66,7 +66,8 @@ def configure(run: RunOptions) -> None:
             tf.config.set_visible_devices([], "GPU")
             if run.devices > 1:
                 # MirroredStrategy's replicas on CPU: the one CPU split into logical devices
-                # (they share TensorFlow's thread pools).
+                # (they share TensorFlow's thread pools). tensorflow.py does the same: the
+                # framework modules share no code, so each stays readable on its own.
                 cpu = tf.config.list_physical_devices("CPU")[0]
                 tf.config.set_logical_device_configuration(
                     cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(run.devices)])
@@ -221,39 +222,47 @@ def build_cnn_cifar10(spec: TaskSpec, data_format: str) -> keras.Sequential:
     ])
 
 
-class CnnCifar10:
+class _SoftmaxClassifier:
+    """The CNN and the GRU: one compiled Keras model trained batch by batch with
+    train_on_batch and softmax cross-entropy on logits."""
     parameter_note = None
 
-    def __init__(self, spec: TaskSpec, run: RunOptions):
+    def __init__(self, run: RunOptions, build_model: Callable[[], keras.Model],
+                 build_optimizer: Callable[[], keras.optimizers.Optimizer]):
         keras.utils.set_random_seed(run.seed)
         self.on_gpu = run.device == "gpu"
         self.device = _keras_device(run.device)
-        self.layout = _image_layout(run.device)
         with keras.device(self.device):
-            self.model = build_cnn_cifar10(spec, _data_format(self.layout))
-            self.model.compile(
-                optimizer=keras.optimizers.SGD(learning_rate=spec.learning_rate, momentum=spec.momentum),
-                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                jit_compile=_jit_compile(run),
-            )
+            self.model = build_model()
+            self.model.compile(optimizer=build_optimizer(),
+                               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                               jit_compile=_jit_compile(run))
         self._last_loss: float | None = None
 
     def parameter_count(self) -> int:
         return _parameter_count(self.model)
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
+    def train_step(self, inputs: np.ndarray, labels: np.ndarray) -> None:
         with keras.device(self.device):
             # The numpy batch is copied to the device here, inside the timed step; the loss
             # comes back as a Python float, so every step ends with the device finished.
-            self._last_loss = self.model.train_on_batch(images, labels)
+            self._last_loss = self.model.train_on_batch(inputs, labels)
 
     def loss(self) -> float:
         return _read_loss(self.model, self._last_loss, self.on_gpu)
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
+    def predict(self, inputs: np.ndarray) -> np.ndarray:
         with keras.device(self.device):
             # predict_on_batch runs the model with training=False (dropout off) and returns numpy.
-            return np.asarray(self.model.predict_on_batch(images))
+            return np.asarray(self.model.predict_on_batch(inputs))
+
+
+class CnnCifar10(_SoftmaxClassifier):
+    def __init__(self, spec: TaskSpec, run: RunOptions):
+        self.layout = _image_layout(run.device)
+        super().__init__(
+            run, lambda: build_cnn_cifar10(spec, _data_format(self.layout)),
+            lambda: keras.optimizers.SGD(learning_rate=spec.learning_rate, momentum=spec.momentum))
 
 
 def build_resnet50(input_shape: tuple[int, ...], data_format: str) -> keras.Model:
@@ -363,36 +372,13 @@ def build_gru_imdb(spec: TaskSpec) -> keras.Sequential:
     ])
 
 
-class GruImdb:
-    parameter_note = None
+class GruImdb(_SoftmaxClassifier):
     # Keras's recurrent layers take batch-major sequences; the backends' cuDNN paths
     # transpose to time-major inside the layer.
     layout = "NTC"
 
     def __init__(self, spec: TaskSpec, run: RunOptions):
-        keras.utils.set_random_seed(run.seed)
-        self.on_gpu = run.device == "gpu"
-        self.device = _keras_device(run.device)
-        with keras.device(self.device):
-            self.model = build_gru_imdb(spec)
-            self.model.compile(optimizer=_adam(run.learning_rate),
-                               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                               jit_compile=_jit_compile(run))
-        self._last_loss: float | None = None
-
-    def parameter_count(self) -> int:
-        return _parameter_count(self.model)
-
-    def train_step(self, tokens: np.ndarray, labels: np.ndarray) -> None:
-        with keras.device(self.device):
-            self._last_loss = self.model.train_on_batch(tokens, labels)
-
-    def loss(self) -> float:
-        return _read_loss(self.model, self._last_loss, self.on_gpu)
-
-    def predict(self, tokens: np.ndarray) -> np.ndarray:
-        with keras.device(self.device):
-            return np.asarray(self.model.predict_on_batch(tokens))
+        super().__init__(run, lambda: build_gru_imdb(spec), lambda: _adam(run.learning_rate))
 
 
 def build_densenet121(input_shape: tuple[int, ...], num_classes: int, data_format: str) -> keras.Model:

@@ -139,35 +139,34 @@ def build_cnn_cifar10(spec: TaskSpec) -> nn.HybridSequential:
     return net
 
 
-class CnnCifar10:
+class _SoftmaxClassifier:
+    """The CNN and the GRU: one hybridized Gluon network trained batch by batch with softmax
+    cross-entropy on logits."""
     parameter_note = None
+    input_dtype = "float32"
 
-    def __init__(self, spec: TaskSpec, run: RunOptions):
+    def __init__(self, run: RunOptions, net: gluon.HybridBlock, optimizer: str, optimizer_params: dict):
         mx.random.seed(run.seed)
         self.ctx = _contexts(run)[0]
-        # NCHW everywhere: cuDNN's layout, and the only one MXNet's CPU convolutions (oneDNN) take.
-        self.layout = "NCHW"
-        self.net = build_cnn_cifar10(spec)
+        self.net = net
         self.net.initialize(_glorot_uniform(), ctx=self.ctx)
         self.net.hybridize(static_alloc=True, static_shape=True)
         # Per-example losses; backward() sums their gradients and trainer.step(batch_size)
         # rescales by 1/batch_size: the gradient of the mean loss, as in the other frameworks.
         self.loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
-        # MXNet's SGD momentum (m = 0.9 m - lr g; w += m) is classic momentum, like PyTorch's.
-        self.trainer = gluon.Trainer(self.net.collect_params(), "sgd",
-                                     {"learning_rate": run.learning_rate, "momentum": spec.momentum})
+        self.trainer = gluon.Trainer(self.net.collect_params(), optimizer, optimizer_params)
         self._last_loss: mx.nd.NDArray | None = None
 
     def parameter_count(self) -> int:
         return _parameter_count(self.net)
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
-        x = _on(images, self.ctx)
+    def train_step(self, inputs: np.ndarray, labels: np.ndarray) -> None:
+        x = _on(inputs, self.ctx, self.input_dtype)
         y = _on(labels, self.ctx, "float32")
         with autograd.record():  # training mode: dropout on
             loss = self.loss_fn(self.net(x), y)
         loss.backward()
-        self.trainer.step(images.shape[0])
+        self.trainer.step(inputs.shape[0])
         self._last_loss = loss
 
     def loss(self) -> float:
@@ -177,9 +176,19 @@ class CnnCifar10:
         mx.nd.waitall()
         return float(self._last_loss.mean().asscalar())
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
+    def predict(self, inputs: np.ndarray) -> np.ndarray:
         # Outside autograd.record() Gluon runs in inference mode: dropout off.
-        return self.net(_on(images, self.ctx)).asnumpy()  # asnumpy waits for the device
+        return self.net(_on(inputs, self.ctx, self.input_dtype)).asnumpy()  # asnumpy waits for the device
+
+
+class CnnCifar10(_SoftmaxClassifier):
+    # NCHW everywhere: cuDNN's layout, and the only one MXNet's CPU convolutions (oneDNN) take.
+    layout = "NCHW"
+
+    def __init__(self, spec: TaskSpec, run: RunOptions):
+        # MXNet's SGD momentum (m = 0.9 m - lr g; w += m) is classic momentum, like PyTorch's.
+        super().__init__(run, build_cnn_cifar10(spec), "sgd",
+                         {"learning_rate": run.learning_rate, "momentum": spec.momentum})
 
 
 class Bottleneck(gluon.HybridBlock):
@@ -294,41 +303,13 @@ class GruNet(gluon.HybridBlock):
         return self.output(F.squeeze(F.slice_axis(sequence, axis=0, begin=-1, end=None), axis=0))
 
 
-class GruImdb:
-    parameter_note = None
+class GruImdb(_SoftmaxClassifier):
+    layout = "TNC"
+    input_dtype = "int32"
 
     def __init__(self, spec: TaskSpec, run: RunOptions):
-        mx.random.seed(run.seed)
-        self.ctx = _contexts(run)[0]
-        self.layout = "TNC"
-        self.net = GruNet(spec)
-        self.net.initialize(_glorot_uniform(), ctx=self.ctx)
-        self.net.hybridize(static_alloc=True, static_shape=True)
-        self.loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
-        self.trainer = gluon.Trainer(self.net.collect_params(), "adam",
-                                     {"learning_rate": run.learning_rate, "beta1": 0.9, "beta2": 0.999,
-                                      "epsilon": 1e-8})
-        self._last_loss: mx.nd.NDArray | None = None
-
-    def parameter_count(self) -> int:
-        return _parameter_count(self.net)
-
-    def train_step(self, tokens: np.ndarray, labels: np.ndarray) -> None:
-        x = _on(tokens, self.ctx, "int32")
-        y = _on(labels, self.ctx, "float32")
-        with autograd.record():
-            loss = self.loss_fn(self.net(x), y)
-        loss.backward()
-        self.trainer.step(tokens.shape[0])
-        self._last_loss = loss
-
-    def loss(self) -> float:
-        """The last step's loss, after the device has finished all queued work."""
-        mx.nd.waitall()
-        return float(self._last_loss.mean().asscalar())
-
-    def predict(self, tokens: np.ndarray) -> np.ndarray:
-        return self.net(_on(tokens, self.ctx, "int32")).asnumpy()
+        super().__init__(run, GruNet(spec), "adam",
+                         {"learning_rate": run.learning_rate, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8})
 
 
 def build_densenet121(spec: TaskSpec) -> nn.HybridSequential:

@@ -8,6 +8,7 @@ import queue
 import socket
 from collections import OrderedDict
 from datetime import timedelta
+from typing import Callable
 
 import numpy as np
 import torch
@@ -128,25 +129,25 @@ class CnnCifar10Net(nn.Module):
         return self.classifier(self.features(x))
 
 
-class CnnCifar10:
+class _SoftmaxClassifier:
+    """The CNN and the GRU: one module trained batch by batch with cross-entropy on logits,
+    eagerly. Each task sets device, layout and memory format, and turns a numpy batch into the
+    model's input on the device (_inputs)."""
     parameter_note = None
 
-    def __init__(self, spec: TaskSpec, run: RunOptions):
-        torch.manual_seed(run.seed)
-        self.device = _torch_device(run.device)
-        self.layout, self.memory_format = _image_format(run.device)
-        self.model = CnnCifar10Net(spec).to(self.device, memory_format=self.memory_format)
+    def __init__(self, model: nn.Module, optimizer: Callable[..., torch.optim.Optimizer]):
+        self.model = model.to(self.device, memory_format=self.memory_format)
         self.criterion = nn.CrossEntropyLoss()
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=run.learning_rate, momentum=spec.momentum)
+        self.optimizer = optimizer(self.model.parameters())
         self._last_loss: torch.Tensor | None = None
 
     def parameter_count(self) -> int:
         return _parameter_count(self.model)
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
+    def train_step(self, inputs: np.ndarray, labels: np.ndarray) -> None:
         self.model.train()
-        x = _to_device(images, self.layout, self.device, self.memory_format)
-        y = _as_tensor(labels).long().to(self.device)
+        # The numpy batch is copied to the device here, inside the timed step.
+        x, y = self._inputs(inputs), _as_tensor(labels).long().to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.criterion(self.model(x), y)
         loss.backward()
@@ -156,10 +157,22 @@ class CnnCifar10:
     def loss(self) -> float:
         return _read_loss(self._last_loss, self.device)
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
+    def predict(self, inputs: np.ndarray) -> np.ndarray:
         self.model.eval()  # dropout off
         with torch.inference_mode():
-            return self.model(_to_device(images, self.layout, self.device, self.memory_format)).cpu().numpy()
+            return self.model(self._inputs(inputs)).cpu().numpy()
+
+
+class CnnCifar10(_SoftmaxClassifier):
+    def __init__(self, spec: TaskSpec, run: RunOptions):
+        torch.manual_seed(run.seed)
+        self.device = _torch_device(run.device)
+        self.layout, self.memory_format = _image_format(run.device)
+        super().__init__(CnnCifar10Net(spec),
+                         lambda parameters: torch.optim.SGD(parameters, lr=run.learning_rate, momentum=spec.momentum))
+
+    def _inputs(self, images: np.ndarray) -> torch.Tensor:
+        return _to_device(images, self.layout, self.device, self.memory_format)
 
 
 class Bottleneck(nn.Module):
@@ -251,41 +264,19 @@ class GruImdbNet(nn.Module):
         return self.dense(outputs[-1])  # the last time step's output
 
 
-class GruImdb:
-    parameter_note = None
+class GruImdb(_SoftmaxClassifier):
     layout = "TNC"
+    memory_format = torch.contiguous_format
 
     def __init__(self, spec: TaskSpec, run: RunOptions):
         torch.manual_seed(run.seed)
         self.device = _torch_device(run.device)
-        self.model = GruImdbNet(spec).to(self.device)
-        self.criterion = nn.CrossEntropyLoss()
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=run.learning_rate, betas=(0.9, 0.999),
-                                          eps=1e-8)
-        self._last_loss: torch.Tensor | None = None
+        super().__init__(GruImdbNet(spec),
+                         lambda parameters: torch.optim.Adam(parameters, lr=run.learning_rate, betas=(0.9, 0.999),
+                                                             eps=1e-8))
 
-    def parameter_count(self) -> int:
-        return _parameter_count(self.model)
-
-    def _tokens(self, tokens: np.ndarray) -> torch.Tensor:
+    def _inputs(self, tokens: np.ndarray) -> torch.Tensor:
         return _as_tensor(tokens).long().to(self.device)
-
-    def train_step(self, tokens: np.ndarray, labels: np.ndarray) -> None:
-        self.model.train()
-        y = _as_tensor(labels).long().to(self.device)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.criterion(self.model(self._tokens(tokens)), y)
-        loss.backward()
-        self.optimizer.step()
-        self._last_loss = loss.detach()
-
-    def loss(self) -> float:
-        return _read_loss(self._last_loss, self.device)
-
-    def predict(self, tokens: np.ndarray) -> np.ndarray:
-        self.model.eval()
-        with torch.inference_mode():
-            return self.model(self._tokens(tokens)).cpu().numpy()
 
 
 class DenseLayer(nn.Module):

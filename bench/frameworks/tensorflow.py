@@ -53,7 +53,8 @@ def configure(run: RunOptions) -> None:
         tf.config.set_visible_devices([], "GPU")
         if run.devices > 1:
             # A data-parallel CPU cell: split the host CPU into logical devices, one per replica
-            # (they share the process's thread pools).
+            # (they share the process's thread pools). keras.py does the same: the framework
+            # modules share no code, so each stays readable on its own.
             cpu = tf.config.list_physical_devices("CPU")[0]
             tf.config.set_logical_device_configuration(
                 cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(run.devices)])
@@ -135,20 +136,21 @@ def build_cnn_cifar10(spec: TaskSpec, data_format: str) -> tf.keras.Model:
     ])
 
 
-class CnnCifar10:
+class _SoftmaxClassifier:
+    """The CNN and the GRU: one model trained batch by batch with softmax cross-entropy on
+    logits, its training step and inference traced once each by tf.function."""
     parameter_note = None
 
-    def __init__(self, spec: TaskSpec, run: RunOptions):
+    def __init__(self, run: RunOptions, build_model: Callable[[], tf.keras.Model],
+                 build_optimizer: Callable[[], tf.keras.optimizers.Optimizer], inputs: tf.TensorSpec):
         tf.keras.utils.set_random_seed(run.seed)
         self.on_gpu = run.device == "gpu"
         self.device = _tf_device(run.device)
-        self.layout = _layout(run.device)
         with tf.device(self.device):
-            self.model = build_cnn_cifar10(spec, _data_format(self.layout))
+            self.model = build_model()
             self.loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-            self.optimizer = tf.keras.optimizers.SGD(learning_rate=spec.learning_rate, momentum=spec.momentum)
-        batch_shape = (None, *self.model.input_shape[1:])
-        signature = [tf.TensorSpec(batch_shape, tf.float32), tf.TensorSpec((None,), tf.int32)]
+            self.optimizer = build_optimizer()
+        signature = [inputs, tf.TensorSpec((None,), tf.int32)]
         self._train_step = tf.function(
             lambda x, y: _optimiser_step(self.model, self.optimizer, self.loss_fn, x, y), input_signature=signature)
         self._predict = tf.function(lambda x: self.model(x, training=False), input_signature=signature[:1])
@@ -157,18 +159,28 @@ class CnnCifar10:
     def parameter_count(self) -> int:
         return _parameter_count(self.model)
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
+    def train_step(self, inputs: np.ndarray, labels: np.ndarray) -> None:
         with tf.device(self.device):
             # The numpy batch is copied to the device here, inside the timed step.
-            self._last_loss = self._train_step(images, labels)
+            self._last_loss = self._train_step(inputs, labels)
 
     def loss(self) -> float:
         """The last step's loss, after the device has finished all queued work."""
         return _read_loss(self._last_loss, self.on_gpu)
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
+    def predict(self, inputs: np.ndarray) -> np.ndarray:
         with tf.device(self.device):
-            return self._predict(images).numpy()  # dropout off; the read-back waits for the device
+            return self._predict(inputs).numpy()  # dropout off; the read-back waits for the device
+
+
+class CnnCifar10(_SoftmaxClassifier):
+    def __init__(self, spec: TaskSpec, run: RunOptions):
+        self.layout = _layout(run.device)
+        data_format = _data_format(self.layout)
+        super().__init__(
+            run, lambda: build_cnn_cifar10(spec, data_format),
+            lambda: tf.keras.optimizers.SGD(learning_rate=spec.learning_rate, momentum=spec.momentum),
+            tf.TensorSpec((None, *_image_shape(spec.input_shape, data_format)), tf.float32))
 
 
 def build_resnet50(input_shape: tuple, data_format: str) -> tf.keras.Model:
@@ -264,38 +276,13 @@ def build_gru_imdb(spec: TaskSpec) -> tf.keras.Model:
     ])
 
 
-class GruImdb:
-    parameter_note = None
+class GruImdb(_SoftmaxClassifier):
+    # Keras RNNs take batch-major input; the cuDNN kernel transposes to time-major inside.
+    layout = "NTC"
 
     def __init__(self, spec: TaskSpec, run: RunOptions):
-        tf.keras.utils.set_random_seed(run.seed)
-        self.on_gpu = run.device == "gpu"
-        self.device = _tf_device(run.device)
-        # Keras RNNs take batch-major input; the cuDNN kernel transposes to time-major inside.
-        self.layout = "NTC"
-        with tf.device(self.device):
-            self.model = build_gru_imdb(spec)
-            self.loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-            self.optimizer = _adam(run.learning_rate)
-        signature = [tf.TensorSpec((None, *spec.input_shape), tf.int32), tf.TensorSpec((None,), tf.int32)]
-        self._train_step = tf.function(
-            lambda x, y: _optimiser_step(self.model, self.optimizer, self.loss_fn, x, y), input_signature=signature)
-        self._predict = tf.function(lambda x: self.model(x, training=False), input_signature=signature[:1])
-        self._last_loss: tf.Tensor | None = None
-
-    def parameter_count(self) -> int:
-        return _parameter_count(self.model)
-
-    def train_step(self, tokens: np.ndarray, labels: np.ndarray) -> None:
-        with tf.device(self.device):
-            self._last_loss = self._train_step(tokens, labels)
-
-    def loss(self) -> float:
-        return _read_loss(self._last_loss, self.on_gpu)
-
-    def predict(self, tokens: np.ndarray) -> np.ndarray:
-        with tf.device(self.device):
-            return self._predict(tokens).numpy()
+        super().__init__(run, lambda: build_gru_imdb(spec), lambda: _adam(run.learning_rate),
+                         tf.TensorSpec((None, *spec.input_shape), tf.int32))
 
 
 def build_densenet121(spec: TaskSpec, input_shape: tuple) -> tf.keras.Model:
