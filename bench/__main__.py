@@ -180,7 +180,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         result.status, result.error = "failed", "{}: {}".format(type(error).__name__, error)
     result.env = dict(environment.collect(args.device, facts), backend=args.backend,
                       started_utc=started, finished_utc=utc_now())
-    write_json_atomic(args.out, result.to_dict())
+    if environment.mpi_rank() == 0:  # the other MPI workers ran the same cell: one result
+        write_json_atomic(args.out, result.to_dict())
     print("{}: {}".format(cell.id, result.status) + (" ({})".format(result.error) if result.error else ""))
     return 0 if result.status == "ok" else 1
 

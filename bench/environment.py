@@ -1,4 +1,5 @@
 """Everything about where a cell ran, collected in one place inside the cell's process."""
+import json
 import os
 import platform
 import subprocess
@@ -34,6 +35,20 @@ def expose_cpu_devices(devices: int) -> None:
 
 def _add_xla_flags(*flags: str) -> None:
     os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS")] + list(flags)))
+
+
+# The variables an MPI launcher sets to each process's rank: Open MPI, then PMIx and MPICH/Hydra.
+MPI_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
+
+
+def mpi_rank(environ: Optional[Dict[str, str]] = None) -> int:
+    """This process's rank when an MPI launcher started it (CNTK's data-parallel cells run one
+    process per device under mpiexec), 0 otherwise. Rank 0 alone writes the cell's result."""
+    environ = os.environ if environ is None else environ
+    for name in MPI_RANK_VARIABLES:
+        if environ.get(name, "").isdigit():
+            return int(environ[name])
+    return 0
 
 
 def bench_commit() -> Optional[str]:
@@ -84,6 +99,12 @@ def gpu_info(nvml: Optional[ModuleType], visible_devices: Optional[str]) -> Opti
         nvml.nvmlShutdown()
 
 
+def image_facts(described: Optional[str]) -> Optional[Dict[str, Any]]:
+    """The image this cell runs in, as the docker backend describes it in DLBENCH_IMAGE (JSON:
+    tag, id, base, base_digest; an image cannot know its own id); None outside a container."""
+    return json.loads(described) if described else None
+
+
 def _text(value: Union[str, bytes]) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -105,6 +126,7 @@ def collect(device: str, framework_facts: Dict[str, Any]) -> Dict[str, Any]:
         **framework_facts,
         "bench_commit": bench_commit(),
         "bench_hash": bench_code_hash(),
+        "image": image_facts(os.environ.get("DLBENCH_IMAGE")),
         "gpu": gpu_info(_import_nvml(), os.environ.get("CUDA_VISIBLE_DEVICES")) if device == "gpu" else None,
         "argv": sys.argv[1:],
     }

@@ -1,0 +1,41 @@
+"""The bench's entry point, run in the harness's Python (no framework installed there): a cell
+whose framework cannot start is still recorded, once, by MPI rank 0 only."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import __main__ as bench_main
+from bench.environment import mpi_rank
+
+
+@pytest.mark.parametrize("environ, rank", [
+    ({}, 0),
+    ({"OMPI_COMM_WORLD_RANK": "1"}, 1),
+    ({"PMI_RANK": "3"}, 3),
+    ({"PMIX_RANK": "0", "PMI_RANK": "2"}, 0),
+    ({"OMPI_COMM_WORLD_RANK": ""}, 0),
+])
+def test_the_mpi_rank_comes_from_the_launchers_variables(environ, rank):
+    assert mpi_rank(environ) == rank
+
+
+def arguments(out):
+    return ["--framework", "cntk", "--task", "cnn_cifar10", "--synthetic", "--steps", "1",
+            "--repeats", "1", "--warmup-steps", "1", "--out", str(out)]
+
+
+def test_rank_zero_records_a_cell_whose_framework_cannot_start(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMPI_COMM_WORLD_RANK", raising=False)
+    out = tmp_path / "cell.json"
+    assert bench_main.main(arguments(out)) == 1
+    result = json.loads(out.read_text())
+    assert result["status"] == "failed" and "cntk" in result["error"]
+
+
+def test_other_mpi_ranks_write_no_result(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
+    out = tmp_path / "cell.json"
+    assert bench_main.main(arguments(out)) == 1
+    assert not out.exists()
