@@ -22,7 +22,7 @@ from ruamel.yaml.error import MarkedYAMLError
 
 from bench.specs import FRAMEWORK_GROUPS, FRAMEWORKS, INFER, TASKS
 
-from .gpus import Gpu, matches
+from .gpus import Gpu, matches, names_model
 
 AXES = ("framework", "task", "gpu", "cuda", "threads", "devices")
 
@@ -164,10 +164,25 @@ class Matrix:
         for combo in self._combinations():
             chosen = combo.axes
             for gpu in local_models if chosen["gpu"] == "auto" else [chosen["gpu"]]:
+                if chosen["gpu"] == "auto" and not combo.included and self._excluded_on_host(chosen, gpu):
+                    continue
                 cell = _fitted(Cell(chosen["framework"], chosen["task"], gpu, chosen["cuda"], chosen["threads"],
                                     chosen["devices"], self.spec.settings.merged(combo.settings)))
                 cells.setdefault(cell.id, cell)
         return list(cells.values())
+
+    def _excluded_on_host(self, axes: dict[str, Any], gpu: str) -> bool:
+        """An exclude entry naming a GPU ("cpu", "H100") also removes the product's ``gpu: auto``
+        cells once auto turns into that GPU on this host: ``{gpu: cpu, devices: 2}`` means
+        "not on a CPU-only host"."""
+        host_axes = {**axes, "gpu": gpu}
+        for exclude in self.spec.matrix.exclude:
+            for rule in _per_framework(exclude.axis_values()):
+                if "gpu" in rule and all(
+                        (value == gpu or names_model(value, gpu)) if axis == "gpu" else host_axes[axis] == value
+                        for axis, value in rule.items()):
+                    return True
+        return False
 
     def _combinations(self) -> list["_Combo"]:
         """The product of the axes, minus excludes, plus includes (GitHub Actions' rules)."""
@@ -189,7 +204,7 @@ class Matrix:
                             f"matrix.include[{number}]: it matches no cell, so it adds one, and a new "
                             f"cell needs both 'framework' and 'task'; add them")
                     combos.append(_Combo({"gpu": "auto", "cuda": "auto", "threads": "auto", "devices": 1},
-                                         added, include.settings))
+                                         added, include.settings, included=True))
         return combos
 
 
@@ -225,10 +240,11 @@ class _Combo:
     which an include entry may extend but never overwrite."""
 
     def __init__(self, original: dict[str, str], added: dict[str, str] | None = None,
-                 settings: Settings | None = None):
+                 settings: Settings | None = None, included: bool = False):
         self.original = original
         self.axes = {**original, **(added or {})}
         self.settings = settings
+        self.included = included  # a cell an include entry added: excludes never apply to it
 
     def add(self, added: dict[str, str], settings: Settings | None) -> None:
         self.axes.update(added)
@@ -244,12 +260,20 @@ def host_gpu_for(cell: Cell, host_gpus: list[Gpu]) -> list[Gpu]:
 
 def load(path: Path) -> Matrix:
     """Read and validate a matrix file; every problem is a MatrixError with file:line."""
-    path = Path(path)
+    spec, document = load_yaml(Path(path), MatrixFile)
+    return Matrix(Path(path), spec, document)
+
+
+Model = typing.TypeVar("Model", bound=BaseModel)
+
+
+def load_yaml(path: Path, model: type[Model]) -> tuple[Model, Any]:
+    """A YAML file validated as ``model``, and the parsed document (which knows every key's
+    line); any problem is a MatrixError: file:line: where: what, and the fix."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
-        raise MatrixError(f"{path}: cannot read the matrix file ({error.strerror}); "
-                          f"pass the path of a matrix.yml") from error
+        raise MatrixError(f"{path}: cannot read the file ({error.strerror}); check the path") from error
     try:
         document = YAML(typ="rt").load(text)
     except MarkedYAMLError as error:
@@ -258,13 +282,11 @@ def load(path: Path) -> Matrix:
         raise MatrixError(f"{path}:{line}: not valid YAML: {error.problem or error.context}; "
                           f"fix the syntax there") from error
     if not isinstance(document, dict):
-        raise MatrixError(f"{path}:1: the file must be a mapping with 'matrix:' and an optional "
-                          f"'settings:' block")
+        raise MatrixError(f"{path}:1: the file must be a mapping with the keys {', '.join(model.model_fields)}")
     try:
-        spec = MatrixFile.model_validate(_plain(document))
+        return model.model_validate(_plain(document)), document
     except ValidationError as error:
-        raise MatrixError(_describe(path, document, error.errors()[0])) from None
-    return Matrix(path, spec, document)
+        raise MatrixError(_describe(path, document, error.errors()[0], model)) from None
 
 
 def _plain(node: Any) -> Any:
@@ -276,13 +298,13 @@ def _plain(node: Any) -> Any:
     return node
 
 
-def _describe(path: Path, document: Any, error: dict) -> str:
+def _describe(path: Path, document: Any, error: dict, model: type[BaseModel]) -> str:
     loc = tuple(part for part in error["loc"] if not _is_union_tag(part))
     where = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in loc).replace(".[", "[") or "(top)"
     line = _line_in(document, loc)
     kind = error["type"]
     if kind == "extra_forbidden":
-        allowed = ", ".join(_allowed_keys(loc[:-1]))
+        allowed = ", ".join(_allowed_keys(loc[:-1], model))
         message = f"unknown key {loc[-1]!r}; allowed keys here: {allowed}"
     elif kind == "missing":
         message = f"required key {loc[-1]!r} is missing; add it"
@@ -302,8 +324,9 @@ def _describe(path: Path, document: Any, error: dict) -> str:
 
 
 def _is_union_tag(part: Any) -> bool:
-    # pydantic names the branch of an Optional/Literal it tried in the location; not a key.
-    return isinstance(part, str) and (part.startswith("literal[") or part in ("str", "int", "float"))
+    # pydantic names the branch of an Optional/Literal it tried, or "[key]" for a mapping's key,
+    # in the location; not a key of the file.
+    return isinstance(part, str) and (part.startswith("literal[") or part in ("str", "int", "float", "[key]"))
 
 
 def _line_in(node: Any, loc: tuple) -> int:
@@ -323,11 +346,10 @@ def _line_in(node: Any, loc: tuple) -> int:
     return line
 
 
-def _allowed_keys(loc: tuple) -> list[str]:
-    """Field names of the model at ``loc`` inside MatrixFile."""
-    model: Any = MatrixFile
+def _allowed_keys(loc: tuple, model: Any) -> list[str]:
+    """Field names of the model at ``loc`` inside ``model``."""
     for part in loc:
-        if isinstance(part, int):
+        if isinstance(part, int) or part not in getattr(model, "model_fields", {}):
             continue
         annotation = model.model_fields[part].annotation
         model = next(t for t in _flatten(annotation) if isinstance(t, type) and issubclass(t, BaseModel))

@@ -35,12 +35,33 @@ def cells_of(tmp_path, extra="", gpus=()):
 
 def test_the_default_matrix_on_a_host_without_gpus():
     cells = load(REPO / "matrix.yml").cells([])
-    # keras = its three backends; the data-parallel task on 1 and 2 CPU devices, the others on one.
+    # keras = its three backends; every task on one CPU device (the 2-device split is excluded
+    # on CPU-only hosts).
+    assert [(c.framework, c.task, c.devices) for c in cells] == [
+        (framework, task.name, 1) for framework in FRAMEWORKS for task in TASKS.values()]
+    assert all(c.device == "cpu" for c in cells)
+    assert all(c.settings.mode == "throughput" and c.settings.data == "synthetic" for c in cells)
+
+
+def test_the_default_matrix_on_a_gpu_host_runs_the_data_parallel_task_on_1_and_2_gpus():
+    cells = load(REPO / "matrix.yml").cells([H100, H100_B])
     assert [(c.framework, c.task, c.devices) for c in cells] == [
         (framework, task.name, devices) for framework in FRAMEWORKS for task in TASKS.values()
         for devices in ((1, 2) if task.data_parallel else (1,))]
-    assert all(c.device == "cpu" for c in cells)
-    assert all(c.settings.mode == "throughput" and c.settings.data == "synthetic" for c in cells)
+    assert {c.gpu for c in cells} == {H100.name}
+
+
+def test_an_exclude_naming_a_gpu_applies_to_auto_once_resolved_on_the_host(tmp_path):
+    text = ("matrix:\n  framework: [pytorch]\n  task: [densenet121_xray]\n  devices: [1, 2]\n"
+            "  exclude:\n    - {gpu: cpu, devices: 2}\n    - {gpu: a100, devices: 1}\n"
+            "  include:\n    - {framework: chainer, task: densenet121_xray, devices: 2}\n")
+    matrix = load(write_matrix(tmp_path / "m.yml", text))
+    # On a CPU-only host auto is cpu: pytorch's 2-device cell goes; the included cell stays.
+    assert [(c.framework, c.gpu, c.devices) for c in matrix.cells([])] == [
+        ("pytorch", "cpu", 1), ("chainer", "cpu", 2)]
+    assert [(c.framework, c.gpu, c.devices) for c in matrix.cells([H100, A100])] == [
+        ("pytorch", H100.name, 1), ("pytorch", A100.name, 2), ("pytorch", H100.name, 2),
+        ("chainer", A100.name, 2), ("chainer", H100.name, 2)]
 
 
 def test_auto_gpu_becomes_each_gpu_model_of_the_host(tmp_path):
@@ -146,7 +167,7 @@ def test_validation_errors_name_file_line_field_and_fix(tmp_path, text, expected
 
 
 def test_a_missing_matrix_file(tmp_path):
-    with pytest.raises(MatrixError, match="cannot read the matrix file"):
+    with pytest.raises(MatrixError, match="cannot read the file"):
         load(tmp_path / "absent.yml")
 
 
