@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Merge every cell result under one or more folders into comparison tables.
 
-    python harness/merge.py results/<run> [more folders...] [--out DIR]
+    python harness/merge.py results/<run> [more folders...] [--out DIR] [--mixed-bench]
 
 Prints the tables and writes them (Markdown, CSV) to DIR, by default <first folder>/tables.
 Files that are not valid cell results are reported and skipped.
@@ -19,10 +19,10 @@ from harness.results import load_results  # noqa: E402
 from harness.tables import build_tables, write_tables  # noqa: E402
 
 
-def merge(folders: list[Path], out_dir: Path) -> str:
+def merge(folders: list[Path], out_dir: Path, mixed_bench: bool = False) -> str:
     """Load, tabulate, write; returns the Markdown it wrote. Problems go to stderr."""
     loaded = load_results(*folders)
-    tables, dropped = build_tables([result for _, result in loaded.results])
+    tables, dropped = build_tables([result for _, result in loaded.results], mixed_bench)
     for problem in loaded.problems + dropped:
         print(f"note: {problem}", file=sys.stderr)
     summary = write_tables(tables, [result for _, result in loaded.results], out_dir)
@@ -34,12 +34,15 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", type=Path, help="folders holding cell result JSON files")
     parser.add_argument("--out", type=Path, default=None, help="where to write the tables")
+    parser.add_argument("--mixed-bench", action="store_true",
+                        help="compare results measured by different bench code (by default only the "
+                             "newest result's bench hash is shown; the others are listed)")
     args = parser.parse_args(argv)
     for folder in args.folders:
         if not folder.is_dir():
             print(f"error: {folder}: no such results folder; pass a folder of cell results", file=sys.stderr)
             return 2
-    print(merge(args.folders, args.out or args.folders[0] / "tables"))
+    print(merge(args.folders, args.out or args.folders[0] / "tables", args.mixed_bench))
     return 0
 
 

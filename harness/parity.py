@@ -32,7 +32,7 @@ from harness import backends, run_matrix  # noqa: E402
 from harness.backends.base import REPO_ROOT  # noqa: E402
 from harness.cifar_format import write_batches  # noqa: E402
 from harness.results import load_results  # noqa: E402
-from harness.runner import IMAGE_ONLY  # noqa: E402
+from harness.backends.local import IMAGE_ONLY  # noqa: E402
 
 TRAIN_BATCHES = 5
 UPSAMPLE = 4  # 8x8 digits -> 32x32, CIFAR-10's size

@@ -20,11 +20,6 @@ from .matrix import Cell, host_gpu_for
 from .results import RunFolder, read_result
 
 LOG_TAIL_LINES = 12
-# Frameworks that cannot be installed next to the others, and why.
-IMAGE_ONLY = {
-    "cntk": ("CNTK 2.7 installs only on Python 3.5/3.6 and links OpenMPI 1.10: it runs in its own "
-             "image (Python 3.6, CUDA 10.0, cuDNN 7), not in a {backend} environment"),
-}
 # The bench sources do not change while a matrix runs: hash them once.
 current_bench_hash = functools.cache(contract.bench_code_hash)
 
@@ -39,8 +34,6 @@ class CellOutcome:
 
 def skip_reason(cell: Cell, host_gpus: list[Gpu], backend: Backend) -> str | None:
     """Why this host and backend cannot run ``cell``, or None."""
-    if cell.framework in IMAGE_ONLY and backend.name in ("local", "current"):
-        return IMAGE_ONLY[cell.framework].format(backend=backend.name)
     if cell.device == "cpu" and cell.cuda != "auto":
         return f"a CPU cell has no CUDA version (cuda: {cell.cuda}); use cuda: auto with gpu: cpu"
     if cell.device == "gpu" and not host_gpu_for(cell, host_gpus):
@@ -49,34 +42,33 @@ def skip_reason(cell: Cell, host_gpus: list[Gpu], backend: Backend) -> str | Non
     if cell.device == "gpu" and len(host_gpu_for(cell, host_gpus)) < cell.devices:
         return (f"the cell asks for {cell.devices} {cell.gpu} GPUs and this host has "
                 f"{len(host_gpu_for(cell, host_gpus))}")
-    if cell.device == "gpu" and cell.cuda != "auto" and backend.name in ("local", "current"):
-        return (f"the {backend.name} backend runs the CUDA its framework build brings and cannot "
-                f"pick CUDA {cell.cuda}; use cuda: auto, or a backend with per-CUDA images")
-    return None
+    return backend.cannot_run(cell)
 
 
-def bench_args(cell: Cell, result_path: Path, backend: Backend, matrix_dir: Path) -> list[str]:
+def bench_args(cell: Cell, backend: Backend) -> list[str]:
+    """The bench's options for ``cell``, but for the paths (Launch adds those)."""
     s = cell.settings
     args = ["--framework", cell.framework, "--task", cell.task, "--device", cell.device,
-            "--out", str(result_path), "--mode", s.mode, "--warmup-steps", str(s.warmup_steps),
+            "--mode", s.mode, "--warmup-steps", str(s.warmup_steps),
             "--steps", str(s.steps), "--repeats", str(s.repeats), "--batch-size", str(cell.batch_size),
             "--seed", str(s.seed), "--cell-id", cell.id, "--backend", backend.name,
             "--devices", str(cell.devices)]
     if cell.image_size:
         args += ["--image-size", str(cell.image_size)]
-    if s.weights:
-        args += ["--weights", str((matrix_dir / os.path.expanduser(s.weights)).resolve())]
     if s.epochs:
         args += ["--epochs", str(s.epochs)]
     if s.data == "synthetic":
         args.append("--synthetic")
-    elif s.data_dir:
-        args += ["--data-dir", str((matrix_dir / os.path.expanduser(s.data_dir)).resolve())]
     if cell.device == "gpu":
         args += ["--gpu-model", cell.gpu, "--cuda", cell.cuda]
     if cell.threads != "auto":
         args += ["--threads", str(cell.threads)]
     return args
+
+
+def _settings_path(value: str | None, matrix_dir: Path) -> Path | None:
+    """A path from matrix.yml's settings, relative to the matrix file."""
+    return (matrix_dir / os.path.expanduser(value)).resolve() if value else None
 
 
 def is_done(path: Path) -> bool:
@@ -122,7 +114,7 @@ def run_cell(cell: Cell, folder: RunFolder, backend: Backend, host_gpus: list[Gp
         return CellOutcome(cell, "skipped", reason)
     log_path = folder.logs / f"{cell.id}.log"
     try:
-        backend.prepare(cell.framework, cell.device)
+        backend.prepare(cell)
     except BackendError as error:
         message = f"environment not ready: {error}"
         record(folder, cell, "failed", message, backend, started)
@@ -131,8 +123,9 @@ def run_cell(cell: Cell, folder: RunFolder, backend: Backend, host_gpus: list[Gp
     staged = folder.staging / f"{cell.id}.json"
     staged.unlink(missing_ok=True)  # left by a run that was killed
     gpus = host_gpu_for(cell, host_gpus)[:cell.devices]
-    launch = Launch(cell, bench_args(cell, staged, backend, matrix_dir), staged, log_path,
-                    cell.settings.timeout_s, gpus)
+    launch = Launch(cell, bench_args(cell, backend), staged, log_path, cell.settings.timeout_s, gpus,
+                    weights=_settings_path(cell.settings.weights, matrix_dir),
+                    data_dir=_settings_path(cell.settings.data_dir, matrix_dir) if cell.settings.data == "real" else None)
     ended = backend.run(launch)
     if not ended.timed_out:
         try:

@@ -29,36 +29,39 @@ class Table:
         return "\n".join(parts).rstrip() + "\n"
 
 
-def _device_key(result: Result) -> tuple[str, str, int]:
-    """The hardware a result ran on, as (device kind, name, devices): one column each."""
-    devices = result.cell.devices
+def _device_key(result: Result) -> tuple[str, str, int, str]:
+    """Where a result ran, as (device kind, name, devices, backend): one column each."""
+    devices, backend = result.cell.devices, result.env.get("backend", "?")
     if result.cell.device == "cpu":
         # Without a thread count each framework picks its own (not always one per core).
         threads = f", {result.cell.threads} threads" if result.cell.threads else ""
         name = f"{result.env.get('cpu_model', 'unknown CPU')}, {result.env.get('cpu_cores', '?')} cores{threads}"
-        return ("cpu", name, devices)
+        return ("cpu", name, devices, backend)
     gpu = (result.env.get("gpu") or {}).get("name") or result.cell.gpu or "GPU"
-    return ("gpu", f"{gpu}|{result.cell.cuda}", devices)
+    return ("gpu", f"{gpu}|{result.cell.cuda}", devices, backend)
 
 
-def _column_labels(rows: pd.DataFrame) -> dict[tuple[str, str], str]:
+def _column_labels(rows: pd.DataFrame) -> dict[tuple[str, str, int, str], str]:
     """CPU columns read "CPU (model, N cores[, M threads])"; GPU columns "GPU / CUDA x / cuDNN y" when all
-    frameworks in the column report the same versions, else "GPU / CUDA <asked>"."""
+    frameworks in the column report the same versions, else "GPU / CUDA <asked>". Results of more
+    than one backend (docker images, local environments) get a column each, named so."""
     labels = {}
+    several_backends = rows["device_key"].map(lambda key: key[3]).nunique() > 1
     for key, group in rows.groupby("device_key", sort=False):
-        kind, name, devices = key
+        kind, name, devices, backend = key
+        where = f", {backend} backend" if several_backends else ""
         if kind == "cpu":
             split = f" split in {devices} devices" if devices > 1 else ""
-            labels[key] = f"CPU ({name}){split}"
+            labels[key] = f"CPU ({name}){split}{where}"
             continue
         gpu, asked = name.split("|", 1)
         count = f"{devices} × " if devices > 1 else ""
         versions = {(c, d) for c, d in zip(group["cuda"], group["cudnn"]) if c}
         if len(versions) == 1:
             cuda, cudnn = versions.pop()
-            labels[key] = f"{count}{gpu} / CUDA {cuda} / cuDNN {cudnn}"
+            labels[key] = f"{count}{gpu} / CUDA {cuda} / cuDNN {cudnn}{where}"
         else:
-            labels[key] = f"{count}{gpu} / CUDA {asked}"
+            labels[key] = f"{count}{gpu} / CUDA {asked}{where}"
     return labels
 
 
@@ -91,7 +94,8 @@ def results_frame(results: list[Result]) -> pd.DataFrame:
             "epochs": result.settings.epochs if result.settings else None,
             "cuda": result.env.get("cuda"), "cudnn": result.env.get("cudnn"),
             "framework_version": result.env.get("framework_version"),
-            "backend": result.env.get("backend"), "cell_id": result.cell.id,
+            "backend": result.env.get("backend"), "bench_hash": result.env.get("bench_hash"),
+            "cell_id": result.cell.id,
             "finished_utc": result.env.get("finished_utc", ""),
         })
     return pd.DataFrame(rows)
@@ -142,14 +146,23 @@ def _describe(task: str, mode: str, data: str, batch_size: int, input_shape: str
     return f"{what}; batch {batch_size}{per_device}; inputs {input_shape}; {data} data."
 
 
-def build_tables(results: list[Result]) -> tuple[list[Table], list[str]]:
-    """Tables, plus notes about results that were left out (duplicates)."""
+def build_tables(results: list[Result], mixed_bench: bool = False) -> tuple[list[Table], list[str]]:
+    """Tables, plus notes about results that were left out: duplicates, and results measured
+    by other bench code than the newest result's (compared only when ``mixed_bench``)."""
     frame = results_frame(results)
     if frame.empty:
         return [], []
     dropped = []
-    # Two results for the same framework on the same device: the newest one is shown.
     frame = frame.sort_values("finished_utc")
+    measured = frame[frame["status"] == "ok"]
+    if not mixed_bench and not measured.empty:
+        newest_bench = measured["bench_hash"].iloc[-1]
+        other = (frame["status"] == "ok") & (frame["bench_hash"] != newest_bench)
+        dropped += [f"{row.cell_id}: measured by other bench code (hash {str(row.bench_hash)[:12]}, the newest "
+                    f"result's is {str(newest_bench)[:12]}), not compared; pass --mixed-bench to compare anyway"
+                    for row in frame[other].itertuples()]
+        frame = frame[~other]
+    # Two results for the same framework on the same device: the newest one is shown.
     place = ["task", "mode", "data", "batch_size", "input_shape", "framework", "device_key"]
     duplicated = frame.duplicated(place, keep="last")
     dropped += [f"{row.cell_id}: an older duplicate, not shown" for row in frame[duplicated].itertuples()]

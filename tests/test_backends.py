@@ -22,11 +22,11 @@ def pins(images, text):
 def test_an_environment_is_built_once_and_reused(tmp_path, images):
     pins(images, "# nothing to install\n")
     first = VirtualenvBackend(tmp_path / "cache")
-    first.prepare("pytorch", "cpu")
+    first.prepare_environment("pytorch", "cpu")
     path = first.environment_path("pytorch", "cpu")
     assert (path / "bin" / "python").exists() and (path / ".complete").is_file()
     marker = (path / ".complete").stat().st_mtime_ns
-    VirtualenvBackend(tmp_path / "cache").prepare("pytorch", "cpu")
+    VirtualenvBackend(tmp_path / "cache").prepare_environment("pytorch", "cpu")
     assert (path / ".complete").stat().st_mtime_ns == marker
 
 
@@ -45,7 +45,7 @@ def test_a_build_that_was_cut_short_starts_over(tmp_path, images):
     path = backend.environment_path("pytorch", "cpu")
     path.mkdir(parents=True)
     (path / "leftover").write_text("half a build")
-    backend.prepare("pytorch", "cpu")
+    backend.prepare_environment("pytorch", "cpu")
     assert not (path / "leftover").exists() and (path / ".complete").is_file()
 
 
@@ -53,13 +53,13 @@ def test_a_failed_build_says_where_its_log_is(tmp_path, images):
     pins(images, "this is not a requirement ===\n")
     backend = VirtualenvBackend(tmp_path / "cache")
     with pytest.raises(BackendError, match=r"building pytorch-cpu-\w+ failed at .* see .*\.log"):
-        backend.prepare("pytorch", "cpu")
+        backend.prepare_environment("pytorch", "cpu")
     assert not (backend.environment_path("pytorch", "cpu") / ".complete").exists()
 
 
 def test_a_framework_without_pins_for_a_device(tmp_path, images):
     with pytest.raises(BackendError, match="requirements-gpu.txt is missing: pytorch has no gpu environment"):
-        VirtualenvBackend(tmp_path / "cache").prepare("pytorch", "gpu")
+        VirtualenvBackend(tmp_path / "cache").prepare_environment("pytorch", "gpu")
 
 
 def test_build_constraints_are_part_of_the_environment(tmp_path, images):
@@ -69,6 +69,6 @@ def test_build_constraints_are_part_of_the_environment(tmp_path, images):
     (images / "pytorch" / "build-constraints.txt").write_text("not a constraint ===\n")
     assert backend.environment_path("pytorch", "cpu") != before
     with pytest.raises(BackendError):  # pip read the constraints, so it was given them
-        backend.prepare("pytorch", "cpu")
+        backend.prepare_environment("pytorch", "cpu")
     log = backend.environment_path("pytorch", "cpu").with_suffix(".log").read_text()
     assert "build-constraints.txt" in log

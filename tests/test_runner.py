@@ -26,7 +26,7 @@ class ScriptBackend(Backend):
     def __init__(self, script: str, broken: bool = False):
         self.script, self.broken, self.runs = textwrap.dedent(script), broken, 0
 
-    def prepare(self, framework, device):
+    def prepare(self, cell):
         if self.broken:
             raise BackendError("building pytorch-cpu failed at 'pip install' (exit 1); see build.log")
 

@@ -109,3 +109,27 @@ def test_cells_that_set_threads_get_a_column_of_their_own():
     one["cell"]["threads"] = 1
     tables, _ = build_tables(results(one, result_payload("pytorch", cell_id="b")))
     assert list(tables[0].display.columns) == ["CPU (Test CPU, 2 cores, 1 threads)", "CPU (Test CPU, 2 cores)"]
+
+
+def test_results_of_other_bench_code_are_not_compared_unless_asked():
+    old = result_payload("pytorch", step_times=(0.5,), finished="2026-01-01T00:00:00+00:00", cell_id="old")
+    old["env"]["bench_hash"] = "1" * 64
+    new = result_payload("tensorflow", step_times=(0.1,), finished="2026-02-01T00:00:00+00:00", cell_id="new")
+    tables, dropped = build_tables(results(new, old))
+    assert list(tables[0].display.index) == ["tensorflow"]
+    assert dropped == [f"old: measured by other bench code (hash {'1' * 12}, the newest result's is {'0' * 12}), "
+                       f"not compared; pass --mixed-bench to compare anyway"]
+    tables, dropped = build_tables(results(new, old), mixed_bench=True)
+    assert list(tables[0].display.index) == ["pytorch", "tensorflow"] and not dropped
+
+
+def test_results_of_two_backends_get_a_column_each():
+    local = result_payload("pytorch", step_times=(0.5,), cell_id="a")
+    docker = result_payload("pytorch", step_times=(0.4,), cell_id="b")
+    docker["env"]["backend"] = "docker"
+    tables, dropped = build_tables(results(local, docker))
+    assert list(tables[0].display.columns) == ["CPU (Test CPU, 2 cores), local backend",
+                                               "CPU (Test CPU, 2 cores), docker backend"]
+    assert not dropped
+    (alone,), _ = build_tables(results(local))
+    assert list(alone.display.columns) == ["CPU (Test CPU, 2 cores)"]

@@ -26,7 +26,8 @@ class BackendError(Exception):
 
 @dataclass
 class Launch:
-    """One cell, ready to start: ``python -m bench`` + ``bench_args`` writes ``result_path``."""
+    """One cell, ready to start: ``python -m bench`` + ``bench_args`` + the path options
+    (``--out result_path``, ``--weights``, ``--data-dir``, as the backend sees those files)."""
 
     cell: Cell
     bench_args: list[str]
@@ -34,16 +35,33 @@ class Launch:
     log_path: Path
     timeout_s: float
     gpus: list[Gpu] = field(default_factory=list)  # the GPUs this cell may use; none for CPU cells
+    weights: Path | None = None
+    data_dir: Path | None = None
+
+    def path_args(self, out: Path, weights: Path | None, data_dir: Path | None) -> list[str]:
+        args = ["--out", str(out)]
+        if weights:
+            args += ["--weights", str(weights)]
+        if data_dir:
+            args += ["--data-dir", str(data_dir)]
+        return args
+
+    def host_argv(self) -> list[str]:
+        """The bench's arguments for a process on this host, which sees the files where they are."""
+        return self.bench_args + self.path_args(self.result_path, self.weights, self.data_dir)
 
 
 @dataclass
 class Exit:
     returncode: int | None
     timed_out: bool
+    out_of_memory: bool = False  # a container's memory limit was hit (the engine says so)
 
     def describe(self) -> str:
         if self.timed_out:
             return "timed out and was stopped"
+        if self.out_of_memory:
+            return f"ran out of memory (exit {self.returncode}: killed at the container's memory limit)"
         if self.returncode is not None and self.returncode < 0:
             number = -self.returncode
             name = signal.Signals(number).name if number in signal.Signals._value2member_map_ else str(number)
@@ -57,9 +75,13 @@ class Exit:
 class Backend(ABC):
     name: str
 
+    def cannot_run(self, cell: Cell) -> str | None:
+        """Why this backend cannot run ``cell`` at all (the cell is then skipped), or None."""
+        return None
+
     @abstractmethod
-    def prepare(self, framework: str, device: str) -> None:
-        """Make the framework's environment for this device kind ready (build or reuse it)."""
+    def prepare(self, cell: Cell) -> None:
+        """Make the cell's environment ready (build or reuse it)."""
 
     @abstractmethod
     def run(self, launch: Launch) -> Exit:

@@ -11,8 +11,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..matrix import Cell
 from .base import (Backend, BackendError, Exit, Launch, build_constraints_file, cell_environment,
                    requirements_file, run_process)
+
+# Frameworks that cannot be installed next to the others, and why.
+IMAGE_ONLY = {
+    "cntk": ("CNTK 2.7 installs only on Python 3.5/3.6 and links OpenMPI 1.10: it runs in its own "
+             "image (Python 3.6, CUDA 10.0, cuDNN 7; --backend docker), not in a {backend} environment"),
+}
+
+
+def local_skip_reason(cell: Cell, backend: str) -> str | None:
+    """What the host's own Python cannot run: image-only frameworks, a pinned CUDA version."""
+    if cell.framework in IMAGE_ONLY:
+        return IMAGE_ONLY[cell.framework].format(backend=backend)
+    if cell.device == "gpu" and cell.cuda != "auto":
+        return (f"the {backend} backend runs the CUDA its framework build brings and cannot "
+                f"pick CUDA {cell.cuda}; use cuda: auto, or --backend docker (one image per CUDA version)")
+    return None
 
 
 def default_cache_dir() -> Path:
@@ -43,7 +60,13 @@ class VirtualenvBackend(Backend):
             digest.update(constraints.read_bytes())
         return self.envs_dir / f"{framework}-{device}-{digest.hexdigest()[:12]}"
 
-    def prepare(self, framework: str, device: str) -> None:
+    def cannot_run(self, cell: Cell) -> str | None:
+        return local_skip_reason(cell, self.name)
+
+    def prepare(self, cell: Cell) -> None:
+        self.prepare_environment(cell.framework, cell.device)
+
+    def prepare_environment(self, framework: str, device: str) -> None:
         if (framework, device) in self._ready:
             return
         path = self.environment_path(framework, device)
@@ -82,7 +105,7 @@ class VirtualenvBackend(Backend):
 
     def run(self, launch: Launch) -> Exit:
         path = self._ready[(launch.cell.framework, launch.cell.device)]
-        argv = [str(path / "bin" / "python"), "-m", "bench", *launch.bench_args]
+        argv = [str(path / "bin" / "python"), "-m", "bench", *launch.host_argv()]
         return run_process(argv, cell_environment(launch), launch.log_path, launch.timeout_s)
 
 
@@ -92,9 +115,12 @@ class CurrentInterpreterBackend(Backend):
 
     name = "current"
 
-    def prepare(self, framework: str, device: str) -> None:
+    def cannot_run(self, cell: Cell) -> str | None:
+        return local_skip_reason(cell, self.name)
+
+    def prepare(self, cell: Cell) -> None:
         pass
 
     def run(self, launch: Launch) -> Exit:
-        argv = [sys.executable, "-m", "bench", *launch.bench_args]
+        argv = [sys.executable, "-m", "bench", *launch.host_argv()]
         return run_process(argv, cell_environment(launch), launch.log_path, launch.timeout_s)

@@ -1,0 +1,223 @@
+"""The docker backend: one image per framework variant (images/catalog.yml), built when missing
+and found again by its content tag, and one container per cell.
+
+A cell's container has no network, no privileges and the host user's uid; it sees its result
+folder, the weights file and the data folder as mounts, only its own GPUs (an NVIDIA device
+request by UUID), and the memory, CPU and process limits of the run. It is removed afterwards,
+its output kept as the cell's log.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+import requests
+from docker.errors import APIError, BuildError, DockerException, ImageNotFound
+from docker.types import DeviceRequest, Mount
+
+from ..images import BuildOptions, Catalog, Recipe, load_catalog, recipe
+from ..matrix import Cell
+from .base import TERMINATE_GRACE_S, Backend, BackendError, Exit, Launch
+
+# Containers of this harness carry this label, with the run folder as its value, so that the
+# ones a killed harness left behind can be found and removed.
+RUN_LABEL = "org.dlbench.run"
+# Where a cell's files appear inside its container.
+OUT_DIR, WEIGHTS_DIR, DATA_DIR = Path("/dlbench/out"), Path("/dlbench/weights"), Path("/dlbench/data")
+
+
+@dataclass(frozen=True)
+class ContainerLimits:
+    """Resource limits of every cell's container (None: the engine's default, no limit)."""
+
+    memory: str | None = None  # e.g. "16g"; a cell over it is killed and recorded as out of memory
+    cpus: float | None = None
+    pids: int | None = 4096
+    shm_size: str = "2g"  # PyTorch's DataLoader workers and DDP pass tensors through /dev/shm
+
+
+@dataclass(frozen=True)
+class Image:
+    tag: str
+    id: str
+    base: str
+    base_digest: str | None  # the base image's registry digest, or its local id when it has none
+
+    def facts(self) -> dict[str, str | None]:
+        """What the cell records about its image (bench/environment.py reads it)."""
+        return {"tag": self.tag, "id": self.id, "base": self.base, "base_digest": self.base_digest}
+
+
+def engine_answers(client_factory=docker.from_env) -> bool:
+    """True when a Docker engine answers at DOCKER_HOST (or the default socket)."""
+    try:
+        client = client_factory(timeout=5)
+        return bool(client.ping())
+    except (DockerException, requests.RequestException, OSError):
+        return False
+
+
+class DockerBackend(Backend):
+    name = "docker"
+
+    def __init__(self, cache_dir: Path, options: BuildOptions = BuildOptions(),
+                 limits: ContainerLimits = ContainerLimits(), catalog: Catalog | None = None,
+                 client: docker.DockerClient | None = None):
+        self.client = client or docker.from_env(timeout=600)
+        self.catalog = catalog or load_catalog()
+        self.options = options
+        self.limits = limits
+        self.images_dir = cache_dir / "images"  # build contexts' scratch space and build logs
+        self.data_dir = cache_dir / "data"
+        self._images: dict[tuple[str, str], Image] = {}
+
+    def cannot_run(self, cell: Cell) -> str | None:
+        found = self.catalog.variant_for(cell.framework, cell.device, cell.cuda)
+        return found if isinstance(found, str) else None
+
+    def recipe_for(self, cell: Cell) -> Recipe:
+        variant = self.catalog.variant_for(cell.framework, cell.device, cell.cuda)
+        assert not isinstance(variant, str), variant  # cannot_run() said why before
+        return recipe(cell.framework, variant, self.options)
+
+    def prepare(self, cell: Cell) -> None:
+        made = self.recipe_for(cell)
+        key = (cell.framework, made.variant.variant)
+        if key not in self._images:
+            self._images[key] = self.image(made)
+
+    def image(self, made: Recipe) -> Image:
+        """The recipe's image: found by its tag, or built (once, even by two harnesses)."""
+        base = self._base(made.base)
+        tag = made.tag(base.id if base else None)
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        name = tag.replace("/", "-").replace(":", "-")
+        with open(self.images_dir / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                built = self.client.images.get(tag)
+            except ImageNotFound:
+                built = self._build(made, tag, self.images_dir / f"{name}.log")
+        base = base or self._base(made.base)  # a base the build pulled
+        return Image(tag=tag, id=built.id, base=made.base, base_digest=_digest(base))
+
+    def _base(self, reference: str):
+        try:
+            return self.client.images.get(reference)
+        except ImageNotFound:
+            return None
+
+    def _build(self, made: Recipe, tag: str, log_path: Path):
+        context = Path(tempfile.mkdtemp(prefix="context-", dir=self.images_dir))
+        try:
+            made.write_context(context)
+            with open(log_path, "w") as log:
+                log.write(f"building {tag} from {made.dockerfile}\n"
+                          f"build args: {json.dumps(made.build_args, indent=1)}\n")
+                try:
+                    # Offline builds get no network at all; others the host's (the engine
+                    # runs without a bridge), for pip to reach its index.
+                    image, lines = self.client.images.build(
+                        path=str(context), dockerfile=made.dockerfile, tag=tag, buildargs=made.build_args,
+                        labels=made.labels, network_mode="none" if self.options.offline else "host",
+                        rm=True, forcerm=True)
+                    _write_build_log(log, lines)
+                except BuildError as error:
+                    _write_build_log(log, error.build_log)
+                    raise BackendError(f"building {tag} failed: {error.msg.strip()}; see {log_path}") from None
+                except APIError as error:
+                    log.write(f"{error}\n")
+                    hint = ""
+                    if "pull access denied" in str(error) or "not found" in str(error):
+                        hint = (f" (the base image {made.base} is not on this host and cannot be pulled: "
+                                f"load it, or make one with scripts/make-base-image.sh and pass --base-image)")
+                    raise BackendError(f"building {tag} failed: {error.explanation}{hint}; "
+                                       f"see {log_path}") from None
+            return image
+        finally:
+            shutil.rmtree(context, ignore_errors=True)
+
+    def run(self, launch: Launch) -> Exit:
+        image = self._images[(launch.cell.framework, self.recipe_for(launch.cell).variant.variant)]
+        mounts = [Mount(str(OUT_DIR), str(launch.result_path.parent), type="bind")]
+        weights = data = None
+        if launch.weights:
+            weights = WEIGHTS_DIR / launch.weights.name
+            mounts.append(Mount(str(WEIGHTS_DIR), str(launch.weights.parent), type="bind", read_only=True))
+        if launch.cell.settings.data == "real":
+            # The data set must be on the host already: the container has no network.
+            host_data = launch.data_dir or self.data_dir
+            host_data.mkdir(parents=True, exist_ok=True)
+            data = DATA_DIR
+            mounts.append(Mount(str(DATA_DIR), str(host_data), type="bind"))
+        argv = ["python", "-m", "bench", *launch.bench_args,
+                *launch.path_args(OUT_DIR / launch.result_path.name, weights, data)]
+        run_label = str(launch.result_path.parent)
+        self.remove_leftovers(run_label)
+        container = self.client.containers.create(
+            image.id, argv, detach=True, labels={RUN_LABEL: run_label}, mounts=mounts,
+            network_mode="none", user=f"{os.getuid()}:{os.getgid()}",
+            environment={"HOME": "/tmp", "PYTHONUNBUFFERED": "1",
+                         "DLBENCH_IMAGE": json.dumps(image.facts())},
+            security_opt=["no-new-privileges"], cap_drop=["ALL"],
+            mem_limit=self.limits.memory, memswap_limit=self.limits.memory,
+            nano_cpus=int(self.limits.cpus * 1e9) if self.limits.cpus else None,
+            pids_limit=self.limits.pids, shm_size=self.limits.shm_size,
+            device_requests=_gpu_request(launch))
+        try:
+            container.start()
+            timed_out = False
+            try:
+                status = container.wait(timeout=launch.timeout_s)
+            except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
+                timed_out = True
+                container.stop(timeout=TERMINATE_GRACE_S)
+                status = container.wait()
+            state = self.client.api.inspect_container(container.id)["State"]
+            return Exit(status.get("StatusCode"), timed_out=timed_out, out_of_memory=bool(state.get("OOMKilled")))
+        finally:
+            _keep_log(container, launch)
+            container.remove(force=True)
+
+    def remove_leftovers(self, run_label: str) -> None:
+        """Remove this run's containers that a killed harness left running."""
+        for container in self.client.containers.list(all=True, filters={"label": f"{RUN_LABEL}={run_label}"}):
+            container.remove(force=True)
+
+
+def _gpu_request(launch: Launch) -> list[DeviceRequest]:
+    """The cell's GPUs by UUID (the NVIDIA container toolkit exposes just those), or none."""
+    if not launch.gpus:
+        return []
+    return [DeviceRequest(driver="nvidia", device_ids=[gpu.uuid for gpu in launch.gpus], capabilities=[["gpu"]])]
+
+
+def _digest(base) -> str | None:
+    if base is None:
+        return None
+    digests = base.attrs.get("RepoDigests") or []
+    return digests[0] if digests else base.id
+
+
+def _write_build_log(log, lines) -> None:
+    for line in lines:
+        text = line.get("stream") or line.get("error") or line.get("status")
+        if text:
+            log.write(text if text.endswith("\n") else text + "\n")
+
+
+def _keep_log(container, launch: Launch) -> None:
+    launch.log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(launch.log_path, "ab") as log:
+        log.write(f"$ docker run {container.image.tags[0] if container.image.tags else container.image.id} "
+                  f"{' '.join(container.attrs['Config']['Cmd'])}\n".encode())
+        try:
+            log.write(container.logs(stdout=True, stderr=True))
+        except APIError as error:
+            log.write(f"(the container's output could not be read: {error})\n".encode())

@@ -1,0 +1,202 @@
+"""The image catalog (images/catalog.yml) and image recipes: which image a cell runs in, what
+goes into it, and the tag that names exactly that content.
+
+A recipe lists every file of the build context (Dockerfile, install scripts, the variant's
+requirement file, the bench sources, extra CA certificates, the wheelhouse) and every build
+argument; its tag is a hash of all of them and of the base image, so an unchanged image is
+found again and a changed one gets a new tag.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from bench.result import BENCH_DIR, bench_code_hash
+from bench.specs import FRAMEWORKS
+
+from .matrix import MatrixError, load_yaml
+
+REPO_ROOT = BENCH_DIR.parent
+IMAGES_DIR = REPO_ROOT / "images"
+CATALOG_PATH = IMAGES_DIR / "catalog.yml"
+# `base: cpu` in the catalog: the run's CPU base image, overridable per run.
+CPU_BASE = "cpu"
+DEFAULT_CPU_BASE_IMAGE = "debian:bookworm-slim"
+IMAGE_REPOSITORY = "dlbench"
+LABEL = "org.dlbench"
+FrameworkName = Literal[FRAMEWORKS]  # type: ignore[valid-type]  # each Keras backend is its own image
+
+
+class Variant(BaseModel):
+    """One buildable image of a framework."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    variant: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    device: Literal["cpu", "gpu"]
+    base: str = Field(min_length=1)
+    python: str = Field(pattern=r"^3\.\d+$")
+    requirements: str = Field(pattern=r"^requirements[a-z0-9._-]*\.txt$")
+    cuda: Optional[str] = Field(None, pattern=r"^\d+\.\d+$")
+    cudnn: Optional[str] = Field(None, pattern=r"^\d+(\.\d+)*$")
+    index: Optional[str] = None  # an extra package index for this variant's wheels
+
+    @model_validator(mode="after")
+    def _cuda_for_gpu_only(self) -> "Variant":
+        if (self.device == "gpu") != (self.cuda is not None):
+            raise ValueError("a gpu variant names its cuda version and a cpu variant none")
+        return self
+
+
+class Catalog(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    frameworks: dict[FrameworkName, list[Variant]]
+
+    @model_validator(mode="after")
+    def _complete(self) -> "Catalog":
+        missing = [name for name in FRAMEWORKS if name not in self.frameworks]
+        if missing:
+            raise ValueError(f"no variants for {', '.join(missing)}; every framework needs at least a cpu variant")
+        for name, variants in self.frameworks.items():
+            names = [v.variant for v in variants]
+            if len(set(names)) != len(names):
+                raise ValueError(f"{name}: variant names repeat ({', '.join(names)})")
+            if not any(v.device == "cpu" for v in variants):
+                raise ValueError(f"{name}: no cpu variant; add one")
+        return self
+
+    def variant_for(self, framework: str, device: str, cuda: str) -> Variant | str:
+        """The variant a cell runs in, or why there is none: a CPU cell takes the CPU variant;
+        a GPU cell the variant of its CUDA version, ``auto`` the first GPU variant listed."""
+        variants = [v for v in self.frameworks[framework] if v.device == device]
+        if device == "cpu":
+            return variants[0]
+        if not variants:
+            return f"images/catalog.yml has no GPU image of {framework}"
+        if cuda == "auto":
+            return variants[0]
+        for variant in variants:
+            if variant.cuda == cuda:
+                return variant
+        offered = ", ".join(v.cuda for v in variants)
+        return f"no {framework} release in images/catalog.yml is built for CUDA {cuda} (it has {offered})"
+
+
+def load_catalog(path: Path = CATALOG_PATH) -> Catalog:
+    """Read and validate the catalog; a bad one is a MatrixError naming file:line and the fix."""
+    catalog, document = load_yaml(path, Catalog)
+    for framework, variants in catalog.frameworks.items():
+        for number, variant in enumerate(variants):
+            requirements = IMAGES_DIR / framework / variant.requirements
+            if not requirements.is_file():
+                line = document["frameworks"][framework].lc.item(number)[0] + 1
+                raise MatrixError(f"{path}:{line}: frameworks.{framework}[{number}].requirements: "
+                                  f"{requirements.relative_to(REPO_ROOT)} does not exist; add it or fix the name")
+    return catalog
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How images are built on this host: the CPU base, extra CA certificates, a wheelhouse,
+    and whether pip may reach a package index at all."""
+
+    cpu_base: str = DEFAULT_CPU_BASE_IMAGE
+    ca_certificates: tuple[Path, ...] = ()
+    wheelhouse: Path | None = None
+    offline: bool = False
+
+
+@dataclass
+class Recipe:
+    """Everything one image is made of."""
+
+    framework: str
+    variant: Variant
+    base: str
+    files: dict[str, Path]  # path in the build context -> file on this host
+    build_args: dict[str, str]
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def dockerfile(self) -> str:
+        return f"images/{self.framework}/Dockerfile"
+
+    def content_hash(self, base_id: str | None) -> str:
+        """SHA-256 over the base image (its id when the engine has it), the build arguments and
+        every file of the context, by path and content."""
+        digest = hashlib.sha256()
+        digest.update(f"base {self.base} {base_id or ''}\n".encode())
+        for name, value in sorted(self.build_args.items()):
+            digest.update(f"arg {name}={value}\n".encode())
+        for relative, source in sorted(self.files.items()):
+            digest.update(f"file {relative} {_file_digest(source)}\n".encode())
+        return digest.hexdigest()
+
+    def tag(self, base_id: str | None) -> str:
+        return f"{IMAGE_REPOSITORY}/{self.framework}:{self.variant.variant}-{self.content_hash(base_id)[:12]}"
+
+    def write_context(self, folder: Path) -> None:
+        """Lay the build context out in ``folder``: the repository's paths, nothing else."""
+        for relative, source in self.files.items():
+            target = folder / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source, target)  # wheels are large: link rather than copy when possible
+            except OSError:
+                shutil.copy2(source, target)
+
+
+_digests: dict[tuple[Path, int, int], str] = {}
+
+
+def _file_digest(path: Path) -> str:
+    """A file's SHA-256, remembered by path, size and modification time (wheels are large)."""
+    stat = path.stat()
+    key = (path, stat.st_size, stat.st_mtime_ns)
+    if key not in _digests:
+        digest = hashlib.sha256()
+        with open(path, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+        _digests[key] = digest.hexdigest()
+    return _digests[key]
+
+
+def recipe(framework: str, variant: Variant, options: BuildOptions) -> Recipe:
+    own = IMAGES_DIR / framework
+    files = {f"images/{framework}/Dockerfile": own / "Dockerfile",
+             f"images/{framework}/{variant.requirements}": own / variant.requirements,
+             "images/ca-certificates/README.md": IMAGES_DIR / "ca-certificates" / "README.md",
+             "images/wheelhouse/README.md": IMAGES_DIR / "wheelhouse" / "README.md"}
+    constraints = own / "build-constraints.txt"
+    if constraints.is_file():
+        files[f"images/{framework}/build-constraints.txt"] = constraints
+    for script in sorted((IMAGES_DIR / "common").iterdir()):
+        files[f"images/common/{script.name}"] = script
+    for source in sorted(BENCH_DIR.rglob("*")):
+        # The files bench_code_hash covers: the image's bench is the hashed bench.
+        if source.suffix in (".py", ".json") and "__pycache__" not in source.parts:
+            files[f"bench/{source.relative_to(BENCH_DIR).as_posix()}"] = source
+    for certificate in options.ca_certificates:
+        files[f"images/ca-certificates/{certificate.stem}.crt"] = certificate
+    if options.wheelhouse:
+        for wheel in sorted(options.wheelhouse.iterdir()):
+            if wheel.is_file():
+                files[f"images/wheelhouse/{wheel.name}"] = wheel
+    base = options.cpu_base if variant.base == CPU_BASE else variant.base
+    build_args = {"BASE_IMAGE": base, "PYTHON_VERSION": variant.python, "REQUIREMENTS": variant.requirements,
+                  "PIP_OFFLINE": "1" if options.offline else "0",
+                  "PIP_EXTRA_INDEX_URL": "" if options.offline else (variant.index or ""),
+                  "BENCH_HASH": bench_code_hash()}
+    labels = {f"{LABEL}.framework": framework, f"{LABEL}.variant": variant.variant,
+              f"{LABEL}.device": variant.device, f"{LABEL}.cuda": variant.cuda or "",
+              f"{LABEL}.cudnn": variant.cudnn or "", f"{LABEL}.python": variant.python,
+              f"{LABEL}.base": base, f"{LABEL}.bench-hash": build_args["BENCH_HASH"]}
+    return Recipe(framework, variant, base, files, build_args, labels)

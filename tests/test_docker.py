@@ -1,0 +1,165 @@
+"""The docker backend for real: a Docker engine (DOCKER_HOST; scripts/docker-engine.sh starts
+one), a Debian base image made without a registry, the PyTorch and TensorFlow CPU images built
+through the harness offline from a wheelhouse, and cells run in containers end to end.
+
+Without an engine these tests are skipped, except under CI=true, where they fail."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, write_matrix
+from harness.results import load_results
+
+pytestmark = [pytest.mark.integration, pytest.mark.docker]
+
+BASE_IMAGE = "dlbench/debian:bookworm"
+FRAMEWORKS = ("pytorch", "tensorflow")
+CACHE = Path(os.environ.get("DLBENCH_CACHE", Path.home() / ".cache" / "dlbench"))
+QUICK = "settings:\n  warmup_steps: 1\n  steps: 2\n  repeats: 2\n  timeout_s: 600\n"
+
+
+@pytest.fixture(scope="module")
+def engine():
+    import docker
+    from harness.backends import engine_answers
+    if not engine_answers():
+        message = ("no Docker engine answers at DOCKER_HOST; start one with "
+                   "`eval \"$(scripts/docker-engine.sh start)\"`")
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    subprocess.run(["bash", str(REPO / "scripts" / "make-base-image.sh"), BASE_IMAGE], check=True)
+    return docker.from_env()
+
+
+@pytest.fixture(scope="module")
+def wheelhouse() -> Path:
+    """Every wheel the two images install, fetched by the host's pip (its index, or a local
+    copy): the builds then run with no network at all."""
+    folder = CACHE / "wheelhouse"
+    for framework in FRAMEWORKS:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+                        "--only-binary=:all:", "--dest", str(folder),
+                        "-r", str(REPO / "images" / framework / "requirements-cpu.txt")], check=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory) -> Path:
+    """A self-signed CA certificate, as a TLS-intercepting proxy would bring."""
+    folder = tmp_path_factory.mktemp("ca")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=dlbench test proxy CA", "-keyout", str(folder / "proxy.key"),
+                    "-out", str(folder / "proxy.crt")], check=True, capture_output=True)
+    return folder / "proxy.crt"
+
+
+def run_matrix(matrix: Path, results: Path, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "harness" / "run_matrix.py"), str(matrix),
+                           "--results", str(results), *options], capture_output=True, text=True, timeout=2400)
+
+
+def docker_options(wheelhouse: Path, certificate: Path) -> list[str]:
+    return ["--backend", "docker", "--base-image", BASE_IMAGE, "--wheelhouse", str(wheelhouse), "--offline",
+            "--ca-cert", str(certificate)]
+
+
+def test_cells_run_in_images_built_offline_and_merge_with_local_results(engine, wheelhouse, certificate, tmp_path):
+    matrix = write_matrix(tmp_path / "m.yml", "matrix:\n  framework: [pytorch, tensorflow]\n"
+                                              "  task: [cnn_cifar10, gru_imdb]\n  gpu: [cpu]\n" + QUICK)
+    done = run_matrix(matrix, tmp_path / "docker", *docker_options(wheelhouse, certificate))
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = load_results(tmp_path / "docker" / "cells")
+    assert not loaded.problems and len(loaded.results) == 4
+    for _, result in loaded.results:
+        assert result.status == "ok", result.error
+        framework = result.cell.framework
+        image = result.env["image"]
+        assert result.env["backend"] == "docker" and image["tag"].startswith(f"dlbench/{framework}:cpu-")
+        assert engine.images.get(image["tag"]).id == image["id"]
+        assert image["base"] == BASE_IMAGE and image["base_digest"] == engine.images.get(BASE_IMAGE).id
+        labels = engine.images.get(image["tag"]).labels
+        assert labels["org.dlbench.bench-hash"] == result.env["bench_hash"]
+        assert labels["org.dlbench.framework"] == framework
+        assert result.env["python"].startswith("3.11.")  # the base image's own Python
+        log = (tmp_path / "docker" / "logs" / f"{result.cell.id}.log").read_text()
+        assert log.startswith(f"$ docker run {image['tag']} python -m bench --framework {framework}")
+    assert not engine.containers.list(all=True, filters={"label": "org.dlbench.run"})  # all removed
+
+    # The extra CA certificate is in the image's trust store, which pip is told to use.
+    pytorch = next(r for _, r in loaded.results if r.cell.framework == "pytorch").env["image"]["tag"]
+    bundle = engine.containers.run(pytorch, ["cat", "/etc/ssl/certs/ca-certificates.crt"], remove=True,
+                                   network_mode="none").decode()
+    assert certificate.read_text().strip() in bundle
+
+    # Nothing changed: the same images are found by their tags, none is built again.
+    logs = sorted((CACHE / "images").glob("dlbench-pytorch-cpu-*.log"), key=lambda p: p.stat().st_mtime)
+    built_at = logs[-1].stat().st_mtime_ns
+    again = run_matrix(matrix, tmp_path / "again", *docker_options(wheelhouse, certificate), "--force")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert logs[-1].stat().st_mtime_ns == built_at
+
+    # The local backend's results of the same cells merge into the same tables, a column each.
+    local = run_matrix(matrix, tmp_path / "local", "--backend", "local")
+    assert local.returncode == 0, local.stderr[-3000:]
+    merged = subprocess.run([sys.executable, str(REPO / "harness" / "merge.py"), str(tmp_path / "docker"),
+                             str(tmp_path / "local"), "--out", str(tmp_path / "tables")],
+                            capture_output=True, text=True, check=True)
+    assert "docker backend" in merged.stdout and "local backend" in merged.stdout
+    cnn = (tmp_path / "tables" / "cnn_cifar10-throughput-synthetic-batch64-3x32x32.md").read_text()
+    for framework in FRAMEWORKS:
+        row = next(line for line in cnn.splitlines() if line.startswith(f"| {framework} "))
+        assert row.count(" ms [") == 2, row  # a number from each backend
+
+
+def test_a_cell_over_its_memory_limit_is_recorded_and_the_next_cell_runs(engine, wheelhouse, certificate, tmp_path):
+    matrix = write_matrix(tmp_path / "m.yml", "matrix:\n  framework: [tensorflow, pytorch]\n"
+                                              "  task: [cnn_cifar10]\n  gpu: [cpu]\n" + QUICK)
+    done = run_matrix(matrix, tmp_path / "results", *docker_options(wheelhouse, certificate), "--memory", "200m")
+    assert done.returncode == 1
+    results = {r.cell.framework: r for _, r in load_results(tmp_path / "results" / "cells").results}
+    assert results["tensorflow"].status == "failed"
+    assert "ran out of memory" in results["tensorflow"].error
+    assert results["pytorch"].status in ("ok", "failed")  # it ran: its own outcome is recorded
+    assert not engine.containers.list(all=True, filters={"label": "org.dlbench.run"})
+
+
+def test_a_container_has_no_network(engine, wheelhouse, certificate, tmp_path):
+    """Real data that is not on the host cannot be fetched from inside a cell."""
+    matrix = write_matrix(tmp_path / "m.yml", "matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10]\n"
+                                              "  gpu: [cpu]\n" + QUICK + f"  data: real\n  data_dir: {tmp_path / 'data'}\n")
+    done = run_matrix(matrix, tmp_path / "results", *docker_options(wheelhouse, certificate))
+    assert done.returncode == 1
+    ((_, result),) = load_results(tmp_path / "results" / "cells").results
+    assert result.status == "failed" and result.error.startswith("DataUnavailable: cifar-10-batches-py")
+    log = next((tmp_path / "results" / "logs").glob("*.log")).read_text()
+    assert "Temporary failure in name resolution" in log or "Network is unreachable" in log or \
+        "Name or service not known" in log, log[-2000:]
+
+
+def test_compose_file_is_valid_for_the_compose_tool(engine):
+    done = subprocess.run(["docker-compose", "--file", str(REPO / "docker-compose.yml"), "config", "--services"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    services = done.stdout.split()
+    assert "pytorch" in services and "cntk" in services
+    with_gpus = subprocess.run(["docker-compose", "--file", str(REPO / "docker-compose.yml"), "--profile", "gpu",
+                                "config"], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    assert "pytorch-gpu" in with_gpus and "capabilities:" in with_gpus
+
+
+def test_the_engine_decides_the_automatic_backend(engine, tmp_path):
+    matrix = write_matrix(tmp_path / "m.yml", "matrix:\n  framework: [cntk]\n  task: [cnn_cifar10]\n  gpu: [cpu]\n")
+
+    def plan(environment: dict) -> str:
+        return subprocess.run([sys.executable, str(REPO / "harness" / "run_matrix.py"), str(matrix), "--dry-run"],
+                              capture_output=True, text=True, env=environment, check=True).stdout
+
+    assert "skip" not in plan(dict(os.environ))  # CNTK has an image
+    assert "skip: CNTK 2.7 installs only on Python 3.5/3.6" in plan(
+        {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"})

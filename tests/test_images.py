@@ -1,0 +1,150 @@
+"""images/: the catalog of variants, each framework's Dockerfile, and image recipes whose tag
+changes exactly when something that goes into the image changes."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from bench.specs import FRAMEWORKS
+from conftest import REPO, write_matrix
+from harness import images
+from harness.images import BuildOptions, load_catalog, recipe
+from harness.matrix import MatrixError
+
+CATALOG = load_catalog()
+
+
+def test_every_framework_has_a_dockerfile_a_cpu_variant_and_gpu_variants():
+    for framework in FRAMEWORKS:
+        assert (REPO / "images" / framework / "Dockerfile").is_file()
+        devices = [v.device for v in CATALOG.frameworks[framework]]
+        assert devices[0] == "cpu" and "gpu" in devices, framework
+
+
+@pytest.mark.parametrize("framework, cudas", [
+    ("pytorch", {"13.0", "12.8", "12.6", "11.8"}), ("mxnet", {"11.2", "11.7"}), ("chainer", {"11.8", "12.2"}),
+    ("cntk", {"10.0"}), ("jax", {"12.8"})])
+def test_the_cuda_builds_each_framework_offers(framework, cudas):
+    assert {v.cuda for v in CATALOG.frameworks[framework] if v.device == "gpu"} == cudas
+
+
+def test_a_cell_gets_the_variant_of_its_device_and_cuda_version():
+    assert CATALOG.variant_for("pytorch", "cpu", "auto").variant == "cpu"
+    assert CATALOG.variant_for("pytorch", "gpu", "auto").variant == "cuda13.0"  # the first listed
+    assert CATALOG.variant_for("pytorch", "gpu", "11.8").requirements == "requirements-cu118.txt"
+    assert CATALOG.variant_for("mxnet", "gpu", "12.4") == (
+        "no mxnet release in images/catalog.yml is built for CUDA 12.4 (it has 11.7, 11.2)")
+
+
+def test_every_variant_can_run_the_bench_on_its_python():
+    """Each framework module parses under the oldest Python of its images, the shared bench
+    modules under the oldest of all (CNTK's 3.6, which tests/test_py36.py checks further)."""
+    oldest = {name: min(tuple(map(int, v.python.split("."))) for v in variants)
+              for name, variants in CATALOG.frameworks.items()}
+    for framework, version in oldest.items():
+        module = "keras" if framework.startswith("keras-") else framework
+        source = (REPO / "bench" / "frameworks" / f"{module}.py").read_text()
+        ast.parse(source, feature_version=version)
+
+
+def test_requirement_files_pin_every_package():
+    for framework, variants in CATALOG.frameworks.items():
+        for variant in variants:
+            path = REPO / "images" / framework / variant.requirements
+            for line in path.read_text().splitlines():
+                if line.strip() and not line.startswith("#"):
+                    assert re.fullmatch(r"[A-Za-z0-9_.\[\]-]+==[\w.+]+", line.strip()), (path, line)
+
+
+def catalog_file(tmp_path, text):
+    return write_matrix(tmp_path / "catalog.yml", text)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("frameworks:\n  pytorch:\n    - {variant: cpu, device: cpu, base: cpu, python: '3.11'}\n",
+     r"catalog.yml:3: frameworks.pytorch\[0\].requirements: required key 'requirements' is missing"),
+    ("frameworks:\n  pytorch:\n    - {variant: gpu, device: gpu, base: x, python: '3.11', requirements: requirements-gpu.txt}\n",
+     r"catalog.yml:3: .*a gpu variant names its cuda version"),
+    ("frameworks:\n  torch: []\n", r"catalog.yml:2: frameworks.torch: 'torch' is not allowed"),
+    ("frameworks:\n  pytorch:\n    - {variant: cpu, device: cpu, base: cpu, python: '3.11', requirements: requirements-cpu.txt, tag: x}\n",
+     r"catalog.yml:3: frameworks.pytorch\[0\].tag: unknown key 'tag'; allowed keys here: variant, device, base"),
+])
+def test_a_bad_catalog_names_the_line_and_the_fix(tmp_path, text, message):
+    with pytest.raises(MatrixError, match=message):
+        load_catalog(catalog_file(tmp_path, text))
+
+
+def test_a_catalog_naming_a_missing_requirement_file(tmp_path):
+    text = "frameworks:\n" + "".join(
+        f"  {name}:\n    - {{variant: cpu, device: cpu, base: cpu, python: '3.11', requirements: "
+        f"{'requirements-nope.txt' if name == 'chainer' else 'requirements-cpu.txt'}}}\n" for name in FRAMEWORKS)
+    with pytest.raises(MatrixError, match=r"frameworks.chainer\[0\].requirements: images/chainer/requirements-nope.txt "
+                                          r"does not exist; add it or fix the name"):
+        load_catalog(catalog_file(tmp_path, text))
+
+
+def pytorch_cpu(options=BuildOptions()):
+    return recipe("pytorch", CATALOG.variant_for("pytorch", "cpu", "auto"), options)
+
+
+def test_the_context_holds_the_repository_paths_the_dockerfile_copies(tmp_path):
+    made = pytorch_cpu()
+    made.write_context(tmp_path)
+    dockerfile = (tmp_path / made.dockerfile).read_text()
+    for source in re.findall(r"^COPY (?!--from)(\S+)", dockerfile, flags=re.M):
+        source = source.replace("${REQUIREMENTS}", made.build_args["REQUIREMENTS"])
+        assert (tmp_path / source).exists(), source
+    assert (tmp_path / "bench" / "__main__.py").is_file() and (tmp_path / "bench" / "result.schema.json").is_file()
+    assert not list(tmp_path.rglob("__pycache__"))
+    assert made.build_args["BASE_IMAGE"] == "debian:bookworm-slim"
+    assert made.labels["org.dlbench.bench-hash"] == made.build_args["BENCH_HASH"]
+
+
+def test_the_tag_changes_with_every_input_and_only_then(tmp_path, monkeypatch):
+    first = pytorch_cpu().tag("sha256:base")
+    assert re.fullmatch(r"dlbench/pytorch:cpu-[0-9a-f]{12}", first)
+    assert pytorch_cpu().tag("sha256:base") == first
+    assert pytorch_cpu().tag("sha256:other-base") != first
+    assert pytorch_cpu(BuildOptions(cpu_base="dlbench/debian:bookworm")).tag("sha256:base") != first
+    certificate = tmp_path / "proxy.crt"
+    certificate.write_text("-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n")
+    with_certificate = pytorch_cpu(BuildOptions(ca_certificates=(certificate,)))
+    assert "images/ca-certificates/proxy.crt" in with_certificate.files
+    assert with_certificate.tag("sha256:base") != first
+    wheelhouse = tmp_path / "wheels"
+    wheelhouse.mkdir()
+    (wheelhouse / "torch-2.13.0+cpu-cp311-cp311-linux_x86_64.whl").write_bytes(b"one")
+    with_wheels = pytorch_cpu(BuildOptions(wheelhouse=wheelhouse)).tag("sha256:base")
+    (wheelhouse / "torch-2.13.0+cpu-cp311-cp311-linux_x86_64.whl").write_bytes(b"two!")
+    assert pytorch_cpu(BuildOptions(wheelhouse=wheelhouse)).tag("sha256:base") not in (first, with_wheels)
+    offline = pytorch_cpu(BuildOptions(wheelhouse=wheelhouse, offline=True))
+    assert offline.build_args["PIP_OFFLINE"] == "1" and offline.build_args["PIP_EXTRA_INDEX_URL"] == ""
+    # A change to the bench is a change to the image.
+    bench = tmp_path / "bench"
+    (bench / "frameworks").mkdir(parents=True)
+    (bench / "__main__.py").write_text("print('bench')\n")
+    monkeypatch.setattr(images, "BENCH_DIR", bench)
+    monkeypatch.setattr(images, "bench_code_hash", lambda: "changed")
+    assert pytorch_cpu().tag("sha256:base") != first
+
+
+def test_compose_and_the_catalog_name_the_same_images():
+    """docker-compose.yml builds each framework's CPU variant and its default GPU variant with
+    the catalog's arguments."""
+    from ruamel.yaml import YAML
+    compose = YAML(typ="safe").load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    for framework in FRAMEWORKS:
+        for suffix, device in (("", "cpu"), ("-gpu", "gpu")):
+            variant = CATALOG.variant_for(framework, device, "auto")
+            build = services[framework + suffix]["build"]
+            assert build["dockerfile"] == f"images/{framework}/Dockerfile" and build["context"] == "."
+            assert build["args"]["REQUIREMENTS"] == variant.requirements
+            assert build["args"]["PYTHON_VERSION"] == variant.python
+            if variant.base != images.CPU_BASE:
+                assert build["args"]["BASE_IMAGE"] == variant.base
+        gpu = services[framework + "-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
+        assert gpu["driver"] == "nvidia" and gpu["capabilities"] == ["gpu"]
