@@ -161,13 +161,19 @@ def write_json_atomic(path: Path, payload: Dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
+def bench_sources() -> List[Path]:
+    """The bench's source files (code and schema), sorted: what its hash covers and what an
+    image copies."""
+    return [source for source in sorted(BENCH_DIR.rglob("*"))
+            if source.suffix in (".py", ".json") and "__pycache__" not in source.parts]
+
+
 def bench_code_hash() -> str:
     """SHA-256 over the bench's sources: two results compare only if this matches."""
     digest = hashlib.sha256()
-    for source in sorted(BENCH_DIR.rglob("*")):
-        if source.suffix in (".py", ".json") and "__pycache__" not in source.parts:
-            digest.update(source.relative_to(BENCH_DIR).as_posix().encode())
-            digest.update(b"\0")
-            digest.update(source.read_bytes())
-            digest.update(b"\0")
+    for source in bench_sources():
+        digest.update(source.relative_to(BENCH_DIR).as_posix().encode())
+        digest.update(b"\0")
+        digest.update(source.read_bytes())
+        digest.update(b"\0")
     return digest.hexdigest()

@@ -17,7 +17,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from bench.result import BENCH_DIR, bench_code_hash
+from bench.result import BENCH_DIR, bench_code_hash, bench_sources
 from bench.specs import FRAMEWORKS
 
 from .matrix import MatrixError, load_yaml
@@ -180,10 +180,8 @@ def recipe(framework: str, variant: Variant, options: BuildOptions) -> Recipe:
         files[f"images/{framework}/build-constraints.txt"] = constraints
     for script in sorted((IMAGES_DIR / "common").iterdir()):
         files[f"images/common/{script.name}"] = script
-    for source in sorted(BENCH_DIR.rglob("*")):
-        # The files bench_code_hash covers: the image's bench is the hashed bench.
-        if source.suffix in (".py", ".json") and "__pycache__" not in source.parts:
-            files[f"bench/{source.relative_to(BENCH_DIR).as_posix()}"] = source
+    for source in bench_sources():  # the files bench_code_hash covers: the image's bench is the hashed bench
+        files[f"bench/{source.relative_to(BENCH_DIR).as_posix()}"] = source
     for certificate in options.ca_certificates:
         files[f"images/ca-certificates/{certificate.stem}.crt"] = certificate
     if options.wheelhouse:

@@ -127,6 +127,7 @@ def test_the_tag_changes_with_every_input_and_only_then(tmp_path, monkeypatch):
     (bench / "frameworks").mkdir(parents=True)
     (bench / "__main__.py").write_text("print('bench')\n")
     monkeypatch.setattr(images, "BENCH_DIR", bench)
+    monkeypatch.setattr(images, "bench_sources", lambda: [bench / "__main__.py"])
     monkeypatch.setattr(images, "bench_code_hash", lambda: "changed")
     assert pytorch_cpu().tag("sha256:base") != first
 

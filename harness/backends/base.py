@@ -12,10 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..gpus import Gpu
+from ..images import IMAGES_DIR, REPO_ROOT  # noqa: F401  (REPO_ROOT: the cells' working directory)
 from ..matrix import Cell
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-IMAGES_DIR = REPO_ROOT / "images"
 # After a timeout the cell gets this long to exit on SIGTERM before SIGKILL.
 TERMINATE_GRACE_S = 10
 

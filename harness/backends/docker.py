@@ -21,7 +21,7 @@ import requests
 from docker.errors import APIError, BuildError, DockerException, ImageNotFound
 from docker.types import DeviceRequest, Mount
 
-from ..images import BuildOptions, Catalog, Recipe, load_catalog, recipe
+from ..images import BuildOptions, Catalog, Recipe, Variant, load_catalog, recipe
 from ..matrix import Cell
 from .base import TERMINATE_GRACE_S, Backend, BackendError, Exit, Launch
 
@@ -81,16 +81,16 @@ class DockerBackend(Backend):
         found = self.catalog.variant_for(cell.framework, cell.device, cell.cuda)
         return found if isinstance(found, str) else None
 
-    def recipe_for(self, cell: Cell) -> Recipe:
+    def _variant(self, cell: Cell) -> Variant:
         variant = self.catalog.variant_for(cell.framework, cell.device, cell.cuda)
         assert not isinstance(variant, str), variant  # cannot_run() said why before
-        return recipe(cell.framework, variant, self.options)
+        return variant
 
     def prepare(self, cell: Cell) -> None:
-        made = self.recipe_for(cell)
-        key = (cell.framework, made.variant.variant)
-        if key not in self._images:
-            self._images[key] = self.image(made)
+        variant = self._variant(cell)
+        key = (cell.framework, variant.variant)
+        if key not in self._images:  # one recipe (and one hash of its files) per image and run
+            self._images[key] = self.image(recipe(cell.framework, variant, self.options))
 
     def image(self, made: Recipe) -> Image:
         """The recipe's image: found by its tag, or built (once, even by two harnesses)."""
@@ -144,7 +144,7 @@ class DockerBackend(Backend):
             shutil.rmtree(context, ignore_errors=True)
 
     def run(self, launch: Launch) -> Exit:
-        image = self._images[(launch.cell.framework, self.recipe_for(launch.cell).variant.variant)]
+        image = self._images[(launch.cell.framework, self._variant(launch.cell).variant)]
         mounts = [Mount(str(OUT_DIR), str(launch.result_path.parent), type="bind")]
         weights = data = None
         if launch.weights:
