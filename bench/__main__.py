@@ -54,8 +54,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--gpu-model", default=None, help="GPU model the cell asked for (recorded)")
     parser.add_argument("--cuda", default=None, help="CUDA version the cell asked for (recorded)")
     parser.add_argument("--backend", default="direct", help="what launched this process (recorded)")
+    parser.add_argument("--cells-at-once", type=int, default=1,
+                        help="the most cells the harness runs at once on this host, one per GPU; "
+                             "1: each cell alone (recorded)")
     args = parser.parse_args(argv)
-    for name in ("steps", "repeats", "epochs", "batch_size", "threads", "devices", "image_size"):
+    for name in ("steps", "repeats", "epochs", "batch_size", "threads", "devices", "image_size", "cells_at_once"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error("--{} must be at least 1".format(name.replace("_", "-")))
@@ -179,6 +182,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         traceback.print_exc()
         result.status, result.error = "failed", "{}: {}".format(type(error).__name__, error)
     result.env = dict(environment.collect(args.device, facts), backend=args.backend,
+                      cells_at_once=args.cells_at_once,
                       started_utc=started, finished_utc=utc_now())
     if environment.mpi_rank() == 0:  # the other MPI workers ran the same cell: one result
         write_json_atomic(args.out, result.to_dict())

@@ -3,7 +3,9 @@
 write one JSON result per cell, then print and write the comparison tables.
 
     python harness/run_matrix.py matrix.yml [--dry-run] [--backend auto|docker|local|current]
-                                            [--results DIR] [--force] [docker options]
+                                            [--results DIR] [--force] [--serial] [docker options]
+
+On a host with several GPUs, GPU cells run side by side, one per GPU (--serial: one at a time).
 
 Exit status: 0 when every cell ran (or was skipped with a reason), 1 when a cell failed or
 timed out, 2 for bad input (nothing is run then).
@@ -31,7 +33,7 @@ from harness.images import DEFAULT_CPU_BASE_IMAGE, BuildOptions  # noqa: E402
 from harness.matrix import Cell, MatrixError, load  # noqa: E402
 from harness.merge import merge  # noqa: E402
 from harness.results import RunFolder  # noqa: E402
-from harness.runner import is_done, run_cells, skip_reason  # noqa: E402
+from harness.runner import cells_at_once, is_done, run_cells, skip_reason  # noqa: E402
 
 
 def default_results_dir(matrix_path: Path) -> Path:
@@ -87,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=None,
                         help="results folder (default: results/<matrix name>-<host>)")
     parser.add_argument("--force", action="store_true", help="rerun cells that already have a successful result")
+    parser.add_argument("--serial", action="store_true",
+                        help="run one cell at a time, also on a host with several GPUs (by default GPU cells "
+                             "run side by side, one per GPU, and share the host's CPUs)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help=f"framework environments and downloads (default: {default_cache_dir()})")
     docker = parser.add_argument_group("docker backend")
@@ -129,9 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    print(f"{len(cells)} cells, backend {backend.name}, results in {folder.root}", file=sys.stderr)
+    at_once = cells_at_once(host_gpus, args.serial)
+    print(f"{len(cells)} cells, backend {backend.name}, {at_once} at a time, results in {folder.root}",
+          file=sys.stderr)
     try:
-        outcomes = run_cells(cells, folder, backend, host_gpus, args.matrix.resolve().parent, force=args.force)
+        outcomes = run_cells(cells, folder, backend, host_gpus, args.matrix.resolve().parent,
+                             force=args.force, serial=args.serial)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished cells are kept in {folder.cells}; run the same command to go on",
               file=sys.stderr)

@@ -95,6 +95,7 @@ def results_frame(results: list[Result]) -> pd.DataFrame:
             "cuda": result.env.get("cuda"), "cudnn": result.env.get("cudnn"),
             "framework_version": result.env.get("framework_version"),
             "backend": result.env.get("backend"), "bench_hash": result.env.get("bench_hash"),
+            "cells_at_once": result.env.get("cells_at_once", 1),
             "cell_id": result.cell.id,
             "finished_utc": result.env.get("finished_utc", ""),
         })
@@ -183,6 +184,11 @@ def build_tables(results: list[Result], mixed_bench: bool = False) -> tuple[list
                 notes.append(f"† {row.framework}: {int(row.parameters):,} trainable parameters, "
                              f"the task specifies {int(row.expected_parameters):,}{reason}")
                 display[index] += " †"
+            if row.status == "ok" and row.cells_at_once > 1:
+                notes.append(f"‡ {row.framework}, {labels[row.device_key]}: ran with up to "
+                             f"{int(row.cells_at_once)} cells at once on its host, one per GPU, sharing "
+                             f"its CPUs (--serial runs one at a time)")
+                display[index] += " ‡"
         columns = [labels[key] for key in dict.fromkeys(group["device_key"])]
         layout = group.assign(display=display, column=group["device_key"].map(labels))
         # Rows in the order frameworks are listed in the specs, not alphabetically.

@@ -85,6 +85,7 @@ def test_every_framework_runs_every_task(tmp_path):
         assert result.status == "ok", f"{where}: {result.error}"
         assert result.env["framework"] == framework and result.env["framework_version"], where
         assert result.env["backend"] == "local" and result.env["bench_hash"] and result.env["gpu"] is None, where
+        assert result.env["cells_at_once"] == 1, where  # no GPUs: one cell at a time
         step = result.metrics.step_time_s
         assert step.min <= step.median <= step.max, where
         assert result.metrics.throughput_per_s == pytest.approx(4 / step.median), where

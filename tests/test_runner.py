@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 
@@ -13,9 +17,10 @@ from conftest import result_payload
 from harness.backends import Backend, BackendError, select
 from harness.backends import base
 from harness.backends.base import cell_environment, run_process
+from harness.gpus import Gpu
 from harness.matrix import Cell, Settings
 from harness.results import RunFolder, read_result
-from harness.runner import run_cell, run_cells
+from harness.runner import Scheduler, cells_at_once, run_cell, run_cells
 
 
 class ScriptBackend(Backend):
@@ -33,7 +38,7 @@ class ScriptBackend(Backend):
     def run(self, launch):
         self.runs += 1
         argv = [sys.executable, "-c", self.script, str(launch.result_path), launch.cell.id]
-        return run_process(argv, cell_environment(launch), launch.log_path, launch.timeout_s)
+        return run_process(argv, cell_environment(launch), launch.log_path, launch.timeout_s, launch.interrupted)
 
 
 WRITE_OK = f"""
@@ -135,3 +140,107 @@ def test_a_framework_that_does_not_import_is_recorded_by_the_bench(tmp_path):
     assert outcome.status == result.status == "failed"
     assert result.error == "ModuleNotFoundError: No module named 'torch'"
     assert result.env["python"] and result.env["bench_hash"] == bench_code_hash()
+
+
+# Side by side on several GPUs: each cell on its own GPUs, CPU cells alone.
+
+H100S = [Gpu(0, "GPU-aaaa", "NVIDIA H100 80GB HBM3", 80 << 30), Gpu(1, "GPU-bbbb", "NVIDIA H100 80GB HBM3", 80 << 30)]
+
+
+def gpu_cell(task="cnn_cifar10", devices=1, steps=1, gpu="H100"):
+    return Cell("pytorch", task, gpu, "auto", "auto", devices, Settings(steps=steps, timeout_s=60.0))
+
+
+def test_the_scheduler_gives_each_cell_its_own_gpus_and_a_cpu_cell_the_host():
+    a, b = gpu_cell(steps=1), gpu_cell(steps=2)
+    pair = gpu_cell("densenet121_xray", devices=2)
+    on_cpu, last = cell(steps=4), gpu_cell(steps=5)
+    waiting = [a, b, pair, on_cpu, last]
+    scheduler = Scheduler(H100S, at_once=2)
+
+    def start():
+        started = scheduler.start_now(waiting, H100S)
+        for c, _ in started:
+            waiting.remove(c)
+        return [(c, [g.index for g in gpus]) for c, gpus in started]
+
+    assert start() == [(a, [0]), (b, [1])]
+    scheduler.finished(a)
+    assert start() == []  # the 2-GPU cell waits for both; nothing passes the CPU cell
+    scheduler.finished(b)
+    assert start() == [(pair, [0, 1])]
+    scheduler.finished(pair)
+    assert start() == [(on_cpu, [])]
+    assert start() == []  # the CPU cell runs alone
+    scheduler.finished(on_cpu)
+    assert start() == [(last, [0])]
+
+
+def test_one_at_a_time_when_asked_or_without_gpus():
+    assert cells_at_once(H100S, serial=False) == 2
+    assert cells_at_once(H100S, serial=True) == 1
+    assert cells_at_once([], serial=False) == 1
+    scheduler = Scheduler(H100S, at_once=1)
+    assert len(scheduler.start_now([gpu_cell(steps=1), gpu_cell(steps=2)], H100S)) == 1
+
+
+# Each cell notes when it ran, on which GPUs, and how many cells the harness said run at once.
+NOTE_AND_WRITE = WRITE_OK + """
+    import os, time
+    start = time.time(); time.sleep(1.5)
+    with open(sys.argv[1] + ".ran", "w") as note:
+        note.write(json.dumps([start, time.time(), os.environ["CUDA_VISIBLE_DEVICES"], sys.argv[3]]))
+"""
+
+
+class NotingBackend(ScriptBackend):
+    def run(self, launch):
+        self.runs += 1
+        argv = [sys.executable, "-c", self.script, str(launch.result_path), launch.cell.id,
+                launch.bench_args[launch.bench_args.index("--cells-at-once") + 1]]
+        return run_process(argv, cell_environment(launch), launch.log_path, launch.timeout_s, launch.interrupted)
+
+
+def notes(folder):
+    return sorted(json.loads(path.read_text()) for path in folder.staging.glob("*.ran"))
+
+
+@pytest.mark.parametrize("serial", [False, True])
+def test_gpu_cells_run_side_by_side_one_per_gpu_unless_serial(tmp_path, serial):
+    folder = RunFolder(tmp_path / "run")
+    cells = [gpu_cell(steps=1), gpu_cell(steps=2)]
+    outcomes = run_cells(cells, folder, NotingBackend(NOTE_AND_WRITE), H100S, tmp_path, serial=serial)
+    assert [o.status for o in outcomes] == ["ok", "ok"]
+    (start_1, end_1, gpus_1, at_once_1), (start_2, end_2, gpus_2, at_once_2) = notes(folder)
+    overlapped = start_2 < end_1
+    assert overlapped is not serial
+    assert {gpus_1, gpus_2} == ({"GPU-aaaa", "GPU-bbbb"} if not serial else {"GPU-aaaa"})
+    assert at_once_1 == at_once_2 == ("1" if serial else "2")
+
+
+def test_an_interrupted_run_stops_its_cells_and_records_none_of_them(tmp_path):
+    folder = RunFolder(tmp_path / "run")
+    cells = [gpu_cell(steps=1), gpu_cell(steps=2)]
+    backend = ScriptBackend("import time; time.sleep(60)")
+    threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    began = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_cells(cells, folder, backend, H100S, tmp_path)
+    assert time.monotonic() - began < 2 + base.TERMINATE_GRACE_S
+    assert backend.runs == 2
+    assert not folder.cells.exists() or not list(folder.cells.iterdir())
+    assert not list(folder.staging.glob("*.json"))
+
+
+def test_a_backend_error_fails_its_cell_and_the_matrix_goes_on(tmp_path):
+    class FlakyEngine(ScriptBackend):
+        def run(self, launch):
+            if launch.cell.settings.steps == 1:
+                raise ConnectionError("the engine closed the connection")
+            return super().run(launch)
+
+    folder = RunFolder(tmp_path / "run")
+    outcomes = run_cells([gpu_cell(steps=1), gpu_cell(steps=2)], folder, FlakyEngine(WRITE_OK), H100S, tmp_path)
+    assert [o.status for o in outcomes] == ["failed", "ok"]
+    assert outcomes[0].error == ("the script backend could not run the cell: "
+                                 "ConnectionError: the engine closed the connection")

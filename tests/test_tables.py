@@ -56,6 +56,20 @@ def test_failed_cells_and_parameter_mismatches_are_marked_with_notes():
     assert "log tail" not in table.markdown()
 
 
+def test_cells_that_ran_beside_others_are_marked():
+    gpu = dict(device="gpu", gpu_name="NVIDIA H100 80GB HBM3", cuda="12.8", cudnn="91002")
+    beside = result_payload("pytorch", **gpu)
+    beside["env"]["cells_at_once"] = 4
+    alone = result_payload("jax", **gpu)
+    alone["env"]["cells_at_once"] = 1
+    table = build_tables(results(beside, alone, result_payload("tensorflow", **gpu)))[0][0]
+    assert table.display.loc["pytorch"].iloc[0].endswith(" ‡")
+    assert not table.display.loc["jax"].iloc[0].endswith("‡")
+    assert not table.display.loc["tensorflow"].iloc[0].endswith("‡")  # older results: alone
+    assert table.notes == ["‡ pytorch, NVIDIA H100 80GB HBM3 / CUDA 12.8 / cuDNN 91002: ran with up to 4 "
+                           "cells at once on its host, one per GPU, sharing its CPUs (--serial runs one at a time)"]
+
+
 def test_full_mode_shows_training_time_and_accuracy():
     tables, _ = build_tables(results(result_payload("pytorch", mode="full", step_times=(120.0,))))
     assert tables[0].display.iloc[0, 0] == "120.0 s, acc 0.770"

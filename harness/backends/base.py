@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,8 @@ from ..images import IMAGES_DIR, REPO_ROOT  # noqa: F401  (REPO_ROOT: the cells'
 from ..matrix import Cell
 # After a timeout the cell gets this long to exit on SIGTERM before SIGKILL.
 TERMINATE_GRACE_S = 10
+# How often a waiting backend looks whether the run was interrupted.
+POLL_S = 0.5
 
 
 class BackendError(Exception):
@@ -35,6 +39,8 @@ class Launch:
     gpus: list[Gpu] = field(default_factory=list)  # the GPUs this cell may use; none for CPU cells
     weights: Path | None = None
     data_dir: Path | None = None
+    # Set when the harness is interrupted: the backend stops the cell and returns at once.
+    interrupted: threading.Event = field(default_factory=threading.Event)
 
     def path_args(self, out: Path, weights: Path | None, data_dir: Path | None) -> list[str]:
         args = ["--out", str(out)]
@@ -54,6 +60,7 @@ class Exit:
     returncode: int | None
     timed_out: bool
     out_of_memory: bool = False  # a container's memory limit was hit (the engine says so)
+    interrupted: bool = False  # stopped because the harness was interrupted: nothing to record
 
     def describe(self) -> str:
         if self.timed_out:
@@ -108,31 +115,46 @@ def cell_environment(launch: Launch) -> dict[str, str]:
     return env
 
 
-def run_process(argv: list[str], env: dict[str, str], log_path: Path, timeout_s: float) -> Exit:
+def run_process(argv: list[str], env: dict[str, str], log_path: Path, timeout_s: float,
+                interrupted: threading.Event | None = None) -> Exit:
     """Run a process in its own session with a timeout; on timeout or interrupt, stop the
     whole process group so no framework worker outlives its cell."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout_s
     with open(log_path, "ab") as log:
         log.write(f"$ {' '.join(argv)}\n".encode())
         log.flush()
         process = subprocess.Popen(argv, env=env, cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                   preexec_fn=_die_with_parent if _LIBC else None)
         try:
-            return Exit(process.wait(timeout=timeout_s), timed_out=False)
-        except subprocess.TimeoutExpired:
-            _stop(process)
-            return Exit(process.returncode, timed_out=True)
+            while True:
+                try:
+                    return Exit(process.wait(timeout=max(0.0, min(POLL_S, deadline - time.monotonic()))),
+                                timed_out=False)
+                except subprocess.TimeoutExpired:
+                    if interrupted is not None and interrupted.is_set():
+                        _stop(process)
+                        return Exit(process.returncode, timed_out=False, interrupted=True)
+                    if time.monotonic() >= deadline:
+                        _stop(process)
+                        return Exit(process.returncode, timed_out=True)
         except BaseException:
             _stop(process)
             raise
 
 
+# Loaded once here: the child runs _die_with_parent between fork and exec, where it should do
+# no more than one foreign call (the harness may have other threads waiting on other cells).
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+PR_SET_PDEATHSIG = 1
+
+
 def _die_with_parent() -> None:
-    """Linux: the cell gets SIGKILL when the harness dies, even by SIGKILL, so no orphaned
-    cell keeps running (and competing for the CPU) when the matrix is run again."""
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    """Linux: the cell gets SIGKILL when the thread that started it ends, even by SIGKILL of
+    the harness, so no orphaned cell keeps running (and competing for the CPU) when the matrix
+    is run again. The runner's threads live until their cells have ended."""
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _stop(process: subprocess.Popen) -> None:

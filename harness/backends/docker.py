@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from docker.types import DeviceRequest, Mount
 
 from ..images import BuildOptions, Catalog, Recipe, Variant, load_catalog, recipe
 from ..matrix import Cell
-from .base import TERMINATE_GRACE_S, Backend, BackendError, Exit, Launch
+from .base import POLL_S, TERMINATE_GRACE_S, Backend, BackendError, Exit, Launch
 
 # Containers of this harness carry this label, with the run folder as its value, so that the
 # ones a killed harness left behind can be found and removed.
@@ -172,15 +174,15 @@ class DockerBackend(Backend):
             device_requests=_gpu_request(launch))
         try:
             container.start()
-            timed_out = False
-            try:
-                status = container.wait(timeout=launch.timeout_s)
-            except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
-                timed_out = True
+            status = _wait(container, time.monotonic() + launch.timeout_s, launch.interrupted)
+            if status is None:  # timed out or interrupted
                 container.stop(timeout=TERMINATE_GRACE_S)
                 status = container.wait()
+                if launch.interrupted.is_set():
+                    return Exit(status.get("StatusCode"), timed_out=False, interrupted=True)
+                return Exit(status.get("StatusCode"), timed_out=True)
             state = self.client.api.inspect_container(container.id)["State"]
-            return Exit(status.get("StatusCode"), timed_out=timed_out, out_of_memory=bool(state.get("OOMKilled")))
+            return Exit(status.get("StatusCode"), timed_out=False, out_of_memory=bool(state.get("OOMKilled")))
         finally:
             _keep_log(container, launch)
             container.remove(force=True)
@@ -189,6 +191,20 @@ class DockerBackend(Backend):
         """Remove this run's containers that a killed harness left running."""
         for container in self.client.containers.list(all=True, filters={"label": f"{RUN_LABEL}={run_label}"}):
             container.remove(force=True)
+
+
+def _wait(container, deadline: float, interrupted: threading.Event) -> dict | None:
+    """The container's exit status, or None when the deadline passed or the run was interrupted."""
+    while not interrupted.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        try:
+            # The engine answers when the container exits; the timeout is the client's.
+            return container.wait(timeout=max(0.1, min(POLL_S, left)))
+        except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
+            continue
+    return None
 
 
 def _gpu_request(launch: Launch) -> list[DeviceRequest]:

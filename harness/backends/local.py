@@ -106,7 +106,7 @@ class VirtualenvBackend(Backend):
     def run(self, launch: Launch) -> Exit:
         path = self._ready[(launch.cell.framework, launch.cell.device)]
         argv = [str(path / "bin" / "python"), "-m", "bench", *launch.host_argv()]
-        return run_process(argv, cell_environment(launch), launch.log_path, launch.timeout_s)
+        return run_process(argv, cell_environment(launch), launch.log_path, launch.timeout_s, launch.interrupted)
 
 
 class CurrentInterpreterBackend(Backend):
@@ -123,4 +123,4 @@ class CurrentInterpreterBackend(Backend):
 
     def run(self, launch: Launch) -> Exit:
         argv = [sys.executable, "-m", "bench", *launch.host_argv()]
-        return run_process(argv, cell_environment(launch), launch.log_path, launch.timeout_s)
+        return run_process(argv, cell_environment(launch), launch.log_path, launch.timeout_s, launch.interrupted)
