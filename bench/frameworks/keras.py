@@ -480,7 +480,8 @@ class Densenet121Xray:
         keras.utils.set_random_seed(run.seed)
         self.on_gpu = run.device == "gpu"
         self.device = _keras_device(run.device)
-        self.layout = _image_layout(run.device)
+        # keras.applications' DenseNet refuses channels_first on every backend and device.
+        self.layout = "NHWC"
         self.data_format = _data_format(self.layout)
         self.crop_size = run.input_shape[-1]
         self.strategy = None  # TensorFlow's MirroredStrategy when data-parallel
