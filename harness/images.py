@@ -46,6 +46,8 @@ class Variant(BaseModel):
     cuda: Optional[str] = Field(None, pattern=r"^\d+\.\d+$")
     cudnn: Optional[str] = Field(None, pattern=r"^\d+(\.\d+)*$")
     index: Optional[str] = None  # an extra package index for this variant's wheels
+    # Debian/Ubuntu packages the framework's libraries link beyond the base image.
+    system_packages: tuple[str, ...] = Field((), strict=False)  # a YAML list
 
     @model_validator(mode="after")
     def _cuda_for_gpu_only(self) -> "Variant":
@@ -189,7 +191,8 @@ def recipe(framework: str, variant: Variant, options: BuildOptions) -> Recipe:
             if wheel.is_file():
                 files[f"images/wheelhouse/{wheel.name}"] = wheel
     base = options.cpu_base if variant.base == CPU_BASE else variant.base
-    build_args = {"BASE_IMAGE": base, "PYTHON_VERSION": variant.python, "REQUIREMENTS": variant.requirements,
+    build_args = {"BASE_IMAGE": base, "FRAMEWORK": framework, "PYTHON_VERSION": variant.python,
+                  "SYSTEM_PACKAGES": " ".join(variant.system_packages), "REQUIREMENTS": variant.requirements,
                   "PIP_OFFLINE": "1" if options.offline else "0",
                   "PIP_EXTRA_INDEX_URL": "" if options.offline else (variant.index or ""),
                   "BENCH_HASH": bench_code_hash()}

@@ -90,17 +90,42 @@ def pytorch_cpu(options=BuildOptions()):
     return recipe("pytorch", CATALOG.variant_for("pytorch", "cpu", "auto"), options)
 
 
-def test_the_context_holds_the_repository_paths_the_dockerfile_copies(tmp_path):
-    made = pytorch_cpu()
+def copied_paths(dockerfile: str, build_args: dict[str, str]) -> list[tuple[str, bool]]:
+    """The context paths a Dockerfile's COPY lines name, with the build arguments filled in,
+    each with whether it must exist (a wildcard may match nothing)."""
+    paths = []
+    for line in re.findall(r"^COPY (?!--from)(.+)$", dockerfile, flags=re.M):
+        for source in line.split()[:-1]:
+            source = re.sub(r"\$\{(\w+)\}", lambda m: build_args[m.group(1)], source)
+            paths.append((source, not re.search(r"[*?[]", source)))
+    return paths
+
+
+@pytest.mark.parametrize("framework", ["pytorch", "chainer", "mxnet", "cntk"])
+def test_the_context_holds_the_repository_paths_the_dockerfile_copies(tmp_path, framework):
+    made = recipe(framework, CATALOG.variant_for(framework, "cpu", "auto"), BuildOptions())
     made.write_context(tmp_path)
     dockerfile = (tmp_path / made.dockerfile).read_text()
-    for source in re.findall(r"^COPY (?!--from)(\S+)", dockerfile, flags=re.M):
-        source = source.replace("${REQUIREMENTS}", made.build_args["REQUIREMENTS"])
-        assert (tmp_path / source).exists(), source
+    for source, required in copied_paths(dockerfile, made.build_args):
+        matched = list(tmp_path.glob(source.rstrip("/"))) if not required else [tmp_path / source]
+        assert not required or matched[0].exists(), source
+        if framework == "chainer" and "build-constraints" in source:
+            assert matched, "chainer's build constraints are copied"
     assert (tmp_path / "bench" / "__main__.py").is_file() and (tmp_path / "bench" / "result.schema.json").is_file()
     assert not list(tmp_path.rglob("__pycache__"))
-    assert made.build_args["BASE_IMAGE"] == "debian:bookworm-slim"
+    assert made.build_args["FRAMEWORK"] == framework
+    assert made.build_args["SYSTEM_PACKAGES"] == ("libgomp1 libquadmath0" if framework == "mxnet" else "")
     assert made.labels["org.dlbench.bench-hash"] == made.build_args["BENCH_HASH"]
+    if framework != "cntk":
+        assert made.build_args["BASE_IMAGE"] == "debian:bookworm-slim"
+
+
+def test_one_shared_dockerfile_builds_every_framework_but_cntk():
+    shared = images.IMAGES_DIR / "common" / "Dockerfile"
+    for framework in FRAMEWORKS:
+        dockerfile = images.IMAGES_DIR / framework / "Dockerfile"
+        assert dockerfile.is_file()
+        assert (dockerfile.resolve() == shared.resolve()) is (framework != "cntk"), framework
 
 
 def test_the_tag_changes_with_every_input_and_only_then(tmp_path, monkeypatch):
@@ -143,9 +168,12 @@ def test_compose_and_the_catalog_name_the_same_images():
             variant = CATALOG.variant_for(framework, device, "auto")
             build = services[framework + suffix]["build"]
             assert build["dockerfile"] == f"images/{framework}/Dockerfile" and build["context"] == "."
-            assert build["args"]["REQUIREMENTS"] == variant.requirements
-            assert build["args"]["PYTHON_VERSION"] == variant.python
-            if variant.base != images.CPU_BASE:
-                assert build["args"]["BASE_IMAGE"] == variant.base
+            # The harness's build arguments, but for those of one build (bench hash, offline).
+            expected = images.recipe(framework, variant, images.BuildOptions()).build_args
+            expected = {name: value for name, value in expected.items()
+                        if value and name not in ("BENCH_HASH", "PIP_OFFLINE")}
+            if variant.base == images.CPU_BASE:
+                expected["BASE_IMAGE"] = "${DLBENCH_BASE_IMAGE:-debian:bookworm-slim}"
+            assert build["args"] == expected, framework + suffix
         gpu = services[framework + "-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
         assert gpu["driver"] == "nvidia" and gpu["capabilities"] == ["gpu"]

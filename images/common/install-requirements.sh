@@ -1,14 +1,16 @@
 #!/bin/sh
 # pip-installs a pinned requirement file into /opt/venv: wheels from the wheelhouse first, then
 # the package index (and the variant's extra index) unless PIP_OFFLINE=1 (air-gapped builds).
-# pip trusts the system store, extra CA certificates included.
-#   install-requirements.sh REQUIREMENTS WHEELHOUSE [BUILD-CONSTRAINTS]
+# pip trusts the system store, extra CA certificates included. A build-constraints.txt beside
+# the requirement file pins what source builds need (Chainer's setup.py: an old setuptools).
+#   install-requirements.sh REQUIREMENTS WHEELHOUSE
 set -eu
 requirements="$1"
 wheelhouse="$2"
-if [ $# -gt 2 ]; then
-  # Pins for source builds (Chainer's setup.py): pip < 25.3 applies PIP_CONSTRAINT to them.
-  export PIP_CONSTRAINT="$3"
+constraints="$(dirname "$requirements")/build-constraints.txt"
+if [ -f "$constraints" ]; then
+  # pip < 25.3 applies PIP_CONSTRAINT to the isolated builds of source packages too.
+  export PIP_CONSTRAINT="$constraints"
 fi
 if [ "${PIP_OFFLINE:-0}" = 1 ]; then
   set -- --no-index
