@@ -7,12 +7,14 @@ import dataclasses
 import hashlib
 import json
 import os
+import random
+import statistics
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: summaries carry mean, coefficient of variation and a 95% interval
 SCHEMA_PATH = Path(__file__).with_name("result.schema.json")
 BENCH_DIR = Path(__file__).resolve().parent
 
@@ -47,9 +49,17 @@ class Settings:
     train_examples: Optional[int] = None
 
 
+# Bootstrap resamples for the median's confidence interval; seeded, so the same values always
+# give the same interval.
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+
 @dataclass
 class Summary:
-    """Every measured value plus the robust statistics the tables show."""
+    """Every measured value plus the statistics the tables show: the median with its
+    interquartile range and a 95% bootstrap confidence interval, and the coefficient of
+    variation (sample standard deviation over the mean) that marks a noisy measurement."""
 
     values: List[float]
     median: float
@@ -58,6 +68,9 @@ class Summary:
     q1: float
     q3: float
     iqr: float
+    mean: float
+    cv: Optional[float]  # None for a single value
+    ci95: Optional[List[float]]  # [low, high] of the median; None for a single value
 
     @classmethod
     def of(cls, values: List[float]) -> "Summary":
@@ -65,7 +78,23 @@ class Summary:
             raise ValueError("a summary needs at least one value")
         values = [float(v) for v in values]
         q1, median, q3 = (_quantile(values, q) for q in (0.25, 0.5, 0.75))
-        return cls(values, median, min(values), max(values), q1, q3, q3 - q1)
+        mean = statistics.mean(values)
+        cv = statistics.stdev(values) / abs(mean) if len(values) > 1 and mean else None
+        return cls(values, median, min(values), max(values), q1, q3, q3 - q1, mean, cv,
+                   median_interval(values) if len(values) > 1 else None)
+
+
+def median_interval(values: List[float], level: float = 0.95) -> List[float]:
+    """Percentile bootstrap confidence interval of the median: resample the values with
+    replacement, take each resample's median, and read the interval off their distribution.
+    With few values it can be no narrower than what the values allow (with 5: at worst from
+    the smallest to the largest)."""
+    rng = random.Random(BOOTSTRAP_SEED)
+    count = len(values)
+    medians = sorted(_quantile([values[rng.randrange(count)] for _ in range(count)], 0.5)
+                     for _ in range(BOOTSTRAP_RESAMPLES))
+    tail = (1 - level) / 2
+    return [_quantile(medians, tail), _quantile(medians, 1 - tail)]
 
 
 def _quantile(values: List[float], q: float) -> float:
@@ -123,8 +152,10 @@ class Result:
         """Rebuild a result from its JSON form (already validated against the schema)."""
         metrics = data.get("metrics")
         if metrics is not None:
+            # Statistics are derived again from the values: results written before a
+            # statistic existed get it too.
             metrics = Metrics(**{
-                key: Summary(**value) if isinstance(value, dict) else value
+                key: Summary.of(value["values"]) if isinstance(value, dict) else value
                 for key, value in metrics.items()
             })
         settings, model = data.get("settings"), data.get("model")

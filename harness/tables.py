@@ -12,6 +12,10 @@ import pandas as pd
 from bench.result import Result, write_text_atomic
 from bench.specs import FRAMEWORKS, INFER, MULTILABEL, TASKS
 
+# A result whose timings' coefficient of variation is above this is marked unstable: its
+# median is not a number to compare at the precision the tables print.
+UNSTABLE_CV = 0.05
+
 
 @dataclass
 class Table:
@@ -82,6 +86,9 @@ def results_frame(results: list[Result]) -> pd.DataFrame:
             "median_s": summary.median if summary else None, "q1_s": summary.q1 if summary else None,
             "q3_s": summary.q3 if summary else None, "min_s": summary.min if summary else None,
             "max_s": summary.max if summary else None, "samples": len(summary.values) if summary else 0,
+            "ci95_low_s": summary.ci95[0] if summary and summary.ci95 else None,
+            "ci95_high_s": summary.ci95[1] if summary and summary.ci95 else None,
+            "cv": summary.cv if summary else None,
             "throughput_per_s": metrics.throughput_per_s if metrics else None,
             "score": score.median if score else None,
             "score_name": "acc" if metrics and metrics.test_accuracy else "ROC-AUC",
@@ -184,6 +191,12 @@ def build_tables(results: list[Result], mixed_bench: bool = False) -> tuple[list
                 notes.append(f"† {row.framework}: {int(row.parameters):,} trainable parameters, "
                              f"the task specifies {int(row.expected_parameters):,}{reason}")
                 display[index] += " †"
+            if row.status == "ok" and row.cv is not None and row.cv > UNSTABLE_CV:
+                notes.append(f"⚠ {row.framework}, {labels[row.device_key]}: unstable: the {int(row.samples)} "
+                             f"timings vary by {row.cv:.0%} (coefficient of variation; above {UNSTABLE_CV:.0%}), "
+                             f"95% interval of the median {row.ci95_low_s / row.median_s - 1:+.0%} to "
+                             f"{row.ci95_high_s / row.median_s - 1:+.0%}")
+                display[index] += " ⚠"
             if row.status == "ok" and row.cells_at_once > 1:
                 notes.append(f"‡ {row.framework}, {labels[row.device_key]}: ran with up to "
                              f"{int(row.cells_at_once)} cells at once on its host, one per GPU, sharing "

@@ -19,7 +19,7 @@ def results(*payloads):
 
 def test_one_row_per_framework_one_column_per_device_median_and_spread():
     tables, _ = build_tables(results(
-        result_payload("pytorch", step_times=(0.30, 0.31, 0.29, 0.32, 0.28)),
+        result_payload("pytorch", step_times=(0.300, 0.310, 0.290, 0.305, 0.295)),
         result_payload("tensorflow", step_times=(0.20, 0.20, 0.20)),
         result_payload("pytorch", device="gpu", gpu_name="NVIDIA H100 80GB HBM3", cuda="12.8",
                        cudnn="91002", step_times=(0.010, 0.011, 0.012)),
@@ -29,7 +29,7 @@ def test_one_row_per_framework_one_column_per_device_median_and_spread():
     assert list(table.display.index) == ["pytorch", "tensorflow"]
     assert list(table.display.columns) == ["CPU (Test CPU, 2 cores)",
                                            "NVIDIA H100 80GB HBM3 / CUDA 12.8 / cuDNN 91002"]
-    assert table.display.loc["pytorch", "CPU (Test CPU, 2 cores)"] == "300.0 ms [290.0–310.0], 213 images/s"
+    assert table.display.loc["pytorch", "CPU (Test CPU, 2 cores)"] == "300.0 ms [295.0–305.0], 213 images/s"
     assert table.display.loc["tensorflow", "NVIDIA H100 80GB HBM3 / CUDA 12.8 / cuDNN 91002"] == "–"
     assert table.numbers.loc["tensorflow", "CPU (Test CPU, 2 cores)"] == 0.20
     assert "over 3/5 repeats" in table.description and "batch 64; inputs 3×32×32; synthetic data" in table.description
@@ -147,3 +147,14 @@ def test_results_of_two_backends_get_a_column_each():
     assert not dropped
     (alone,), _ = build_tables(results(local))
     assert list(alone.display.columns) == ["CPU (Test CPU, 2 cores)"]
+
+
+def test_unstable_timings_are_marked_with_their_variation_and_interval():
+    steady = result_payload("pytorch", step_times=(0.100, 0.101, 0.099, 0.100, 0.102))
+    noisy = result_payload("tensorflow", step_times=(0.100, 0.140, 0.095, 0.180, 0.101))
+    table = build_tables(results(steady, noisy))[0][0]
+    assert not table.display.loc["pytorch"].iloc[0].endswith("⚠")
+    assert table.display.loc["tensorflow"].iloc[0].endswith(" ⚠")
+    (note,) = table.notes
+    assert note.startswith("⚠ tensorflow, CPU (Test CPU, 2 cores): unstable: the 5 timings vary by 30% "
+                           "(coefficient of variation; above 5%), 95% interval of the median ")
