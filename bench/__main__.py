@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import data as datasets
-from . import environment, frameworks
+from . import environment, flops, frameworks
 from .host import utc_now
 from .protocol import infer_full, measure_throughput, train_full
 from .result import Cell, Metrics, Model, Result, Settings, write_json_atomic
@@ -136,7 +136,8 @@ def run(args: argparse.Namespace, spec: TaskSpec, settings: Settings, options: R
     model = implementation(spec, options)
     described = Model(parameters=model.parameter_count(), expected_parameters=spec.expected_parameters,
                       layout=model.layout, note=getattr(model, "parameter_note", None),
-                      weights=_sha256(args.weights) if args.weights else None)
+                      weights=_sha256(args.weights) if args.weights else None,
+                      flops_per_example=flops.step_flops_per_example(spec, options.input_shape))
     more = (implementation(spec, options) for _ in range(settings.repeats - 1))  # a fresh model per repeat
     if args.mode == "throughput":
         metrics = measure_throughput(model, spec, data, settings, options)
@@ -144,6 +145,7 @@ def run(args: argparse.Namespace, spec: TaskSpec, settings: Settings, options: R
         metrics = infer_full(itertools.chain([model], more), spec, data, options)
     else:
         metrics = train_full(itertools.chain([model], more), spec, data, settings, options)
+    metrics.tflops_per_s = metrics.throughput_per_s * described.flops_per_example / 1e12
     return described, metrics
 
 

@@ -111,6 +111,7 @@ def _quantile(values: List[float], q: float) -> float:
 class Metrics:
     step_time_s: Optional[Summary] = None  # throughput mode: mean step time of each repeat
     throughput_per_s: Optional[float] = None  # items per second at the median time
+    tflops_per_s: Optional[float] = None  # achieved: throughput x the model's FLOPs per example
     train_time_s: Optional[Summary] = None  # full mode: training time of each repeat (all epochs)
     epoch_time_s: Optional[Summary] = None  # full mode: every epoch of every repeat
     test_accuracy: Optional[Summary] = None  # full mode, classification: each repeat's, dropout off
@@ -131,6 +132,7 @@ class Model:
     layout: str  # memory layout of the input batches, e.g. NCHW or NHWC
     note: Optional[str] = None  # why the parameter count differs from the task's, if it does
     weights: Optional[str] = None  # SHA-256 of the weights file loaded; None: random initialisation
+    flops_per_example: Optional[int] = None  # per example and step, counted from the layers (flops.py)
 
 
 @dataclass
