@@ -161,7 +161,7 @@ class Result:
                 for key, value in metrics.items()
             })
         settings, model = data.get("settings"), data.get("model")
-        return cls(
+        result = cls(
             cell=Cell(**data["cell"]),
             status=data["status"],
             settings=Settings(**settings) if settings else None,
@@ -171,6 +171,19 @@ class Result:
             env=data.get("env") or {},
             schema_version=data["schema_version"],
         )
+        result.add_work_if_missing()
+        return result
+
+    def add_work_if_missing(self) -> None:
+        """Results written before FLOPs were counted (schema 2) get them from the task's
+        layers at the input shape the cell ran."""
+        from .flops import step_flops_per_example  # flops imports specs, which knows no results
+        from .specs import TASKS
+        if self.model is None or self.model.flops_per_example is not None or self.cell.task not in TASKS:
+            return
+        self.model.flops_per_example = step_flops_per_example(TASKS[self.cell.task], tuple(self.cell.input_shape))
+        if self.metrics is not None and self.metrics.throughput_per_s:
+            self.metrics.tflops_per_s = self.metrics.throughput_per_s * self.model.flops_per_example / 1e12
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -12,6 +12,8 @@ import pandas as pd
 from bench.result import Result, write_text_atomic
 from bench.specs import FRAMEWORKS, INFER, MULTILABEL, TASKS
 
+from .peaks import load_peaks
+
 # A result whose timings' coefficient of variation is above this is marked unstable: its
 # median is not a number to compare at the precision the tables print.
 UNSTABLE_CV = 0.05
@@ -90,6 +92,9 @@ def results_frame(results: list[Result]) -> pd.DataFrame:
             "ci95_high_s": summary.ci95[1] if summary and summary.ci95 else None,
             "cv": summary.cv if summary else None,
             "throughput_per_s": metrics.throughput_per_s if metrics else None,
+            "tflops_per_s": metrics.tflops_per_s if metrics else None,
+            "precision": result.cell.precision,
+            "peak_tflops_per_s": _peak(result),
             "score": score.median if score else None,
             "score_name": "acc" if metrics and metrics.test_accuracy else "ROC-AUC",
             "parameters": model.parameters if model else None,
@@ -109,6 +114,22 @@ def results_frame(results: list[Result]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _peak(result: Result) -> float | None:
+    """The peak TFLOP/s of the cell's GPU at its precision (harness/gpu_peaks.yml), if known."""
+    gpu = result.env.get("gpu") or {}
+    return load_peaks().peak(gpu["name"], result.cell.precision) if gpu.get("name") else None
+
+
+def _work(row: pd.Series) -> str:
+    """Achieved TFLOP/s and, on a GPU whose peak is known, the fraction of that peak."""
+    if pd.isna(row.tflops_per_s):
+        return ""
+    text = f", {row.tflops_per_s:.3g} TFLOP/s"
+    if not pd.isna(row.peak_tflops_per_s):
+        text += f" ({row.tflops_per_s / row.peak_tflops_per_s:.0%} of {row.precision} peak)"
+    return text
+
+
 def _rate(per_second: float) -> str:
     """Three significant figures at most, but never fewer than the integer part."""
     return f"{per_second:,.0f}" if per_second >= 100 else f"{per_second:.3g}"
@@ -126,7 +147,7 @@ def _format(row: pd.Series, item: str) -> str:
     else:
         spread = f" [{row.q1_s:.1f}–{row.q3_s:.1f}]" if row.samples > 1 else ""
         text = f"{row.median_s:.1f} s{spread}, {row.score_name} {row.score:.3f}"
-    return text
+    return text + _work(row)
 
 
 def _describe(task: str, mode: str, data: str, batch_size: int, input_shape: str,

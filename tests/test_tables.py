@@ -29,7 +29,7 @@ def test_one_row_per_framework_one_column_per_device_median_and_spread():
     assert list(table.display.index) == ["pytorch", "tensorflow"]
     assert list(table.display.columns) == ["CPU (Test CPU, 2 cores)",
                                            "NVIDIA H100 80GB HBM3 / CUDA 12.8 / cuDNN 91002"]
-    assert table.display.loc["pytorch", "CPU (Test CPU, 2 cores)"] == "300.0 ms [295.0–305.0], 213 images/s"
+    assert table.display.loc["pytorch", "CPU (Test CPU, 2 cores)"] == "300.0 ms [295.0–305.0], 213 images/s, 0.0797 TFLOP/s"
     assert table.display.loc["tensorflow", "NVIDIA H100 80GB HBM3 / CUDA 12.8 / cuDNN 91002"] == "–"
     assert table.numbers.loc["tensorflow", "CPU (Test CPU, 2 cores)"] == 0.20
     assert "over 3/5 repeats" in table.description and "batch 64; inputs 3×32×32; synthetic data" in table.description
@@ -72,7 +72,7 @@ def test_cells_that_ran_beside_others_are_marked():
 
 def test_full_mode_shows_training_time_and_accuracy():
     tables, _ = build_tables(results(result_payload("pytorch", mode="full", step_times=(120.0,))))
-    assert tables[0].display.iloc[0, 0] == "120.0 s, acc 0.770"
+    assert tables[0].display.iloc[0, 0] == "120.0 s, acc 0.770, 0.374 TFLOP/s"  # 1,000 images/s at 374 MFLOP each
     assert "full mode" in tables[0].title
 
 
