@@ -8,7 +8,7 @@ from pathlib import Path
 
 import jsonschema
 
-from bench.result import SCHEMA_PATH, Result
+from bench.result import SCHEMA_PATH, Result, Summary
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,13 @@ def read_result(path: Path) -> Result:
     if problem:
         raise ValueError(f"not a cell result ({problem})")
     return Result.from_dict(payload)
+
+
+def headline_time(result: Result) -> Summary | None:
+    """The time a result is compared by (lower is better): seconds per 1,000 items for
+    inference, the step time in throughput mode, the training time in full mode."""
+    metrics = result.metrics
+    return metrics and (metrics.seconds_per_1000 or metrics.step_time_s or metrics.train_time_s)
 
 
 @dataclass

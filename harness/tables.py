@@ -13,6 +13,7 @@ from bench.result import Result, write_text_atomic
 from bench.specs import FRAMEWORKS, INFER, MULTILABEL, TASKS
 
 from .peaks import load_peaks
+from .results import headline_time
 
 # A result whose timings' coefficient of variation is above this is marked unstable: its
 # median is not a number to compare at the precision the tables print.
@@ -76,8 +77,7 @@ def results_frame(results: list[Result]) -> pd.DataFrame:
     rows = []
     for result in results:
         metrics, model = result.metrics, result.model
-        # Inference is shown in the seed's unit, seconds per 1,000 images.
-        summary = metrics and (metrics.seconds_per_1000 or metrics.step_time_s or metrics.train_time_s)
+        summary = headline_time(result)  # inference: the seed's unit, seconds per 1,000 images
         score = metrics and (metrics.test_accuracy or metrics.test_roc_auc)
         rows.append({
             "task": result.cell.task, "mode": result.cell.mode, "data": result.cell.data,

@@ -1,0 +1,103 @@
+"""compare.py: cells matched across two result sets on everything but the axes that differ,
+the ratio of their times with a bootstrap interval, a verdict, and a regression guard."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bench.result import Result
+from conftest import REPO, result_payload, write_matrix
+from harness.compare import compare, main, ratio_interval
+
+
+def gpu_result(framework="pytorch", cuda="12.8", gpu="NVIDIA H100 80GB HBM3", times=(0.010, 0.0101, 0.0099, 0.0100, 0.0102)):
+    payload = result_payload(framework, device="gpu", gpu_name=gpu, cuda=cuda, cudnn="9", step_times=times,
+                             cell_id=f"cnn_cifar10.{framework}.cuda-{cuda}")
+    return payload
+
+
+def write_set(folder, *payloads):
+    folder.mkdir(parents=True)
+    for number, payload in enumerate(payloads):
+        (folder / f"{number}.json").write_text(json.dumps(payload))
+    return folder
+
+
+def test_a_cuda_upgrade_that_costs_20_percent_is_a_significant_slowdown():
+    a = [Result.from_dict(gpu_result("pytorch", "12.8")), Result.from_dict(gpu_result("jax", "12.8"))]
+    b = [Result.from_dict(gpu_result("pytorch", "13.0", times=(0.0120, 0.0121, 0.0119, 0.0122, 0.0120))),
+         Result.from_dict(gpu_result("jax", "13.0", times=(0.0101, 0.0099, 0.0100, 0.0102, 0.0100)))]
+    comparison = compare(a, b)
+    assert comparison.differing == {"cuda": (["12.8"], ["13.0"])}
+    by_framework = {pair.a.cell.framework: pair for pair in comparison.pairs}
+    slower, same = by_framework["pytorch"], by_framework["jax"]
+    assert slower.ratio == pytest.approx(1.2) and slower.significant and slower.interval[0] > 1.15
+    assert slower.verdict() == "slower by 20.0%"
+    assert not same.significant and same.verdict() == "no significant difference"
+
+
+def test_sets_with_several_gpus_match_gpu_to_gpu_when_cuda_is_what_differs():
+    h100, a100 = "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"
+    a = [Result.from_dict(gpu_result(cuda="12.8", gpu=h100)), Result.from_dict(gpu_result(cuda="12.8", gpu=a100, times=(0.02,) * 5))]
+    b = [Result.from_dict(gpu_result(cuda="13.0", gpu=h100)), Result.from_dict(gpu_result(cuda="13.0", gpu=a100, times=(0.02,) * 5))]
+    comparison = compare(a, b)
+    assert list(comparison.differing) == ["cuda"]
+    assert sorted(p.ratio for p in comparison.pairs) == pytest.approx([1.0, 1.0])
+
+
+def test_comparing_two_gpus_matches_the_same_cells_on_each():
+    comparison = compare([Result.from_dict(gpu_result(gpu="NVIDIA A100-SXM4-80GB", times=(0.02,) * 5))],
+                         [Result.from_dict(gpu_result(gpu="NVIDIA H100 80GB HBM3"))])
+    assert list(comparison.differing) == ["device"]
+    (pair,) = comparison.pairs
+    assert pair.ratio == pytest.approx(0.5, rel=0.01) and pair.verdict().startswith("faster by 50")
+
+
+def test_the_interval_needs_two_runs_a_side_and_is_seeded():
+    assert ratio_interval([1.0], [1.0, 1.1]) is None
+    assert ratio_interval([1.0, 1.1, 0.9], [2.0, 2.1, 1.9]) == ratio_interval([1.0, 1.1, 0.9], [2.0, 2.1, 1.9])
+
+
+def test_the_command_guards_against_regressions(tmp_path, capsys):
+    a = write_set(tmp_path / "a", gpu_result(cuda="12.8"))
+    b = write_set(tmp_path / "b", gpu_result(cuda="13.0", times=(0.0120, 0.0121, 0.0119, 0.0122, 0.0120)))
+    assert main([str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "A and B differ in: cuda 12.8 → 13.0" in out and "slower by 20.0%" in out
+    assert main([str(a), str(b), "--fail-above", "10"]) == 1
+    assert "regression: cnn_cifar10 pytorch: B/A 1.200, above 1.100" in capsys.readouterr().err
+    assert main([str(a), str(b), "--fail-above", "25"]) == 0
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    a = write_set(tmp_path / "a", gpu_result())
+    assert main([str(a), str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'missing'}: no such results folder")
+    other = write_set(tmp_path / "other", result_payload("tensorflow"))
+    assert main([str(a), str(other)]) == 2
+    assert "no successful cell in common" in capsys.readouterr().err
+    assert main([str(a), str(a), "--fail-above", "-1"]) == 2
+
+
+@pytest.mark.integration
+def test_two_real_cpu_runs_that_differ_in_threads(tmp_path):
+    """Real result sets: the same PyTorch cells run with 1 and with 2 threads."""
+    folders = []
+    for threads in (1, 2):
+        matrix = write_matrix(tmp_path / f"t{threads}.yml", (
+            "matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10, gru_imdb]\n  gpu: [cpu]\n"
+            f"  threads: [{threads}]\nsettings:\n  warmup_steps: 1\n  steps: 3\n  repeats: 5\n"))
+        folder = tmp_path / f"threads-{threads}"
+        done = subprocess.run([sys.executable, str(REPO / "harness" / "run_matrix.py"), str(matrix),
+                               "--backend", "local", "--results", str(folder)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        folders.append(folder)
+    done = subprocess.run([sys.executable, str(REPO / "harness" / "compare.py"), *map(str, folders)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "A and B differ in: threads 1 → 2" in done.stdout
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("cnn_cifar10", "gru_imdb"))]
+    assert len(rows) == 2 and all("[" in row for row in rows)  # an interval on every row
