@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Merge every cell result under one or more folders into comparison tables.
 
-    python harness/merge.py results/<run> [more folders...] [--out DIR] [--mixed-bench]
+    python harness/merge.py results/<run> [more folders...] [--out DIR] [--mixed-bench] [--no-reference]
 
 Prints the tables and writes them (Markdown, CSV) to DIR, by default <first folder>/tables.
-Files that are not valid cell results are reported and skipped.
+Files that are not valid cell results are reported and skipped. Published reference numbers
+(harness/reference/) join the tables of the protocols they were measured with.
 """
 from __future__ import annotations
 
@@ -15,14 +16,16 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from harness.reference import published_results  # noqa: E402
 from harness.results import load_results  # noqa: E402
 from harness.tables import build_tables, write_tables  # noqa: E402
 
 
-def merge(folders: list[Path], out_dir: Path, mixed_bench: bool = False) -> str:
+def merge(folders: list[Path], out_dir: Path, mixed_bench: bool = False, reference: bool = True) -> str:
     """Load, tabulate, write; returns the Markdown it wrote. Problems go to stderr."""
     loaded = load_results(*folders)
-    tables, dropped = build_tables([result for _, result in loaded.results], mixed_bench)
+    tables, dropped = build_tables([result for _, result in loaded.results], mixed_bench,
+                                   published_results() if reference else ())
     for problem in loaded.problems + dropped:
         print(f"note: {problem}", file=sys.stderr)
     summary = write_tables(tables, [result for _, result in loaded.results], out_dir)
@@ -37,12 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mixed-bench", action="store_true",
                         help="compare results measured by different bench code (by default only the "
                              "newest result's bench hash is shown; the others are listed)")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="leave the published reference numbers (harness/reference/) out of the tables")
     args = parser.parse_args(argv)
     for folder in args.folders:
         if not folder.is_dir():
             print(f"error: {folder}: no such results folder; pass a folder of cell results", file=sys.stderr)
             return 2
-    print(merge(args.folders, args.out or args.folders[0] / "tables", args.mixed_bench))
+    print(merge(args.folders, args.out or args.folders[0] / "tables", args.mixed_bench, not args.no_reference))
     return 0
 
 

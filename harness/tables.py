@@ -4,6 +4,7 @@ cell the median with its spread. Written as Markdown and CSV."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from bench.result import Result, write_text_atomic
 from bench.specs import FRAMEWORKS, INFER, MULTILABEL, TASKS
 
 from .peaks import load_peaks
+from .reference import PUBLISHED
 from .results import headline_time
 
 # A result whose timings' coefficient of variation is above this is marked unstable: its
@@ -53,10 +55,13 @@ def _column_labels(rows: pd.DataFrame) -> dict[tuple[str, str, int, str], str]:
     frameworks in the column report the same versions, else "GPU / CUDA <asked>". Results of more
     than one backend (docker images, local environments) get a column each, named so."""
     labels = {}
-    several_backends = rows["device_key"].map(lambda key: key[3]).nunique() > 1
+    measured_here = rows[rows["backend"] != PUBLISHED]
+    several_backends = measured_here["device_key"].map(lambda key: key[3]).nunique() > 1
     for key, group in rows.groupby("device_key", sort=False):
         kind, name, devices, backend = key
         where = f", {backend} backend" if several_backends else ""
+        if backend == PUBLISHED:
+            where = f" (published {int(group['year'].iloc[0])}, {group['published_data'].iloc[0]} data)"
         if kind == "cpu":
             split = f" split in {devices} devices" if devices > 1 else ""
             labels[key] = f"CPU ({name}){split}{where}"
@@ -108,6 +113,8 @@ def results_frame(results: list[Result]) -> pd.DataFrame:
             "framework_version": result.env.get("framework_version"),
             "backend": result.env.get("backend"), "bench_hash": result.env.get("bench_hash"),
             "cells_at_once": result.env.get("cells_at_once", 1),
+            "year": result.env.get("year"),  # published results only
+            "published_data": result.cell.data,
             "cell_id": result.cell.id,
             "finished_utc": result.env.get("finished_utc", ""),
         })
@@ -146,7 +153,9 @@ def _format(row: pd.Series, item: str) -> str:
                 f"{_rate(row.throughput_per_s)} {item}/s")
     else:
         spread = f" [{row.q1_s:.1f}–{row.q3_s:.1f}]" if row.samples > 1 else ""
-        text = f"{row.median_s:.1f} s{spread}, {row.score_name} {row.score:.3f}"
+        text = f"{row.median_s:.1f} s{spread}"
+        if not pd.isna(row.score):
+            text += f", {row.score_name} {row.score:.3f}"
     return text + _work(row)
 
 
@@ -175,9 +184,12 @@ def _describe(task: str, mode: str, data: str, batch_size: int, input_shape: str
     return f"{what}; batch {batch_size}{per_device}; inputs {input_shape}; {data} data."
 
 
-def build_tables(results: list[Result], mixed_bench: bool = False) -> tuple[list[Table], list[str]]:
+def build_tables(results: list[Result], mixed_bench: bool = False,
+                 reference: Sequence[Result] = ()) -> tuple[list[Table], list[str]]:
     """Tables, plus notes about results that were left out: duplicates, and results measured
-    by other bench code than the newest result's (compared only when ``mixed_bench``)."""
+    by other bench code than the newest result's (compared only when ``mixed_bench``).
+    ``reference`` results (published numbers) join the tables of the same task, mode, batch
+    and input that fresh results make, a column per published device."""
     frame = results_frame(results)
     if frame.empty:
         return [], []
@@ -196,6 +208,8 @@ def build_tables(results: list[Result], mixed_bench: bool = False) -> tuple[list
     duplicated = frame.duplicated(place, keep="last")
     dropped += [f"{row.cell_id}: an older duplicate, not shown" for row in frame[duplicated].itertuples()]
     frame = frame[~duplicated]
+    if reference:
+        frame = pd.concat([frame, _published_beside(frame, results_frame(list(reference)))], ignore_index=True)
     labels = _column_labels(frame)
     tables = []
     for (task, mode, data, batch_size, input_shape), group in frame.groupby(
@@ -207,7 +221,7 @@ def build_tables(results: list[Result], mixed_bench: bool = False) -> tuple[list
             if row.status != "ok":
                 notes.append(f"{row.framework}, {labels[row.device_key]}: {row.status}: "
                              f"{str(row.error).splitlines()[0]}")
-            elif row.parameters != row.expected_parameters:
+            elif not pd.isna(row.parameters) and row.parameters != row.expected_parameters:
                 reason = f": {row.parameter_note}" if row.parameter_note else ""
                 notes.append(f"† {row.framework}: {int(row.parameters):,} trainable parameters, "
                              f"the task specifies {int(row.expected_parameters):,}{reason}")
@@ -236,6 +250,20 @@ def build_tables(results: list[Result], mixed_bench: bool = False) -> tuple[list
         tables.append(Table(name, title, _describe(task, mode, data, batch_size, input_shape, group),
                             pivot.fillna("–"), numbers, notes))
     return tables, dropped
+
+
+def _published_beside(fresh: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:
+    """The published rows for each table the fresh results make: same task, mode, batch and
+    input. Where numbers were published for the table's kind of data they are used, else those
+    of real data (held in memory, as synthetic data is); each keeps its own data in its label."""
+    chosen = []
+    for key in fresh[["task", "mode", "data", "batch_size", "input_shape"]].drop_duplicates().itertuples(index=False):
+        same = published[(published["task"] == key.task) & (published["mode"] == key.mode)
+                         & (published["batch_size"] == key.batch_size) & (published["input_shape"] == key.input_shape)]
+        same_data = same[same["data"] == key.data]
+        rows = same_data if not same_data.empty else same[same["data"] == "real"]
+        chosen.append(rows.assign(data=key.data))
+    return pd.concat(chosen) if chosen else published.iloc[0:0]
 
 
 def write_tables(tables: list[Table], results: list[Result], folder: Path) -> Path:
