@@ -2,13 +2,14 @@
 import argparse
 import hashlib
 import itertools
+import os
 import sys
 import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import data as datasets
-from . import environment, flops, frameworks
+from . import environment, flops, frameworks, memory
 from .host import utc_now
 from .protocol import infer_full, measure_throughput, train_full
 from .result import Cell, Metrics, Model, Result, Settings, write_json_atomic
@@ -139,12 +140,21 @@ def run(args: argparse.Namespace, spec: TaskSpec, settings: Settings, options: R
                       weights=_sha256(args.weights) if args.weights else None,
                       flops_per_example=flops.step_flops_per_example(spec, options.input_shape))
     more = (implementation(spec, options) for _ in range(settings.repeats - 1))  # a fresh model per repeat
-    if args.mode == "throughput":
-        metrics = measure_throughput(model, spec, data, settings, options)
-    elif spec.kind == INFER:
-        metrics = infer_full(itertools.chain([model], more), spec, data, options)
-    else:
-        metrics = train_full(itertools.chain([model], more), spec, data, settings, options)
+    nvml = environment.import_nvml() if args.device == "gpu" else None
+    with memory.NvmlPeakSampler(nvml, os.environ.get("CUDA_VISIBLE_DEVICES")) as sampler:
+        if args.mode == "throughput":
+            metrics = measure_throughput(model, spec, data, settings, options)
+        elif spec.kind == INFER:
+            metrics = infer_full(itertools.chain([model], more), spec, data, options)
+        else:
+            metrics = train_full(itertools.chain([model], more), spec, data, settings, options)
+    allocator_peak = framework.device_memory_peak(options)
+    if allocator_peak:
+        metrics.device_memory_peak_bytes, metrics.device_memory_source = allocator_peak, "allocator"
+    elif sampler.peak is not None:
+        metrics.device_memory_peak_bytes, metrics.device_memory_source = sampler.peak, "nvml"
+    host = memory.host_peak_rss()
+    metrics.host_peak_rss_bytes, metrics.host_child_peak_rss_bytes = host["process"], host["largest_child"]
     metrics.tflops_per_s = metrics.throughput_per_s * described.flops_per_example / 1e12
     return described, metrics
 

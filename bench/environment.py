@@ -109,7 +109,7 @@ def _text(value: Union[str, bytes]) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _import_nvml() -> Optional[ModuleType]:
+def import_nvml() -> Optional[ModuleType]:
     try:
         import pynvml  # nvidia-ml-py: installed in GPU environments only
     except ImportError:
@@ -127,6 +127,6 @@ def collect(device: str, framework_facts: Dict[str, Any]) -> Dict[str, Any]:
         "bench_commit": bench_commit(),
         "bench_hash": bench_code_hash(),
         "image": image_facts(os.environ.get("DLBENCH_IMAGE")),
-        "gpu": gpu_info(_import_nvml(), os.environ.get("CUDA_VISIBLE_DEVICES")) if device == "gpu" else None,
+        "gpu": gpu_info(import_nvml(), os.environ.get("CUDA_VISIBLE_DEVICES")) if device == "gpu" else None,
         "argv": sys.argv[1:],
     }

@@ -112,6 +112,12 @@ class Metrics:
     step_time_s: Optional[Summary] = None  # throughput mode: mean step time of each repeat
     throughput_per_s: Optional[float] = None  # items per second at the median time
     tflops_per_s: Optional[float] = None  # achieved: throughput x the model's FLOPs per example
+    # Peak GPU memory of the busiest of the cell's GPUs, and where the figure comes from:
+    # "allocator" (the framework's own peak) or "nvml" (sampled use above the start's).
+    device_memory_peak_bytes: Optional[int] = None
+    device_memory_source: Optional[str] = None
+    host_peak_rss_bytes: Optional[int] = None  # this process
+    host_child_peak_rss_bytes: Optional[int] = None  # its largest child (loader workers, replicas)
     train_time_s: Optional[Summary] = None  # full mode: training time of each repeat (all epochs)
     epoch_time_s: Optional[Summary] = None  # full mode: every epoch of every repeat
     test_accuracy: Optional[Summary] = None  # full mode, classification: each repeat's, dropout off

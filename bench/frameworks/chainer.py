@@ -82,6 +82,11 @@ def configure(run: RunOptions) -> None:
     # CPU "devices" need nothing here: every CPU replica is a numpy copy of the model.
 
 
+def device_memory_peak(run: RunOptions) -> int | None:
+    # CuPy's memory pool reports what it holds now, no peak: NVML measures the cell.
+    return None
+
+
 def _chainer_device(device: str, index: int = 0) -> chainer.backend.Device:
     return chainer.get_device(f"@cupy:{index}" if device == "gpu" else "@numpy")
 

@@ -92,6 +92,11 @@ def configure(run: RunOptions) -> None:
     # no switch; force_deterministic_algorithms() would turn it off).
 
 
+def device_memory_peak(run: RunOptions) -> Optional[int]:
+    # CNTK reports no allocator statistics: NVML measures the cell.
+    return None
+
+
 def _seed(run: RunOptions) -> None:
     """Parameters and dropout masks created after this draw from ``run.seed``: every repeat
     (and every MPI worker) starts from the same weights."""

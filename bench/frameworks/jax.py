@@ -74,6 +74,15 @@ def configure(run: RunOptions) -> None:
         jax.config.update("jax_platforms", "cpu")
 
 
+def device_memory_peak(run: RunOptions) -> int | None:
+    """XLA's allocator peak on the busiest of the cell's GPUs; None on CPU, or when the
+    platform keeps no statistics."""
+    if run.device != "gpu":
+        return None
+    stats = [device.memory_stats() for device in _jax_devices(run)]
+    return max(s["peak_bytes_in_use"] for s in stats) if all(stats) else None
+
+
 def _platform(run: RunOptions) -> str:
     return "gpu" if run.device == "gpu" else "cpu"
 

@@ -89,6 +89,20 @@ def configure(run: RunOptions) -> None:
     keras.utils.set_random_seed(run.seed)  # Python, numpy and the backend's generators
 
 
+def device_memory_peak(run: RunOptions) -> int | None:
+    """The backend's allocator peak on the busiest of the cell's GPUs; None on CPU."""
+    if run.device != "gpu":
+        return None
+    module = _backend_module()
+    if BACKEND == "torch":
+        return module.cuda.max_memory_allocated()
+    if BACKEND == "tensorflow":
+        return max(module.config.experimental.get_memory_info(f"GPU:{index}")["peak"]
+                   for index in range(run.devices))
+    stats = [device.memory_stats() for device in module.devices("gpu")[:run.devices]]
+    return max(s["peak_bytes_in_use"] for s in stats) if all(stats) else None
+
+
 def _backend_module():
     """The backend framework itself, imported only to ask it about itself, to configure it,
     to sync and (TensorFlow) for its distribution strategy."""

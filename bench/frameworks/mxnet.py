@@ -87,6 +87,11 @@ def configure(run: RunOptions) -> None:
     mx.random.seed(run.seed)  # initializers and dropout masks draw from MXNet's own generator
 
 
+def device_memory_peak(run: RunOptions) -> int | None:
+    # MXNet's storage pool reports free and total memory, no peak: NVML measures the cell.
+    return None
+
+
 def _contexts(run: RunOptions) -> list[mx.Context]:
     """One context per replica: GPUs, or CPU contexts, each with its own engine workers."""
     device = mx.gpu if run.device == "gpu" else mx.cpu

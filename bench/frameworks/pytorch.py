@@ -50,6 +50,14 @@ def configure(run: RunOptions) -> None:
     torch.backends.cudnn.benchmark = run.device == "gpu"
 
 
+def device_memory_peak(run: RunOptions) -> int | None:
+    """The caching allocator's peak on this process's GPU; None on CPU and for data-parallel
+    cells, whose replicas are other processes (NVML measures those)."""
+    if run.device != "gpu" or run.devices > 1:
+        return None
+    return torch.cuda.max_memory_allocated()
+
+
 def _threads_per_process(run: RunOptions) -> int | None:
     """run.threads; a data-parallel run has one process per replica, which share the threads
     asked for (or the cores) equally."""

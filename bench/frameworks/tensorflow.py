@@ -64,6 +64,13 @@ def configure(run: RunOptions) -> None:
     tf.keras.utils.set_random_seed(run.seed)
 
 
+def device_memory_peak(run: RunOptions) -> int | None:
+    """The allocator's peak on the busiest of the cell's GPUs; None on CPU."""
+    if run.device != "gpu":
+        return None
+    return max(tf.config.experimental.get_memory_info(f"GPU:{index}")["peak"] for index in range(run.devices))
+
+
 def _tf_device(device: str) -> str:
     return "/GPU:0" if device == "gpu" else "/CPU:0"
 
