@@ -5,7 +5,7 @@ import platform
 import subprocess
 import sys
 from types import ModuleType
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 
@@ -87,7 +87,7 @@ def gpu_info(nvml: Optional[ModuleType], visible_devices: Optional[str]) -> Opti
             handle = nvml.nvmlDeviceGetHandleByIndex(int(first))
         else:
             handle = nvml.nvmlDeviceGetHandleByUUID(first)
-        return {
+        facts = {
             "name": _text(nvml.nvmlDeviceGetName(handle)),
             "driver": _text(nvml.nvmlSystemGetDriverVersion()),
             "memory_total_bytes": int(nvml.nvmlDeviceGetMemoryInfo(handle).total),
@@ -95,8 +95,48 @@ def gpu_info(nvml: Optional[ModuleType], visible_devices: Optional[str]) -> Opti
         }
     except nvml.NVMLError:
         return None
+    try:
+        facts.update(_gpu_settings(nvml, handle))
+        return facts
     finally:
         nvml.nvmlShutdown()
+
+
+def _gpu_settings(nvml: ModuleType, handle: object) -> Dict[str, Any]:
+    """What the GPU was set to when the cell ran: clocks (MHz, now and at most), power limit,
+    ECC and persistence mode, compute capability. A query the GPU does not support is None."""
+    def ask(query, *args):
+        try:
+            return query(handle, *args)
+        except nvml.NVMLError:
+            return None
+
+    limit = ask(nvml.nvmlDeviceGetPowerManagementLimit)  # milliwatts
+    ecc = ask(nvml.nvmlDeviceGetEccMode)  # (current, pending)
+    capability = ask(nvml.nvmlDeviceGetCudaComputeCapability)  # (major, minor)
+    persistence = ask(nvml.nvmlDeviceGetPersistenceMode)
+    return {
+        "sm_clock_mhz": ask(nvml.nvmlDeviceGetClockInfo, nvml.NVML_CLOCK_SM),
+        "sm_clock_max_mhz": ask(nvml.nvmlDeviceGetMaxClockInfo, nvml.NVML_CLOCK_SM),
+        "memory_clock_mhz": ask(nvml.nvmlDeviceGetClockInfo, nvml.NVML_CLOCK_MEM),
+        "memory_clock_max_mhz": ask(nvml.nvmlDeviceGetMaxClockInfo, nvml.NVML_CLOCK_MEM),
+        "power_limit_w": None if limit is None else limit / 1000,
+        "ecc": None if ecc is None else bool(ecc[0]),
+        "persistence_mode": None if persistence is None else bool(persistence),
+        "compute_capability": None if capability is None else "{}.{}".format(*capability),
+    }
+
+
+def installed_packages() -> Optional[List[str]]:
+    """Every distribution in the environment, as "name==version", sorted: what a local
+    environment froze (an image is named by its id as well). None before Python 3.8."""
+    try:
+        from importlib import metadata
+    except ImportError:  # CNTK's Python 3.6: its image id pins the packages
+        return None
+    found = {"{}=={}".format(dist.metadata["Name"], dist.version) for dist in metadata.distributions()
+             if dist.metadata["Name"]}
+    return sorted(found, key=str.lower)
 
 
 def image_facts(described: Optional[str]) -> Optional[Dict[str, Any]]:
@@ -128,5 +168,6 @@ def collect(device: str, framework_facts: Dict[str, Any]) -> Dict[str, Any]:
         "bench_hash": bench_code_hash(),
         "image": image_facts(os.environ.get("DLBENCH_IMAGE")),
         "gpu": gpu_info(import_nvml(), os.environ.get("CUDA_VISIBLE_DEVICES")) if device == "gpu" else None,
+        "packages": installed_packages(),
         "argv": sys.argv[1:],
     }

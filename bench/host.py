@@ -4,6 +4,7 @@ import datetime
 import os
 import platform
 import socket
+from typing import Optional
 
 
 def utc_now() -> str:
@@ -29,6 +30,16 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+def cpu_governor() -> Optional[str]:
+    """The first CPU's frequency governor ("performance", "powersave", ...), None where the
+    kernel exposes none (most VMs and containers)."""
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor", encoding="utf-8") as handle:
+            return handle.read().strip() or None
+    except OSError:
+        return None
+
+
 def host_facts() -> dict:
     return {"hostname": socket.gethostname(), "os": platform.platform(),
-            "cpu_model": cpu_model(), "cpu_cores": cpu_cores()}
+            "cpu_model": cpu_model(), "cpu_cores": cpu_cores(), "cpu_governor": cpu_governor()}

@@ -49,6 +49,28 @@ class FakeNvml(types.SimpleNamespace):
     def nvmlSystemGetDriverVersion(self):
         return "580.65.06"
 
+    NVML_CLOCK_SM, NVML_CLOCK_MEM = 1, 2
+
+    def nvmlDeviceGetClockInfo(self, handle, clock):
+        return {1: 1980, 2: 2619}[clock]
+
+    def nvmlDeviceGetMaxClockInfo(self, handle, clock):
+        return {1: 1980, 2: 2619}[clock]
+
+    def nvmlDeviceGetPowerManagementLimit(self, handle):
+        return 700_000
+
+    def nvmlDeviceGetEccMode(self, handle):
+        if handle[1] == "GPU-2":
+            raise self.NVMLError("not supported")
+        return (1, 1)
+
+    def nvmlDeviceGetPersistenceMode(self, handle):
+        return 1
+
+    def nvmlDeviceGetCudaComputeCapability(self, handle):
+        return (9, 0)
+
 
 DEVICES = [("NVIDIA H100 80GB HBM3", "GPU-1", 80 << 30), ("NVIDIA A100-SXM4-40GB", "GPU-2", 40 << 30)]
 
@@ -80,8 +102,11 @@ def test_model_names_may_skip_words():
 def test_cell_gpu_info_follows_cuda_visible_devices():
     nvml = FakeNvml(DEVICES)
     assert gpu_info(nvml, "1")["name"] == "NVIDIA A100-SXM4-40GB"
-    assert gpu_info(nvml, "GPU-1,GPU-2") == {"name": "NVIDIA H100 80GB HBM3", "driver": "580.65.06",
-                                             "memory_total_bytes": 80 << 30, "uuid": "GPU-1"}
+    assert gpu_info(nvml, "GPU-1,GPU-2") == {
+        "name": "NVIDIA H100 80GB HBM3", "driver": "580.65.06", "memory_total_bytes": 80 << 30, "uuid": "GPU-1",
+        "sm_clock_mhz": 1980, "sm_clock_max_mhz": 1980, "memory_clock_mhz": 2619, "memory_clock_max_mhz": 2619,
+        "power_limit_w": 700.0, "ecc": True, "persistence_mode": True, "compute_capability": "9.0"}
+    assert gpu_info(nvml, "1")["ecc"] is None  # a query the GPU does not support
     assert gpu_info(None, "0") is None
     assert gpu_info(FakeNvml(DEVICES, fail_init=True), "0") is None
 

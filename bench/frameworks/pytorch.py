@@ -34,6 +34,7 @@ def describe(run: RunOptions) -> dict:
         "cudnn": str(torch.backends.cudnn.version()) if on_gpu else None,
         "framework_settings": {
             "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "nccl": ".".join(map(str, torch.cuda.nccl.version())) if on_gpu else None,
             "data_parallel": (f"DistributedDataParallel, {_distributed_backend(run.device)}, "
                               f"{run.devices} processes") if run.devices > 1 else None,
         },
