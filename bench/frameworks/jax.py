@@ -57,6 +57,8 @@ def describe(run: RunOptions) -> dict:
             "flax_version": flax.__version__,
             "optax_version": optax.__version__,
             "jaxlib_version": jaxlib.__version__,
+            # None: XLA's default, which runs fp32 products in TF32 on Ampere and newer GPUs.
+            "default_matmul_precision": jax.config.jax_default_matmul_precision,
             "platform": _jax_devices(run)[0].platform,
             "devices_visible": len(jax.devices(_platform(run))),
         },

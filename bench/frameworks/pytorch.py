@@ -35,6 +35,10 @@ def describe(run: RunOptions) -> dict:
         "framework_settings": {
             "cudnn_benchmark": torch.backends.cudnn.benchmark,
             "nccl": ".".join(map(str, torch.cuda.nccl.version())) if on_gpu else None,
+            # fp32 math modes in force: PyTorch's defaults let cuDNN convolutions use TF32 on
+            # Ampere and newer, and keep matrix products in full fp32.
+            "tf32_convolutions": torch.backends.cudnn.allow_tf32,
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
             "data_parallel": (f"DistributedDataParallel, {_distributed_backend(run.device)}, "
                               f"{run.devices} processes") if run.devices > 1 else None,
         },
