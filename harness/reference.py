@@ -75,7 +75,8 @@ def results_of(reference: ReferenceSet, name: str) -> list[Result]:
                             input_shape=list(spec.input_shape), mode="full", data=timing.data)
                 results.append(Result(
                     cell=cell, status="ok", metrics=metrics,
-                    settings=Settings(warmup_steps=0, steps=0, repeats=1, epochs=spec.epochs, seed=0),
+                    settings=Settings(warmup_steps=0, steps=0, repeats=1, epochs=spec.epochs, seed=0,
+                                      train_examples=None if spec.kind == INFER else spec.train_examples),
                     env={"backend": PUBLISHED, "source": reference.source, "year": reference.year,
                          "gpu": {"name": device.gpu}, "cuda": device.cuda, "cudnn": device.cudnn,
                          "finished_utc": f"{reference.year}-01-01T00:00:00+00:00"}))

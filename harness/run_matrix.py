@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Run a benchmark matrix: expand matrix.yml, run every cell in its framework's environment,
-write one JSON result per cell, then print and write the comparison tables.
+write one JSON result per cell, then print and write the comparison tables, their charts and
+an HTML report.
 
     python harness/run_matrix.py matrix.yml [--dry-run] [--backend auto|docker|local|current]
                                             [--results DIR] [--force] [--serial] [docker options]
@@ -31,7 +32,7 @@ from harness.backends.local import default_cache_dir  # noqa: E402
 from harness.gpus import detect_gpus  # noqa: E402
 from harness.images import DEFAULT_CPU_BASE_IMAGE, BuildOptions  # noqa: E402
 from harness.matrix import Cell, MatrixError, load  # noqa: E402
-from harness.merge import merge  # noqa: E402
+from harness.report import report  # noqa: E402
 from harness.results import RunFolder  # noqa: E402
 from harness.runner import cells_at_once, is_done, run_cells, skip_reason  # noqa: E402
 
@@ -144,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted: finished cells are kept in {folder.cells}; run the same command to go on",
               file=sys.stderr)
         return 130
-    print(merge([folder.cells], folder.tables))
+    page = report([folder.cells], folder.root)  # tables/, charts/ and report.html
+    print(folder.tables.joinpath("README.md").read_text(encoding="utf-8"))
+    print(f"report: {page}", file=sys.stderr)
     counts = Counter(outcome.status for outcome in outcomes)
     kept = sum(outcome.reused for outcome in outcomes)
     print(", ".join(f"{counts[s]} {s}" for s in ("ok", "failed", "timeout", "skipped") if counts[s])

@@ -30,6 +30,9 @@ class Table:
     display: pd.DataFrame  # framework x device, formatted text
     numbers: pd.DataFrame  # framework x device, the median (seconds) or NaN
     notes: list[str]
+    q1: pd.DataFrame  # framework x device, the first and third quartiles (seconds) or NaN
+    q3: pd.DataFrame
+    unit: str  # what the numbers are: "seconds per step", "seconds per 1,000 images", ...
 
     def markdown(self) -> str:
         parts = [f"### {self.title}", "", self.description, "",
@@ -112,6 +115,7 @@ def results_frame(results: list[Result]) -> pd.DataFrame:
             "repeats": result.settings.repeats if result.settings else None,
             "warmup_steps": result.settings.warmup_steps if result.settings else None,
             "epochs": result.settings.epochs if result.settings else None,
+            "train_examples": result.settings.train_examples if result.settings else None,
             "cuda": result.env.get("cuda"), "cudnn": result.env.get("cudnn"),
             "framework_version": result.env.get("framework_version"),
             "backend": result.env.get("backend"), "bench_hash": result.env.get("bench_hash"),
@@ -138,6 +142,13 @@ def _work(row: pd.Series) -> str:
     if not pd.isna(row.peak_tflops_per_s):
         text += f" ({row.tflops_per_s / row.peak_tflops_per_s:.0%} of {row.precision} peak)"
     return text
+
+
+def _unit(task: str, mode: str) -> str:
+    spec = TASKS.get(task)
+    if spec and spec.kind == INFER:
+        return f"seconds per 1,000 {spec.item}"
+    return "seconds per training step" if mode == "throughput" else "seconds of training"
 
 
 def _rate(per_second: float) -> str:
@@ -245,24 +256,30 @@ def build_tables(results: list[Result], mixed_bench: bool = False,
         # Rows in the order frameworks are listed in the specs, not alphabetically.
         rows = sorted(group["framework"].unique(), key=lambda f: (FRAMEWORKS.index(f) if f in FRAMEWORKS else len(FRAMEWORKS), f))
         pivot = layout.pivot(index="framework", columns="column", values="display").reindex(index=rows, columns=columns)
-        numbers = layout.pivot(index="framework", columns="column", values="median_s").reindex(index=rows, columns=columns)
-        pivot.index.name = numbers.index.name = "framework"
-        pivot.columns.name = numbers.columns.name = None
+        numbers, q1, q3 = (layout.pivot(index="framework", columns="column", values=value).reindex(
+            index=rows, columns=columns) for value in ("median_s", "q1_s", "q3_s"))
+        for frame_ in (pivot, numbers, q1, q3):
+            frame_.index.name, frame_.columns.name = "framework", None
         title = f"{task}: {spec.title if spec else task} ({mode} mode)"
         name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{task}-{mode}-{data}-batch{batch_size}-{input_shape.replace('×', 'x')}")
         tables.append(Table(name, title, _describe(task, mode, data, batch_size, input_shape, group),
-                            pivot.fillna("–"), numbers, notes))
+                            pivot.fillna("–"), numbers, notes, q1, q3, _unit(task, mode)))
     return tables, dropped
 
 
 def _published_beside(fresh: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:
     """The published rows for each table the fresh results make: same task, mode, batch and
-    input. Where numbers were published for the table's kind of data they are used, else those
-    of real data (held in memory, as synthetic data is); each keeps its own data in its label."""
+    input, and the same work (epochs over as many training examples). Where numbers were
+    published for the table's kind of data they are used, else those of real data (held in
+    memory, as synthetic data is); each keeps its own data in its label."""
     chosen = []
-    for key in fresh[["task", "mode", "data", "batch_size", "input_shape"]].drop_duplicates().itertuples(index=False):
+    keys = ["task", "mode", "data", "batch_size", "input_shape", "epochs", "train_examples"]
+    # None (inference has no training examples) must equal None.
+    fresh, published = (frame.assign(train_examples=frame["train_examples"].fillna(-1)) for frame in (fresh, published))
+    for key in fresh[fresh["status"] == "ok"][keys].drop_duplicates().itertuples(index=False):
         same = published[(published["task"] == key.task) & (published["mode"] == key.mode)
-                         & (published["batch_size"] == key.batch_size) & (published["input_shape"] == key.input_shape)]
+                         & (published["batch_size"] == key.batch_size) & (published["input_shape"] == key.input_shape)
+                         & (published["epochs"] == key.epochs) & (published["train_examples"] == key.train_examples)]
         same_data = same[same["data"] == key.data]
         rows = same_data if not same_data.empty else same[same["data"] == "real"]
         chosen.append(rows.assign(data=key.data))

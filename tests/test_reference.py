@@ -24,9 +24,11 @@ def test_the_seed_tables_are_all_there_in_the_seeds_units():
     assert len(published) == 12 + 11 + 8 + 20
 
 
-def fresh_full_cnn(framework="pytorch"):
-    return Result.from_dict(result_payload(framework, device="gpu", gpu_name="NVIDIA H200", cuda="13.0",
-                                           cudnn="9", mode="full", step_times=(25.7,)))
+def fresh_full_cnn(framework="pytorch", epochs=10, train_examples=50_000):
+    payload = result_payload(framework, device="gpu", gpu_name="NVIDIA H200", cuda="13.0", cudnn="9",
+                             mode="full", step_times=(25.7,))
+    payload["settings"].update(epochs=epochs, train_examples=train_examples)
+    return Result.from_dict(payload)
 
 
 def test_published_columns_join_the_tables_of_their_protocol_only():
@@ -41,6 +43,12 @@ def test_published_columns_join_the_tables_of_their_protocol_only():
     assert full.display.loc["cntk", "Tesla K80 / CUDA 8.0 / cuDNN 6 (published 2018, real data)"] == "163.0 s"
     assert len(fast.display.columns) == 1 and not dropped  # published results are not "other bench code"
     assert len(tables) == 2  # no table of published numbers alone
+
+
+def test_published_numbers_stay_out_of_tables_of_other_work():
+    # The parity check's 5 epochs over 1,437 digits is full mode too, but not the seed's run.
+    (table,), _ = build_tables([fresh_full_cnn(epochs=5, train_examples=1_437)], reference=published_results())
+    assert list(table.display.columns) == ["NVIDIA H200 / CUDA 13.0 / cuDNN 9"]
 
 
 def test_a_reference_file_naming_an_unknown_device_says_so(tmp_path):

@@ -1,0 +1,198 @@
+#!/usr/bin/env python
+"""Regenerate the reports of any set of result folders: the Markdown and CSV tables, a PNG
+chart per table, and one self-contained HTML report (tables, charts, environment, flagged
+cells) that opens from disk with nothing fetched from anywhere.
+
+    python harness/report.py RESULTS [more folders...] [--out DIR] [--mixed-bench] [--no-reference]
+
+DIR defaults to <first folder>/report. Published reference numbers (harness/reference/) join
+the tables of the protocols they were measured with, as in merge.py.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import sys
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.result import Result, write_text_atomic  # noqa: E402
+from harness.reference import is_published, published_results  # noqa: E402
+from harness.results import load_results  # noqa: E402
+from harness.tables import Table, build_tables, write_tables  # noqa: E402
+
+# Marks the tables put on a cell's text, and the class the HTML gives such a cell.
+FLAGS = {"⚠": "unstable", "†": "mismatch", "‡": "shared"}
+NOT_RUN = ("failed", "timeout", "skipped")
+
+
+def chart(table: Table, path: Path) -> Path:
+    """Horizontal bars: a group per framework, a bar per device column, the median with the
+    interquartile range as error bars; a log scale when the times span over two decades."""
+    numbers = table.numbers.astype(float)
+    frameworks, columns = list(numbers.index), list(numbers.columns)
+    height = 0.8 / max(1, len(columns))
+    figure, axes = plt.subplots(figsize=(9, 1.2 + 0.3 * len(frameworks) * max(1, len(columns))))
+    for offset, column in enumerate(columns):
+        medians = numbers[column].to_numpy()
+        low = np.clip(medians - table.q1[column].astype(float).to_numpy(), 0, None)
+        high = np.clip(table.q3[column].astype(float).to_numpy() - medians, 0, None)
+        positions = np.arange(len(frameworks)) + offset * height
+        axes.barh(positions, np.nan_to_num(medians), height, xerr=[np.nan_to_num(low), np.nan_to_num(high)],
+                  capsize=2, label=column)
+    axes.set_yticks(np.arange(len(frameworks)) + height * (len(columns) - 1) / 2, frameworks)
+    axes.invert_yaxis()
+    values = numbers.to_numpy()[~np.isnan(numbers.to_numpy())]
+    if values.size and values.min() > 0 and values.max() / values.min() > 100:
+        axes.set_xscale("log")
+    axes.set_xlabel(f"{table.unit} (median, bars: interquartile range; shorter is faster)")
+    axes.set_title(table.title, fontsize=10)
+    axes.legend(fontsize=7, loc="best")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def _cell_class(text: str) -> str:
+    classes = [name for mark, name in FLAGS.items() if mark in text]
+    if text in NOT_RUN:
+        classes.append("not-run")
+    return " ".join(classes)
+
+
+def _table_html(table: Table) -> str:
+    head = "".join(f"<th>{html.escape(str(column))}</th>" for column in table.display.columns)
+    rows = []
+    for framework, row in table.display.iterrows():
+        cells = "".join(f'<td class="{_cell_class(str(text))}">{html.escape(str(text))}</td>' for text in row)
+        rows.append(f"<tr><th>{html.escape(str(framework))}</th>{cells}</tr>")
+    return f'<table><thead><tr><th>framework</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _environment(results: list[Result]) -> pd.DataFrame:
+    """One row per place results ran: host, devices, drivers and versions, per framework."""
+    rows = []
+    for result in results:
+        if is_published(result):
+            continue
+        env, gpu = result.env, result.env.get("gpu") or {}
+        image = env.get("image") or {}
+        rows.append({"host": env.get("hostname"), "backend": env.get("backend"),
+                     "device": gpu.get("name") or f"CPU: {env.get('cpu_model')}, {env.get('cpu_cores')} cores",
+                     "driver": gpu.get("driver"), "CUDA": env.get("cuda"), "cuDNN": env.get("cudnn"),
+                     "framework": f"{result.cell.framework} {env.get('framework_version') or ''}".strip(),
+                     "Python": env.get("python"), "image": image.get("tag"),
+                     "bench": (env.get("bench_hash") or "")[:12]})
+    frame = pd.DataFrame(rows)
+    return frame.drop_duplicates().sort_values(["host", "device", "framework"]) if not frame.empty else frame
+
+
+def _frame_html(frame: pd.DataFrame) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape('' if pd.isna(v) else str(v))}</td>" for v in row) + "</tr>"
+                   for row in frame.itertuples(index=False))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+STYLE = """
+body { font-family: sans-serif; margin: 2em; color: #222; max-width: 90em; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; vertical-align: top; }
+thead th { background: #f0f0f0; }
+td.unstable { background: #fff4cc; }
+td.mismatch { background: #e8e0ff; }
+td.not-run { color: #a00; }
+td.shared { font-style: italic; }
+img { max-width: 100%; border: 1px solid #eee; }
+.notes li { font-size: 0.85em; }
+"""
+
+
+def html_report(tables: list[Table], charts: dict[str, Path], results: list[Result], sources: list[Path],
+                problems: list[str]) -> str:
+    flagged = defaultdict(list)
+    for table in tables:
+        for note in table.notes:
+            mark = note[:1]
+            kind = {"⚠": "unstable", "†": "parameter count differs", "‡": "shared its host"}.get(mark, "did not run")
+            flagged[kind].append(f"{table.title}: {note.lstrip('⚠†‡ ')}")
+    parts = [
+        "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
+        # The browser itself refuses any fetch: everything the page shows is inside it.
+        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:; '
+        'style-src \'unsafe-inline\'">',
+        "<title>dlbench report</title>", f"<style>{STYLE}</style></head><body>",
+        "<h1>dlbench report</h1>",
+        f"<p>{len([r for r in results if not is_published(r)])} results from "
+        f"{html.escape(', '.join(str(s) for s in sources))}; made "
+        f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}. Columns marked "
+        "<em>published</em> are the seed's numbers, measured elsewhere and not reproduced here.</p>",
+        "<ul>" + "".join(f'<li><a href="#{t.name}">{html.escape(t.title)}</a></li>' for t in tables)
+        + '<li><a href="#flagged">Flagged cells</a></li><li><a href="#environment">Environment</a></li></ul>',
+    ]
+    for table in tables:
+        image = base64.b64encode(charts[table.name].read_bytes()).decode()
+        notes = "".join(f"<li>{html.escape(note)}</li>" for note in table.notes)
+        parts += [f'<section id="{table.name}"><h2>{html.escape(table.title)}</h2>',
+                  f"<p>{html.escape(table.description)}</p>", _table_html(table),
+                  f'<img alt="chart: {html.escape(table.title)}" src="data:image/png;base64,{image}">',
+                  f'<ul class="notes">{notes}</ul></section>']
+    parts.append('<section id="flagged"><h2>Flagged cells</h2>')
+    if flagged:
+        for kind, entries in flagged.items():
+            parts.append(f"<h3>{html.escape(kind)}</h3><ul>" + "".join(f"<li>{html.escape(e)}</li>" for e in entries) + "</ul>")
+    else:
+        parts.append("<p>None: every cell ran, with stable timings and the task's parameter count.</p>")
+    if problems:
+        parts.append("<h3>left out</h3><ul>" + "".join(f"<li>{html.escape(p)}</li>" for p in problems) + "</ul>")
+    parts += ['</section><section id="environment"><h2>Environment</h2>', _frame_html(_environment(results)),
+              "</section></body></html>"]
+    return "\n".join(parts) + "\n"
+
+
+def report(folders: list[Path], out_dir: Path, mixed_bench: bool = False, reference: bool = True) -> Path:
+    """Tables, charts and report.html under ``out_dir``; returns the report's path."""
+    loaded = load_results(*folders)
+    results = [result for _, result in loaded.results]
+    tables, dropped = build_tables(results, mixed_bench, published_results() if reference else ())
+    write_tables(tables, results, out_dir / "tables")
+    charts = {table.name: chart(table, out_dir / "charts" / f"{table.name}.png") for table in tables}
+    page = out_dir / "report.html"
+    write_text_atomic(page, html_report(tables, charts, results, folders, loaded.problems + dropped))
+    return page
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python harness/report.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="+", type=Path, help="folders holding cell result JSON files")
+    parser.add_argument("--out", type=Path, default=None, help="where to write (default: <first folder>/report)")
+    parser.add_argument("--mixed-bench", action="store_true",
+                        help="compare results measured by different bench code")
+    parser.add_argument("--no-reference", action="store_true", help="leave the published reference numbers out")
+    args = parser.parse_args(argv)
+    for folder in args.folders:
+        if not folder.is_dir():
+            print(f"error: {folder}: no such results folder; pass a folder of cell results", file=sys.stderr)
+            return 2
+    page = report(args.folders, args.out or args.folders[0] / "report", args.mixed_bench, not args.no_reference)
+    print(page)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
