@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .flops import step_flops_per_example
+from .specs import TASKS
+
 SCHEMA_VERSION = 3  # 3: summaries carry mean, coefficient of variation and a 95% interval
 SCHEMA_PATH = Path(__file__).with_name("result.schema.json")
 BENCH_DIR = Path(__file__).resolve().parent
@@ -160,10 +163,10 @@ class Result:
         """Rebuild a result from its JSON form (already validated against the schema)."""
         metrics = data.get("metrics")
         if metrics is not None:
-            # Statistics are derived again from the values: results written before a
-            # statistic existed get it too.
+            # Results written before a statistic existed (schema 2) get it from their values.
             metrics = Metrics(**{
-                key: Summary.of(value["values"]) if isinstance(value, dict) else value
+                key: (Summary(**value) if "ci95" in value else Summary.of(value["values"]))
+                if isinstance(value, dict) else value
                 for key, value in metrics.items()
             })
         settings, model = data.get("settings"), data.get("model")
@@ -183,8 +186,6 @@ class Result:
     def add_work_if_missing(self) -> None:
         """Results written before FLOPs were counted (schema 2) get them from the task's
         layers at the input shape the cell ran."""
-        from .flops import step_flops_per_example  # flops imports specs, which knows no results
-        from .specs import TASKS
         if self.model is None or self.model.flops_per_example is not None or self.cell.task not in TASKS:
             return
         self.model.flops_per_example = step_flops_per_example(TASKS[self.cell.task], tuple(self.cell.input_shape))

@@ -46,3 +46,17 @@ def test_schema_requires_metrics_and_environment_for_ok_cells(make_result):
     assert schema_problem(ok) is None
     del ok["env"]["cpu_model"]
     assert "cpu_model" in schema_problem(ok)
+
+
+def test_a_schema_2_result_gets_the_statistics_and_work_it_was_written_without(make_result):
+    from bench.result import Result
+    payload = make_result()  # schema 3, as the bench writes it now
+    payload["schema_version"] = 2
+    for key in ("mean", "cv", "ci95"):
+        del payload["metrics"]["step_time_s"][key]
+    del payload["model"]["flops_per_example"], payload["metrics"]["tflops_per_s"]
+    assert schema_problem(payload) is None
+    result = Result.from_dict(payload)
+    assert result.metrics.step_time_s.ci95 == Summary.of(payload["metrics"]["step_time_s"]["values"]).ci95
+    assert result.model.flops_per_example == 3 * 124_528_640
+    assert result.metrics.tflops_per_s == pytest.approx(result.metrics.throughput_per_s * 373_585_920 / 1e12)
