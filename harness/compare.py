@@ -145,7 +145,7 @@ def _time(result: Result) -> str:
     return f"{value:.3g} s" if value < 100 else f"{value:,.0f} s"
 
 
-def report(comparison: Comparison, a_name: str, b_name: str) -> str:
+def render(comparison: Comparison, a_name: str, b_name: str) -> str:
     lines = []
     if comparison.differing:
         lines.append("A and B differ in: " + "; ".join(
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
               "data, batch, input, devices and precision); compare result sets of the same matrix",
               file=sys.stderr)
         return 2
-    print(report(comparison, args.a, args.b))
+    print(render(comparison, args.a, args.b))
     if args.fail_above is not None:
         failed = regressions(comparison, args.fail_above)
         for pair in failed:

@@ -33,8 +33,10 @@ from harness.reference import is_published, published_results  # noqa: E402
 from harness.results import load_results  # noqa: E402
 from harness.tables import Table, build_tables, write_tables  # noqa: E402
 
-# Marks the tables put on a cell's text, and the class the HTML gives such a cell.
-FLAGS = {"⚠": "unstable", "†": "mismatch", "‡": "shared"}
+# Marks the tables put on a cell's text: the class the HTML gives such a cell, and the heading
+# its notes are listed under.
+FLAGS = {"⚠": ("unstable", "unstable"), "†": ("mismatch", "parameter count differs"),
+         "‡": ("shared", "shared its host")}
 NOT_RUN = ("failed", "timeout", "skipped")
 
 
@@ -68,7 +70,7 @@ def chart(table: Table, path: Path) -> Path:
 
 
 def _cell_class(text: str) -> str:
-    classes = [name for mark, name in FLAGS.items() if mark in text]
+    classes = [css for mark, (css, _) in FLAGS.items() if mark in text]
     if text in NOT_RUN:
         classes.append("not-run")
     return " ".join(classes)
@@ -127,9 +129,8 @@ def html_report(tables: list[Table], charts: dict[str, Path], results: list[Resu
     flagged = defaultdict(list)
     for table in tables:
         for note in table.notes:
-            mark = note[:1]
-            kind = {"⚠": "unstable", "†": "parameter count differs", "‡": "shared its host"}.get(mark, "did not run")
-            flagged[kind].append(f"{table.title}: {note.lstrip('⚠†‡ ')}")
+            kind = FLAGS[note[0]][1] if note[0] in FLAGS else "did not run"
+            flagged[kind].append(f"{table.title}: {note.lstrip(''.join(FLAGS) + ' ')}")
     parts = [
         "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
         # The browser itself refuses any fetch: everything the page shows is inside it.
