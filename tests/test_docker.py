@@ -16,8 +16,7 @@ import pytest
 from conftest import REPO, write_matrix
 from harness.results import load_results
 
-# One worker runs them all: they share the base image, the wheelhouse and the built image.
-pytestmark = [pytest.mark.integration, pytest.mark.docker, pytest.mark.xdist_group("docker")]
+pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
 BASE_IMAGE = "dlbench/debian:bookworm"
 FRAMEWORKS = ("pytorch",)
