@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.reference import published_results  # noqa: E402
-from harness.results import load_results  # noqa: E402
+from harness.results import add_folder_arguments, load_results, missing_folder  # noqa: E402
 from harness.tables import build_tables, write_tables  # noqa: E402
 
 
@@ -35,18 +35,12 @@ def merge(folders: list[Path], out_dir: Path, mixed_bench: bool = False, referen
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python harness/merge.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folders", nargs="+", type=Path, help="folders holding cell result JSON files")
-    parser.add_argument("--out", type=Path, default=None, help="where to write the tables")
-    parser.add_argument("--mixed-bench", action="store_true",
-                        help="compare results measured by different bench code (by default only the "
-                             "newest result's bench hash is shown; the others are listed)")
-    parser.add_argument("--no-reference", action="store_true",
-                        help="leave the published reference numbers (harness/reference/) out of the tables")
+    add_folder_arguments(parser, "where to write the tables")
     args = parser.parse_args(argv)
-    for folder in args.folders:
-        if not folder.is_dir():
-            print(f"error: {folder}: no such results folder; pass a folder of cell results", file=sys.stderr)
-            return 2
+    problem = missing_folder(args.folders)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     print(merge(args.folders, args.out or args.folders[0] / "tables", args.mixed_bench, not args.no_reference))
     return 0
 

@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from bench.result import Result, write_text_atomic  # noqa: E402
 from harness.reference import is_published, published_results  # noqa: E402
-from harness.results import load_results  # noqa: E402
+from harness.results import add_folder_arguments, load_results, missing_folder  # noqa: E402
 from harness.tables import Table, build_tables, write_tables  # noqa: E402
 
 # Marks the tables put on a cell's text: the class the HTML gives such a cell, and the heading
@@ -180,16 +180,12 @@ def report(folders: list[Path], out_dir: Path, mixed_bench: bool = False, refere
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python harness/report.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folders", nargs="+", type=Path, help="folders holding cell result JSON files")
-    parser.add_argument("--out", type=Path, default=None, help="where to write (default: <first folder>/report)")
-    parser.add_argument("--mixed-bench", action="store_true",
-                        help="compare results measured by different bench code")
-    parser.add_argument("--no-reference", action="store_true", help="leave the published reference numbers out")
+    add_folder_arguments(parser, "where to write (default: <first folder>/report)")
     args = parser.parse_args(argv)
-    for folder in args.folders:
-        if not folder.is_dir():
-            print(f"error: {folder}: no such results folder; pass a folder of cell results", file=sys.stderr)
-            return 2
+    problem = missing_folder(args.folders)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     page = report(args.folders, args.out or args.folders[0] / "report", args.mixed_bench, not args.no_reference)
     print(page)
     return 0
