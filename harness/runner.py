@@ -124,6 +124,22 @@ def check_and_prepare(cell: Cell, folder: RunFolder, backend: Backend, host_gpus
     return None
 
 
+def prepare_all(cells: list[Cell], folder: RunFolder, backend: Backend,
+                host_gpus: list[Gpu]) -> list[tuple[Cell, CellOutcome | None]]:
+    """check_and_prepare for every cell: first one cell per environment, up to the backend's
+    ``prepare_at_once`` of them side by side (a build mostly waits on downloads and disks),
+    then the others, whose environments are ready by then."""
+    first_of_each: dict[tuple[str, str, str], Cell] = {}
+    for cell in cells:
+        first_of_each.setdefault((cell.framework, cell.device, cell.cuda), cell)
+    firsts = list(first_of_each.values())
+    with ThreadPoolExecutor(max_workers=backend.prepare_at_once, thread_name_prefix="prepare") as pool:
+        early = dict(zip([cell.id for cell in firsts],
+                         pool.map(lambda cell: check_and_prepare(cell, folder, backend, host_gpus), firsts)))
+    return [(cell, early[cell.id] if cell.id in early else check_and_prepare(cell, folder, backend, host_gpus))
+            for cell in cells]
+
+
 def launch_cell(cell: Cell, folder: RunFolder, backend: Backend, gpus: list[Gpu], matrix_dir: Path,
                 cells_at_once: int = 1, interrupted: threading.Event | None = None) -> CellOutcome | None:
     """Run a prepared cell on ``gpus`` and record how it ended; None when it was interrupted
@@ -230,12 +246,14 @@ def run_cells(cells: list[Cell], folder: RunFolder, backend: Backend, host_gpus:
 
     waiting = []
     with bar:
+        to_run = []
         for cell in cells:
             if not force and is_done(folder.result_path(cell.id)):
                 report(CellOutcome(cell, "ok", None, reused=True))
-                continue
-            bar.set_description_str(f"preparing {cell.framework} for {cell.task} on {cell.gpu}")
-            outcome = check_and_prepare(cell, folder, backend, host_gpus)
+            else:
+                to_run.append(cell)
+        bar.set_description_str("preparing " + ", ".join(sorted({f"{c.framework} ({c.device})" for c in to_run})))
+        for cell, outcome in prepare_all(to_run, folder, backend, host_gpus):
             if outcome:
                 report(outcome)
             else:

@@ -244,3 +244,34 @@ def test_a_backend_error_fails_its_cell_and_the_matrix_goes_on(tmp_path):
     assert [o.status for o in outcomes] == ["failed", "ok"]
     assert outcomes[0].error == ("the script backend could not run the cell: "
                                  "ConnectionError: the engine closed the connection")
+
+
+class BuildingBackend(ScriptBackend):
+    """Takes a while to prepare each environment the first time, counting builds at once."""
+
+    prepare_at_once = 3
+
+    def __init__(self):
+        super().__init__(WRITE_OK)
+        self.lock, self.building, self.most_at_once, self.built = threading.Lock(), 0, 0, []
+
+    def prepare(self, cell):
+        if cell.framework in self.built:
+            return
+        with self.lock:
+            self.building += 1
+            self.most_at_once = max(self.most_at_once, self.building)
+        time.sleep(0.3)
+        with self.lock:
+            self.building -= 1
+            self.built.append(cell.framework)
+
+
+def test_environments_are_prepared_side_by_side_once_each(tmp_path):
+    cells = [Cell(framework, task, "cpu", "auto", "auto", 1, "fp32", Settings(steps=1))
+             for task in ("cnn_cifar10", "gru_imdb") for framework in ("pytorch", "jax", "mxnet")]
+    backend = BuildingBackend()
+    outcomes = run_cells(cells, RunFolder(tmp_path / "run"), backend, [], tmp_path)
+    assert [o.status for o in outcomes] == ["ok"] * 6 and backend.runs == 6
+    assert sorted(backend.built) == ["jax", "mxnet", "pytorch"]
+    assert backend.most_at_once == 3

@@ -79,6 +79,8 @@ class Exit:
 
 class Backend(ABC):
     name: str
+    # How many environments prepare() may make at once, from as many threads.
+    prepare_at_once: int = 1
 
     def cannot_run(self, cell: Cell) -> str | None:
         """Why this backend cannot run ``cell`` at all (the cell is then skipped), or None."""

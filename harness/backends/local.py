@@ -42,6 +42,8 @@ class VirtualenvBackend(Backend):
     hash of its inputs: a second run reuses it, a changed pin builds a new one."""
 
     name = "local"
+    # Three virtual environments build side by side: pip mostly waits on downloads and disk.
+    prepare_at_once = 3
 
     def __init__(self, cache_dir: Path | None = None, python: str = sys.executable):
         self.envs_dir = (cache_dir or default_cache_dir()) / "envs"
