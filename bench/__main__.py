@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import data as datasets
-from . import environment, flops, frameworks, memory
+from . import environment, flops, frameworks, memory, precision
 from .host import utc_now
 from .protocol import infer_full, measure_throughput, train_full
 from .result import Cell, Metrics, Model, Result, Settings, write_json_atomic
@@ -48,6 +48,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                              "(default: the task's, smaller on CPU for some tasks)")
     parser.add_argument("--weights", type=Path, default=None,
                         help="weights file in the canonical format (bench/weights.py); default: random")
+    parser.add_argument("--precision", choices=precision.PRECISIONS, default="fp32",
+                        help="fp32 (TF32 off), tf32, or mixed precision fp16 / bf16 (bench/precision.py)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
                         help="intra- and inter-op threads of the framework (default: its own choice)")
@@ -124,7 +126,13 @@ def run(args: argparse.Namespace, spec: TaskSpec, settings: Settings, options: R
         environment.limit_threads(args.threads)  # before the framework starts its thread pools
     if args.device == "cpu" and options.devices > 1:
         environment.expose_cpu_devices(options.devices)
+    nvml = environment.import_nvml() if args.device == "gpu" else None
+    if args.device == "gpu":
+        precision.set_tf32_override(options.precision)  # before the framework loads cuBLAS and cuDNN
+    gpu = environment.gpu_info(nvml, os.environ.get("CUDA_VISIBLE_DEVICES")) or {}
     framework = frameworks.load(args.framework)
+    precision.check(args.framework, framework.PRECISIONS, options.precision, args.device,
+                    gpu.get("compute_capability"))
     framework.configure(options)  # first: TensorFlow's device options only apply before use
     facts.update(framework.describe(options))
     implementation = framework.TASKS.get(spec.name)
@@ -140,7 +148,6 @@ def run(args: argparse.Namespace, spec: TaskSpec, settings: Settings, options: R
                       weights=_sha256(args.weights) if args.weights else None,
                       flops_per_example=flops.step_flops_per_example(spec, options.input_shape))
     more = (implementation(spec, options) for _ in range(settings.repeats - 1))  # a fresh model per repeat
-    nvml = environment.import_nvml() if args.device == "gpu" else None
     with memory.NvmlPeakSampler(nvml, os.environ.get("CUDA_VISIBLE_DEVICES")) as sampler:
         if args.mode == "throughput":
             metrics = measure_throughput(model, spec, data, settings, options)
@@ -171,13 +178,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         batch_size=args.batch_size or spec.default_batch_size(args.device),
         input_shape=spec.input_shape_at(args.image_size or spec.default_image_size(args.device)),
         learning_rate=spec.learning_rate * (args.devices if spec.data_parallel else 1),
-        weights=str(args.weights) if args.weights else None)
+        weights=str(args.weights) if args.weights else None, precision=args.precision)
     cell = Cell(
-        id=args.cell_id or "{}-{}-{}".format(args.task, args.framework, args.device),
+        id=args.cell_id or "{}-{}-{}-{}".format(args.task, args.framework, args.device, args.precision),
         framework=args.framework, task=args.task, device=args.device,
         gpu=args.gpu_model if args.device == "gpu" else None,
         cuda=args.cuda if args.device == "gpu" else None, threads=args.threads,
-        precision="fp32", batch_size=options.batch_size, devices=options.devices,
+        precision=args.precision, batch_size=options.batch_size, devices=options.devices,
         input_shape=list(options.input_shape), mode=args.mode,
         data="synthetic" if args.synthetic else "real",
     )

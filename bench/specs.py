@@ -173,6 +173,7 @@ class RunOptions:
     input_shape: Tuple[int, ...]  # one example as the model takes it (channel-first images)
     learning_rate: float  # the task's, times the devices for data-parallel tasks
     weights: Optional[str] = None  # a weights file in the canonical format, or None: random
+    precision: str = "fp32"  # bench/precision.py: fp32, tf32, fp16 or bf16
 
     @property
     def global_batch_size(self) -> int:

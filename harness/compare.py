@@ -4,10 +4,10 @@
     python harness/compare.py A B [--fail-above PCT]
 
 A and B are results folders or the names of runs under results/. Cells are matched on what
-was measured (framework, task, mode, data, batch size, input, devices, precision) and on every
-axis the two sets do not differ in; the axes they do differ in (GPU, CUDA, cuDNN, driver,
-framework version, backend, threads, image, bench code, host) are what is being compared, and
-are named at the top. For each pair: the medians, the ratio B/A of the times with its 95%
+was measured (framework, task, mode, data, batch size, input, devices) and on every axis the
+two sets do not differ in; the axes they do differ in (GPU, CUDA, cuDNN, driver, framework
+version, precision, math modes, backend, threads, image, bench code, host) are what is being
+compared, and are named at the top. For each pair: the medians, the ratio B/A of the times with its 95%
 bootstrap interval, and a verdict: slower or faster when the interval excludes 1, else no
 significant difference.
 
@@ -31,7 +31,7 @@ from tabulate import tabulate  # noqa: E402
 
 from bench.result import Result  # noqa: E402
 from harness.backends.base import REPO_ROOT  # noqa: E402
-from harness.results import headline_time, load_results  # noqa: E402
+from harness.results import describe_math_modes, headline_time, load_results  # noqa: E402
 
 RESAMPLES = 10_000
 SEED = 0
@@ -49,6 +49,8 @@ AXES: dict[str, Callable[[Result], object]] = {
     "cudnn": lambda r: r.env.get("cudnn"),
     "driver": lambda r: (r.env.get("gpu") or {}).get("driver"),
     "framework version": lambda r: r.env.get("framework_version"),
+    "precision": lambda r: r.cell.precision,
+    "math modes": lambda r: describe_math_modes(r.env.get("math_modes")) or None,
     "backend": lambda r: r.env.get("backend"),
     "threads": lambda r: r.cell.threads,
     "image": lambda r: (r.env.get("image") or {}).get("tag"),
@@ -61,7 +63,7 @@ def measured(result: Result) -> tuple:
     """What a cell measured, whatever it ran on."""
     cell = result.cell
     return (cell.task, cell.framework, cell.mode, cell.data, cell.batch_size, tuple(cell.input_shape),
-            cell.devices, cell.precision)
+            cell.devices)
 
 
 @dataclass

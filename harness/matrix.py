@@ -20,11 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError
 
+from bench.precision import PRECISIONS
 from bench.specs import FRAMEWORK_GROUPS, FRAMEWORKS, INFER, TASKS
 
 from .gpus import Gpu, matches, names_model
 
-AXES = ("framework", "task", "gpu", "cuda", "threads", "devices")
+AXES = ("framework", "task", "gpu", "cuda", "threads", "devices", "precision")
 
 # A group name ("keras") stands for each of its frameworks, in axes, include and exclude alike.
 FrameworkName = Literal[FRAMEWORKS + tuple(FRAMEWORK_GROUPS)]  # type: ignore[valid-type]
@@ -36,6 +37,8 @@ CudaVersion = typing.Annotated[str, Field(pattern=r"^(auto|\d+\.\d+)$")]
 Threads = typing.Union[Literal["auto"], typing.Annotated[int, Field(ge=1)]]
 # Data-parallel replicas: GPUs of the cell's model, or CPU devices on a CPU cell.
 Devices = typing.Annotated[int, Field(ge=1)]
+# fp32 (TF32 off), tf32, or mixed precision fp16 / bf16: bench/precision.py.
+Precision = Literal[PRECISIONS]  # type: ignore[valid-type]
 
 
 class MatrixError(Exception):
@@ -79,6 +82,7 @@ class _Entry(BaseModel):
     cuda: Optional[CudaVersion] = None
     threads: Optional[Threads] = None
     devices: Optional[Devices] = None
+    precision: Optional[Precision] = None
 
     def axis_values(self) -> dict[str, str]:
         return {axis: getattr(self, axis) for axis in AXES if getattr(self, axis) is not None}
@@ -101,6 +105,7 @@ class Axes(BaseModel):
     cuda: list[CudaVersion] = Field(["auto"], min_length=1)
     threads: list[Threads] = Field(["auto"], min_length=1)
     devices: list[Devices] = Field([1], min_length=1)
+    precision: list[Precision] = Field(["fp32"], min_length=1)
     include: list[IncludeEntry] = []
     exclude: list[ExcludeEntry] = []
 
@@ -122,6 +127,7 @@ class Cell:
     cuda: str  # "auto" or a version
     threads: str | int  # "auto" or a thread count
     devices: int  # data-parallel replicas; 1 for tasks that are not data-parallel
+    precision: str  # fp32, tf32, fp16 or bf16
     settings: Settings
 
     @property
@@ -147,7 +153,7 @@ class Cell:
         digest = hashlib.sha256(json.dumps(measured, sort_keys=True).encode()).hexdigest()[:8]
         gpu = re.sub(r"[^a-z0-9]+", "-", self.gpu.lower()).strip("-")
         return (f"{self.task}.{self.framework}.{gpu}.cuda-{self.cuda}.threads-{self.threads}"
-                f".devices-{self.devices}.{digest}")
+                f".devices-{self.devices}.{self.precision}.{digest}")
 
 
 @dataclass(frozen=True)
@@ -167,7 +173,7 @@ class Matrix:
                 if chosen["gpu"] == "auto" and not combo.included and self._excluded_on_host(chosen, gpu):
                     continue
                 cell = _fitted(Cell(chosen["framework"], chosen["task"], gpu, chosen["cuda"], chosen["threads"],
-                                    chosen["devices"], self.spec.settings.merged(combo.settings)))
+                                    chosen["devices"], chosen["precision"], self.spec.settings.merged(combo.settings)))
                 cells.setdefault(cell.id, cell)
         return list(cells.values())
 
@@ -203,7 +209,8 @@ class Matrix:
                             f"{self.path}:{_line_in(self.document, ('matrix', 'include', number))}: "
                             f"matrix.include[{number}]: it matches no cell, so it adds one, and a new "
                             f"cell needs both 'framework' and 'task'; add them")
-                    combos.append(_Combo({"gpu": "auto", "cuda": "auto", "threads": "auto", "devices": 1},
+                    combos.append(_Combo({"gpu": "auto", "cuda": "auto", "threads": "auto", "devices": 1,
+                                          "precision": "fp32"},
                                          added, include.settings, included=True))
         return combos
 

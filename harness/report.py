@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from bench.result import Result, write_text_atomic  # noqa: E402
 from harness.reference import is_published, published_results  # noqa: E402
-from harness.results import add_folder_arguments, load_results, missing_folder  # noqa: E402
+from harness.results import add_folder_arguments, describe_math_modes, load_results, missing_folder  # noqa: E402
 from harness.tables import Table, build_tables, write_tables  # noqa: E402
 
 # Marks the tables put on a cell's text: the class the HTML gives such a cell, and the heading
@@ -97,10 +97,11 @@ def _environment(results: list[Result]) -> pd.DataFrame:
                      "device": gpu.get("name") or f"CPU: {env.get('cpu_model')}, {env.get('cpu_cores')} cores",
                      "driver": gpu.get("driver"), "CUDA": env.get("cuda"), "cuDNN": env.get("cudnn"),
                      "framework": f"{result.cell.framework} {env.get('framework_version') or ''}".strip(),
+                     "precision": result.cell.precision, "math modes": describe_math_modes(env.get("math_modes")),
                      "Python": env.get("python"), "image": image.get("tag"),
                      "bench": (env.get("bench_hash") or "")[:12]})
     frame = pd.DataFrame(rows)
-    return frame.drop_duplicates().sort_values(["host", "device", "framework"]) if not frame.empty else frame
+    return frame.drop_duplicates().sort_values(["host", "device", "framework", "precision"]) if not frame.empty else frame
 
 
 def _frame_html(frame: pd.DataFrame) -> str:

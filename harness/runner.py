@@ -55,7 +55,7 @@ def bench_args(cell: Cell, backend: Backend, cells_at_once: int = 1) -> list[str
             "--mode", s.mode, "--warmup-steps", str(s.warmup_steps),
             "--steps", str(s.steps), "--repeats", str(s.repeats), "--batch-size", str(cell.batch_size),
             "--seed", str(s.seed), "--cell-id", cell.id, "--backend", backend.name,
-            "--devices", str(cell.devices), "--cells-at-once", str(cells_at_once)]
+            "--devices", str(cell.devices), "--precision", cell.precision, "--cells-at-once", str(cells_at_once)]
     if cell.image_size:
         args += ["--image-size", str(cell.image_size)]
     if s.epochs:
@@ -91,7 +91,7 @@ def record(folder: RunFolder, cell: Cell, status: str, error: str, backend: Back
             id=cell.id, framework=cell.framework, task=cell.task, device=cell.device,
             gpu=None if cell.device == "cpu" else cell.gpu, cuda=None if cell.device == "cpu" else cell.cuda,
             threads=None if cell.threads == "auto" else cell.threads,
-            precision="fp32", batch_size=cell.batch_size, devices=cell.devices,
+            precision=cell.precision, batch_size=cell.batch_size, devices=cell.devices,
             input_shape=list(cell.input_shape), mode=cell.settings.mode, data=cell.settings.data),
         status=status, error=error,
         env={**host_facts(), "backend": backend.name, "bench_hash": current_bench_hash(),

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.precision import PRECISIONS
 from bench.result import Result, write_text_atomic
 from bench.specs import FRAMEWORKS, INFER, MULTILABEL, TASKS
 
 from .peaks import load_peaks
 from .reference import PUBLISHED
-from .results import headline_time
+from .results import describe_math_modes, headline_time
 
 # A result whose timings' coefficient of variation is above this is marked unstable: its
 # median is not a number to compare at the precision the tables print.
@@ -105,6 +106,7 @@ def results_frame(results: list[Result]) -> pd.DataFrame:
             "device_memory_source": metrics.device_memory_source if metrics else None,
             "host_peak_rss_bytes": metrics.host_peak_rss_bytes if metrics else None,
             "precision": result.cell.precision,
+            "math_modes": describe_math_modes(result.env.get("math_modes")),
             "peak_tflops_per_s": _peak(result),
             "score": score.median if score else None,
             "score_name": "acc" if metrics and metrics.test_accuracy else "ROC-AUC",
@@ -217,8 +219,8 @@ def build_tables(results: list[Result], mixed_bench: bool = False,
                     f"result's is {str(newest_bench)[:12]}), not compared; pass --mixed-bench to compare anyway"
                     for row in frame[other].itertuples()]
         frame = frame[~other]
-    # Two results for the same framework on the same device: the newest one is shown.
-    place = ["task", "mode", "data", "batch_size", "input_shape", "framework", "device_key"]
+    # Two results for the same framework and precision on the same device: the newest one is shown.
+    place = ["task", "mode", "data", "batch_size", "input_shape", "framework", "precision", "device_key"]
     duplicated = frame.duplicated(place, keep="last")
     dropped += [f"{row.cell_id}: an older duplicate, not shown" for row in frame[duplicated].itertuples()]
     frame = frame[~duplicated]
@@ -230,33 +232,36 @@ def build_tables(results: list[Result], mixed_bench: bool = False,
             ["task", "mode", "data", "batch_size", "input_shape"], sort=True):
         spec = TASKS.get(task)
         notes: list[str] = []
+        group = group.assign(row=_row_labels(group))
         display = group.apply(lambda row: _format(row, spec.item if spec else "items"), axis=1)
         for index, row in group.iterrows():
             if row.status != "ok":
-                notes.append(f"{row.framework}, {labels[row.device_key]}: {row.status}: "
+                notes.append(f"{row.row}, {labels[row.device_key]}: {row.status}: "
                              f"{str(row.error).splitlines()[0]}")
             elif not pd.isna(row.parameters) and row.parameters != row.expected_parameters:
                 reason = f": {row.parameter_note}" if row.parameter_note else ""
-                notes.append(f"† {row.framework}: {int(row.parameters):,} trainable parameters, "
+                notes.append(f"† {row.row}: {int(row.parameters):,} trainable parameters, "
                              f"the task specifies {int(row.expected_parameters):,}{reason}")
                 display[index] += " †"
             if row.status == "ok" and row.cv is not None and row.cv > UNSTABLE_CV:
-                notes.append(f"⚠ {row.framework}, {labels[row.device_key]}: unstable: the {int(row.samples)} "
+                notes.append(f"⚠ {row.row}, {labels[row.device_key]}: unstable: the {int(row.samples)} "
                              f"timings vary by {row.cv:.0%} (coefficient of variation; above {UNSTABLE_CV:.0%}), "
                              f"95% interval of the median {row.ci95_low_s / row.median_s - 1:+.0%} to "
                              f"{row.ci95_high_s / row.median_s - 1:+.0%}")
                 display[index] += " ⚠"
             if row.status == "ok" and row.cells_at_once > 1:
-                notes.append(f"‡ {row.framework}, {labels[row.device_key]}: ran with up to "
+                notes.append(f"‡ {row.row}, {labels[row.device_key]}: ran with up to "
                              f"{int(row.cells_at_once)} cells at once on its host, one per GPU, sharing "
                              f"its CPUs (--serial runs one at a time)")
                 display[index] += " ‡"
         columns = [labels[key] for key in dict.fromkeys(group["device_key"])]
         layout = group.assign(display=display, column=group["device_key"].map(labels))
-        # Rows in the order frameworks are listed in the specs, not alphabetically.
-        rows = sorted(group["framework"].unique(), key=lambda f: (FRAMEWORKS.index(f) if f in FRAMEWORKS else len(FRAMEWORKS), f))
-        pivot = layout.pivot(index="framework", columns="column", values="display").reindex(index=rows, columns=columns)
-        numbers, q1, q3 = (layout.pivot(index="framework", columns="column", values=value).reindex(
+        # Rows in the order frameworks and precisions are listed in the specs, not alphabetically.
+        ordered = group.assign(order=group["framework"].map(_framework_order),
+                               precision_order=group["precision"].map(PRECISIONS.index))
+        rows = list(dict.fromkeys(ordered.sort_values(["order", "framework", "precision_order"])["row"]))
+        pivot = layout.pivot(index="row", columns="column", values="display").reindex(index=rows, columns=columns)
+        numbers, q1, q3 = (layout.pivot(index="row", columns="column", values=value).reindex(
             index=rows, columns=columns) for value in ("median_s", "q1_s", "q3_s"))
         for frame_ in (pivot, numbers, q1, q3):
             frame_.index.name, frame_.columns.name = "framework", None
@@ -265,6 +270,18 @@ def build_tables(results: list[Result], mixed_bench: bool = False,
         tables.append(Table(name, title, _describe(task, mode, data, batch_size, input_shape, group),
                             pivot.fillna("–"), numbers, notes, q1, q3, _unit(task, mode)))
     return tables, dropped
+
+
+def _framework_order(framework: str) -> int:
+    return FRAMEWORKS.index(framework) if framework in FRAMEWORKS else len(FRAMEWORKS)
+
+
+def _row_labels(group: pd.DataFrame) -> pd.Series:
+    """A row per framework; per framework and precision ("pytorch, bf16") once a table holds
+    another precision than fp32."""
+    if set(group["precision"]) == {"fp32"}:
+        return group["framework"]
+    return group["framework"] + ", " + group["precision"]
 
 
 def _published_beside(fresh: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:

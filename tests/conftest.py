@@ -133,13 +133,14 @@ def result_payload(framework: str = "pytorch", status: str = "ok", error: str | 
                    device: str = "cpu", step_times=(0.30, 0.31, 0.29), parameters: int = 3_441_592,
                    mode: str = "throughput", cpu_model: str = "Test CPU", cuda: str | None = None,
                    cudnn: str | None = None, gpu_name: str | None = None, finished: str = "2026-11-25T10:00:00+00:00",
-                   cell_id: str | None = None) -> dict:
+                   cell_id: str | None = None, precision: str = "fp32") -> dict:
     """A schema-valid result as the bench writes it (the harness's view of a cell)."""
+    from bench.precision import math_modes
     from bench.result import Cell, Metrics, Model, Result, Settings, Summary
 
     cell = Cell(id=cell_id or f"cnn_cifar10.{framework}.{device}", framework=framework, task="cnn_cifar10",
                 device=device, gpu=gpu_name if device == "gpu" else None,
-                cuda="auto" if device == "gpu" else None, threads=None, precision="fp32", batch_size=64,
+                cuda="auto" if device == "gpu" else None, threads=None, precision=precision, batch_size=64,
                 devices=1, input_shape=[3, 32, 32], mode=mode, data="synthetic")
     result = Result(cell=cell, status=status, error=error)
     result.env = {"hostname": "host", "os": "Linux", "cpu_model": cpu_model, "cpu_cores": 2,
@@ -157,7 +158,10 @@ def result_payload(framework: str = "pytorch", status: str = "ok", error: str | 
         result.env.update({"python": "3.11.7", "numpy": "2.4.6", "framework": framework,
                            "framework_version": "1.0", "threads": 2, "cuda": cuda, "cudnn": cudnn,
                            "bench_commit": None, "bench_hash": "0" * 64,
-                           "gpu": {"name": gpu_name} if gpu_name else None})
+                           "gpu": {"name": gpu_name} if gpu_name else None,
+                           "math_modes": math_modes(precision, tf32_matmul=None, tf32_convolutions=None,
+                                                    loss_scaling="dynamic" if precision == "fp16" else None,
+                                                    autotuner=None, xla=False)})
     return result.to_dict()
 
 

@@ -13,9 +13,10 @@ from conftest import REPO, result_payload, write_matrix
 from harness.compare import compare, main, ratio_interval
 
 
-def gpu_result(framework="pytorch", cuda="12.8", gpu="NVIDIA H100 80GB HBM3", times=(0.010, 0.0101, 0.0099, 0.0100, 0.0102)):
+def gpu_result(framework="pytorch", cuda="12.8", gpu="NVIDIA H100 80GB HBM3", times=(0.010, 0.0101, 0.0099, 0.0100, 0.0102),
+               precision="fp32"):
     payload = result_payload(framework, device="gpu", gpu_name=gpu, cuda=cuda, cudnn="9", step_times=times,
-                             cell_id=f"cnn_cifar10.{framework}.cuda-{cuda}")
+                             cell_id=f"cnn_cifar10.{framework}.cuda-{cuda}.{precision}", precision=precision)
     return payload
 
 
@@ -54,6 +55,17 @@ def test_comparing_two_gpus_matches_the_same_cells_on_each():
     assert list(comparison.differing) == ["device"]
     (pair,) = comparison.pairs
     assert pair.ratio == pytest.approx(0.5, rel=0.01) and pair.verdict().startswith("faster by 50")
+
+
+def test_a_mixed_precision_set_is_compared_with_an_fp32_set_framework_by_framework():
+    a = [Result.from_dict(gpu_result(f)) for f in ("pytorch", "jax")]
+    b = [Result.from_dict(gpu_result(f, precision="bf16", times=(0.005, 0.0051, 0.0049, 0.005, 0.0052)))
+         for f in ("pytorch", "jax")]
+    comparison = compare(a, b)
+    assert comparison.differing == {"precision": (["fp32"], ["bf16"]),
+                                    "math modes": (["float32 compute"], ["bfloat16 compute"])}
+    assert sorted(p.a.cell.framework for p in comparison.pairs) == ["jax", "pytorch"]
+    assert [p.verdict() for p in comparison.pairs] == ["faster by 50.0%"] * 2
 
 
 def test_the_interval_needs_two_runs_a_side_and_is_seeded():

@@ -70,7 +70,7 @@ class FakeClient:
 def launch(tmp_path, gpus=(), timeout_s=60.0, devices=1):
     gpu = "H100" if gpus else "cpu"
     task = "densenet121_xray" if devices > 1 else "cnn_cifar10"
-    cell = Cell("pytorch", task, gpu, "auto", "auto", devices, Settings())
+    cell = Cell("pytorch", task, gpu, "auto", "auto", devices, "fp32", Settings())
     return Launch(cell, ["--framework", "pytorch", "--cells-at-once", "2"], tmp_path / "staging" / "cell.json",
                   tmp_path / "logs" / "cell.log", timeout_s, list(gpus))
 

@@ -112,7 +112,7 @@ def test_cell_gpu_info_follows_cuda_visible_devices():
 
 
 def _cell(gpu, cuda="auto"):
-    return Cell("pytorch", "cnn_cifar10", gpu, cuda, "auto", 1, Settings())
+    return Cell("pytorch", "cnn_cifar10", gpu, cuda, "auto", 1, "fp32", Settings())
 
 
 def test_cells_this_host_cannot_run_are_skipped_with_the_reason():

@@ -129,6 +129,20 @@ def test_keras_stands_for_its_three_backends_everywhere(tmp_path):
         ("pytorch", 20), ("keras-tensorflow", 2), ("keras-jax", 2), ("keras-torch", 2)]
 
 
+def test_precision_is_an_axis_like_the_others(tmp_path):
+    text = ("matrix:\n  framework: [pytorch, jax]\n  task: [cnn_cifar10]\n  gpu: [H100]\n"
+            "  precision: [fp32, tf32, bf16]\n"
+            "  exclude:\n    - {framework: jax, precision: tf32}\n"
+            "  include:\n    - {framework: pytorch, precision: fp16, task: cnn_cifar10, gpu: H100}\n")
+    cells = load(write_matrix(tmp_path / "m.yml", text)).cells([])
+    assert [(c.framework, c.precision) for c in cells] == [
+        ("pytorch", "fp32"), ("pytorch", "tf32"), ("pytorch", "bf16"), ("jax", "fp32"), ("jax", "bf16"),
+        ("pytorch", "fp16")]
+    assert cells[2].id.startswith("cnn_cifar10.pytorch.h100.cuda-auto.threads-auto.devices-1.bf16.")
+    assert load(write_matrix(tmp_path / "d.yml", "matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10]\n")
+                ).cells([])[0].precision == "fp32"
+
+
 def test_cell_ids_change_with_measured_settings_only(tmp_path):
     _, cells = cells_of(tmp_path)
     first = cells[0]
@@ -137,6 +151,7 @@ def test_cell_ids_change_with_measured_settings_only(tmp_path):
     assert dataclasses.replace(first, settings=longer).id == first.id
     assert dataclasses.replace(first, settings=bigger).id != first.id
     assert dataclasses.replace(first, threads=4).id != first.id
+    assert dataclasses.replace(first, precision="bf16").id != first.id
     assert len({c.id for c in cells}) == len(cells)
 
 
@@ -154,12 +169,14 @@ def test_cell_ids_change_with_measured_settings_only(tmp_path):
     ("matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10]\n  cuda: [12.4]\n",
      r"m.yml:4: matrix.cuda\[0\]: .*use 'auto' or a version like \"12.4\" \(quoted\)"),
     ("matrix:\n  framework: [pytorch]\n", r"m.yml:1: matrix.task: required key 'task' is missing"),
+    ("matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10]\n  precision: [fp32, fp8]\n",
+     r"m.yml:4: matrix.precision\[1\]: 'fp8' is not allowed; allowed: 'fp32', 'tf32', 'fp16' or 'bf16'"),
     ("matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10]\n  threads: [auto, 0]\n",
      r"m.yml:4: matrix.threads\[1\]: 0 is not a thread count; use 'auto' or a whole number of at least 1"),
     ("matrix:\n  framework: [pytorch\n  task: [x]\n", r"m.yml:\d: not valid YAML"),
     ("- just a list\n", r"m.yml:1: the file must be a mapping"),
     ("matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10]\n  include:\n    - framework: pytorch\n      bogus: 1\n",
-     r"m.yml:6: matrix.include\[0\].bogus: unknown key 'bogus'; allowed keys here: framework, task, gpu, cuda, threads, devices, settings"),
+     r"m.yml:6: matrix.include\[0\].bogus: unknown key 'bogus'; allowed keys here: framework, task, gpu, cuda, threads, devices, precision, settings"),
 ])
 def test_validation_errors_name_file_line_field_and_fix(tmp_path, text, expected):
     with pytest.raises(MatrixError, match=expected):
@@ -180,7 +197,7 @@ def test_cli_rejects_a_bad_matrix_with_one_line_exit_2_and_nothing_written(tmp_p
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"error: {path}:4: matrix.gpus: unknown key 'gpus'; allowed keys here: "
-        "framework, task, gpu, cuda, threads, devices, include, exclude"]
+        "framework, task, gpu, cuda, threads, devices, precision, include, exclude"]
     assert not results.exists()
 
 

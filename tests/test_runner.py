@@ -52,7 +52,7 @@ WRITE_OK = f"""
 
 
 def cell(steps=20, timeout_s=60.0):
-    return Cell("pytorch", "cnn_cifar10", "cpu", "auto", "auto", 1, Settings(steps=steps, timeout_s=timeout_s))
+    return Cell("pytorch", "cnn_cifar10", "cpu", "auto", "auto", 1, "fp32", Settings(steps=steps, timeout_s=timeout_s))
 
 
 def run_one(tmp_path, script, **kwargs):
@@ -148,7 +148,7 @@ H100S = [Gpu(0, "GPU-aaaa", "NVIDIA H100 80GB HBM3", 80 << 30), Gpu(1, "GPU-bbbb
 
 
 def gpu_cell(task="cnn_cifar10", devices=1, steps=1, gpu="H100"):
-    return Cell("pytorch", task, gpu, "auto", "auto", devices, Settings(steps=steps, timeout_s=60.0))
+    return Cell("pytorch", task, gpu, "auto", "auto", devices, "fp32", Settings(steps=steps, timeout_s=60.0))
 
 
 def test_the_scheduler_gives_each_cell_its_own_gpus_and_a_cpu_cell_the_host():

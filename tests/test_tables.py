@@ -7,9 +7,10 @@ import sys
 
 import pandas as pd
 
+from bench.precision import math_modes
 from bench.result import Result, write_json_atomic
 from conftest import REPO, result_payload
-from harness.results import load_results
+from harness.results import describe_math_modes, load_results
 from harness.tables import build_tables, write_tables
 
 
@@ -158,3 +159,29 @@ def test_unstable_timings_are_marked_with_their_variation_and_interval():
     (note,) = table.notes
     assert note.startswith("⚠ tensorflow, CPU (Test CPU, 2 cores): unstable: the 5 timings vary by 30% "
                            "(coefficient of variation; above 5%), 95% interval of the median ")
+
+
+def test_precisions_get_a_row_each_with_their_math_modes():
+    gpu = dict(device="gpu", gpu_name="NVIDIA H100 80GB HBM3", cuda="12.8", cudnn="91002")
+    frame_results = results(
+        result_payload("pytorch", precision="bf16", step_times=(0.004,), **gpu),
+        result_payload("jax", **gpu),
+        result_payload("pytorch", step_times=(0.010,), **gpu),
+        result_payload("pytorch", precision="fp16", step_times=(0.005,), **gpu))
+    table = build_tables(frame_results)[0][0]
+    assert list(table.display.index) == ["pytorch, fp32", "pytorch, fp16", "pytorch, bf16", "jax, fp32"]
+    assert table.numbers.loc["pytorch, bf16"].iloc[0] == 0.004
+    # The fraction of peak is of the row's precision: 5.98 of the H100 SXM's 989 TFLOP/s in bf16.
+    assert "5.98 TFLOP/s (1% of bf16 peak)" in table.display.loc["pytorch, bf16"].iloc[0]
+    cells = pd.DataFrame([{"precision": r.cell.precision, "math": describe_math_modes(r.env["math_modes"])}
+                          for r in frame_results])
+    assert list(cells["math"]) == ["bfloat16 compute", "float32 compute", "float32 compute",
+                                   "float16 compute, dynamic loss scaling"]
+
+
+def test_math_modes_in_words():
+    modes = math_modes("fp32", tf32_matmul=False, tf32_convolutions=True, loss_scaling=None, autotuner=True, xla=False)
+    assert describe_math_modes(modes) == "float32 compute, TF32 matmul off, TF32 convolutions on, autotuner on"
+    modes = math_modes("tf32", tf32_matmul=True, tf32_convolutions=True, loss_scaling=None, autotuner=True, xla=True)
+    assert describe_math_modes(modes) == "float32 compute, TF32 on, autotuner on, XLA"
+    assert describe_math_modes(None) == ""

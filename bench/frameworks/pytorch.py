@@ -3,6 +3,7 @@ data-parallel with DistributedDataParallel (one process per replica) fed by a Da
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import queue
 import socket
@@ -18,9 +19,14 @@ from PIL import Image
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .. import precision
 from .. import weights as canonical
 from ..data import ImageFiles
 from ..specs import RunOptions, TaskSpec
+
+# Autocast runs bfloat16 on CPUs (oneDNN) and both 16-bit types on CUDA GPUs.
+PRECISIONS = {"cpu": ("fp32", "bf16"), "gpu": ("fp32", "tf32", "fp16", "bf16")}
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def describe(run: RunOptions) -> dict:
@@ -32,13 +38,15 @@ def describe(run: RunOptions) -> dict:
         "interop_threads": torch.get_num_interop_threads(),
         "cuda": torch.version.cuda if on_gpu else None,
         "cudnn": str(torch.backends.cudnn.version()) if on_gpu else None,
+        "math_modes": precision.math_modes(
+            run.precision,
+            tf32_matmul=torch.backends.cuda.matmul.allow_tf32 if on_gpu else None,
+            tf32_convolutions=torch.backends.cudnn.allow_tf32 if on_gpu else None,
+            loss_scaling="dynamic" if run.precision == "fp16" else None,
+            autotuner=torch.backends.cudnn.benchmark if on_gpu else None,
+            xla=False),
         "framework_settings": {
-            "cudnn_benchmark": torch.backends.cudnn.benchmark,
             "nccl": ".".join(map(str, torch.cuda.nccl.version())) if on_gpu else None,
-            # fp32 math modes in force: PyTorch's defaults let cuDNN convolutions use TF32 on
-            # Ampere and newer, and keep matrix products in full fp32.
-            "tf32_convolutions": torch.backends.cudnn.allow_tf32,
-            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
             "data_parallel": (f"DistributedDataParallel, {_distributed_backend(run.device)}, "
                               f"{run.devices} processes") if run.devices > 1 else None,
         },
@@ -51,6 +59,13 @@ def configure(run: RunOptions) -> None:
     if threads:
         torch.set_num_threads(threads)
         torch.set_num_interop_threads(threads)
+    _set_math_modes(run)
+
+
+def _set_math_modes(run: RunOptions) -> None:
+    """In every process of the cell. PyTorch's defaults let cuDNN convolutions use TF32 on
+    Ampere and newer but not matrix products: both follow the precision instead."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = run.precision == "tf32"
     # The cuDNN autotuner picks the fastest convolution algorithm for fixed shapes.
     torch.backends.cudnn.benchmark = run.device == "gpu"
 
@@ -114,6 +129,25 @@ def _read_loss(loss: torch.Tensor, device: torch.device) -> float:
     return float(loss)
 
 
+class MixedPrecision:
+    """Autocast around the forward pass and the loss (float32 weights; layers compute in the
+    cell's 16-bit type, the loss in float32), and fp16's dynamic loss scaling (GradScaler).
+    With fp32 and tf32 both are off: a plain backward pass and optimiser step."""
+
+    def __init__(self, run: RunOptions, device: torch.device):
+        self.device_type = device.type
+        self.dtype = AUTOCAST_DTYPES.get(run.precision)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=run.precision == "fp16")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device_type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
+
+    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+        self.scaler.update()
+
+
 def _glorot_uniform(module: nn.Module) -> None:
     if isinstance(module, (nn.Conv2d, nn.Linear)):
         nn.init.xavier_uniform_(module.weight)
@@ -148,10 +182,11 @@ class _SoftmaxClassifier:
     model's input on the device (_inputs)."""
     parameter_note = None
 
-    def __init__(self, model: nn.Module, optimizer: Callable[..., torch.optim.Optimizer]):
+    def __init__(self, model: nn.Module, optimizer: Callable[..., torch.optim.Optimizer], run: RunOptions):
         self.model = model.to(self.device, memory_format=self.memory_format)
         self.criterion = nn.CrossEntropyLoss()
         self.optimizer = optimizer(self.model.parameters())
+        self.mixed = MixedPrecision(run, self.device)
         self._last_loss: torch.Tensor | None = None
 
     def parameter_count(self) -> int:
@@ -162,9 +197,9 @@ class _SoftmaxClassifier:
         # The numpy batch is copied to the device here, inside the timed step.
         x, y = self._inputs(inputs), _as_tensor(labels).long().to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.criterion(self.model(x), y)
-        loss.backward()
-        self.optimizer.step()
+        with self.mixed.autocast():
+            loss = self.criterion(self.model(x), y)
+        self.mixed.backward_and_step(loss, self.optimizer)
         self._last_loss = loss.detach()
 
     def loss(self) -> float:
@@ -172,8 +207,8 @@ class _SoftmaxClassifier:
 
     def predict(self, inputs: np.ndarray) -> np.ndarray:
         self.model.eval()  # dropout off
-        with torch.inference_mode():
-            return self.model(self._inputs(inputs)).cpu().numpy()
+        with torch.inference_mode(), self.mixed.autocast():
+            return self.model(self._inputs(inputs)).float().cpu().numpy()
 
 
 class CnnCifar10(_SoftmaxClassifier):
@@ -182,7 +217,8 @@ class CnnCifar10(_SoftmaxClassifier):
         self.device = _torch_device(run.device)
         self.layout, self.memory_format = _image_format(run.device)
         super().__init__(CnnCifar10Net(spec),
-                         lambda parameters: torch.optim.SGD(parameters, lr=run.learning_rate, momentum=spec.momentum))
+                         lambda parameters: torch.optim.SGD(parameters, lr=run.learning_rate, momentum=spec.momentum),
+                         run)
 
     def _inputs(self, images: np.ndarray) -> torch.Tensor:
         return _to_device(images, self.layout, self.device, self.memory_format)
@@ -254,14 +290,15 @@ class Resnet50Inference:
             if missing:
                 raise ValueError(f"{run.weights}: no weights for {', '.join(missing)}")
         self.model = self.model.to(self.device, memory_format=self.memory_format).eval()
+        self.mixed = MixedPrecision(run, self.device)
 
     def parameter_count(self) -> int:
         return _parameter_count(self.model)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
+        with torch.inference_mode(), self.mixed.autocast():
             x = _to_device(images, self.layout, self.device, self.memory_format)
-            return self.model(x).cpu().numpy()  # the copy back waits for the device
+            return self.model(x).float().cpu().numpy()  # the copy back waits for the device
 
 
 class GruImdbNet(nn.Module):
@@ -286,7 +323,8 @@ class GruImdb(_SoftmaxClassifier):
         self.device = _torch_device(run.device)
         super().__init__(GruImdbNet(spec),
                          lambda parameters: torch.optim.Adam(parameters, lr=run.learning_rate, betas=(0.9, 0.999),
-                                                             eps=1e-8))
+                                                             eps=1e-8),
+                         run)
 
     def _inputs(self, tokens: np.ndarray) -> torch.Tensor:
         return _as_tensor(tokens).long().to(self.device)
@@ -428,6 +466,7 @@ class DensenetReplica:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.criterion = nn.BCEWithLogitsLoss()  # mean over labels and examples
         self.optimizer = torch.optim.Adam(self.replica.parameters(), lr=run.learning_rate)
+        self.mixed = MixedPrecision(run, self.device)  # a scaler per rank, all seeing the same reduced gradients
         self.last_loss = torch.zeros((), device=self.device)
 
     def train_step(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> None:
@@ -435,9 +474,10 @@ class DensenetReplica:
         x = _to_device(images, self.layout, self.device, self.memory_format)
         y = _as_tensor(labels).to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.criterion(self.replica(x), y)
-        loss.backward()  # DDP: the gradients' all-reduce overlaps with backward
-        self.optimizer.step()
+        with self.mixed.autocast():
+            loss = self.criterion(self.replica(x), y)
+        # DDP: the gradients' all-reduce overlaps with backward.
+        self.mixed.backward_and_step(loss, self.optimizer)
         self.last_loss = loss.detach()
 
     def mean_loss(self) -> torch.Tensor:
@@ -453,7 +493,7 @@ def _replica_worker(rank: int, spec: TaskSpec, run: RunOptions, threads: int, in
     until rank 0's process has gone."""
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(interop_threads)
-    torch.backends.cudnn.benchmark = run.device == "gpu"
+    _set_math_modes(run)
     replica = DensenetReplica(spec, run, rank)
     parent = mp.parent_process()
     while True:
@@ -554,9 +594,9 @@ class Densenet121Xray:
     def predict(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         """Label probabilities, on rank 0's replica (all replicas hold the same weights)."""
         model = self.rank0.model.eval()  # batch norm: running statistics
-        with torch.inference_mode():
+        with torch.inference_mode(), self.rank0.mixed.autocast():
             x = _to_device(images, self.layout, self.device, self.rank0.memory_format)
-            return torch.sigmoid(model(x)).cpu().numpy()
+            return torch.sigmoid(model(x).float()).cpu().numpy()
 
     def input_pipeline(self, files: ImageFiles, stored_size: int, batch_size: int, training: bool,
                        seed: int) -> torch.utils.data.DataLoader:
