@@ -12,8 +12,13 @@ import chainer.links as L
 from chainer.backends import cuda
 from PIL import Image
 
+from .. import precision
 from .. import weights as canonical
 from ..specs import RunOptions, TaskSpec
+
+# fp16 is Chainer's mixed16, in float16 kernels of cuDNN and cuBLAS on GPUs. numpy has no fast
+# float16 (no BLAS for it): CPUs run fp32 alone. Neither numpy nor CuPy has a bfloat16 type: no bf16.
+PRECISIONS = {"cpu": ("fp32",), "gpu": ("fp32", "tf32", "fp16")}
 
 
 def describe(run: RunOptions) -> dict:
@@ -26,8 +31,16 @@ def describe(run: RunOptions) -> dict:
         "interop_threads": None,  # no inter-op pool: Chainer runs one function after another
         "cuda": _cuda_version() if on_gpu else None,
         "cudnn": str(cuda.cupy.cuda.cudnn.getVersion()) if on_gpu and cuda.cudnn_enabled else None,
+        "math_modes": precision.math_modes(
+            run.precision, tf32_matmul=_cupy_tf32() if on_gpu else None,
+            # Chainer has no TF32 switch for cuDNN: its float32 convolutions (and cuDNN's GRU) run
+            # cuDNN's default math, which takes TF32 on Ampere and newer; only NVIDIA_TF32_OVERRIDE=0,
+            # which the bench sets for every precision but tf32, keeps it out.
+            tf32_convolutions=os.environ.get("NVIDIA_TF32_OVERRIDE") != "0" if on_gpu else None,
+            loss_scaling="dynamic" if run.precision == "fp16" else None,
+            autotuner=chainer.config.autotune if on_gpu else None,
+            xla=False),
         "framework_settings": {
-            "autotune": chainer.config.autotune,
             "use_cudnn": chainer.config.use_cudnn,
             "type_check": chainer.config.type_check,
             "cupy_version": cuda.cupy.__version__ if on_gpu else None,
@@ -55,6 +68,13 @@ def _blas_threads() -> int | None:
     return int(get_num_threads()) if get_num_threads else None
 
 
+def _cupy_tf32() -> bool:
+    """Whether CuPy's float32 matrix products (Chainer's dense layers) may run in TF32: CuPy's
+    rule for CUPY_TF32 (configure sets it; off unless "1"), which NVIDIA_TF32_OVERRIDE=0 overrules
+    in cuBLAS. CuPy has no public getter of the mode it chose."""
+    return os.environ.get("CUPY_TF32", "0") != "0" and os.environ.get("NVIDIA_TF32_OVERRIDE") != "0"
+
+
 def _cuda_version() -> str:
     version = cuda.cupy.cuda.runtime.runtimeGetVersion()  # 12080 -> "12.8"
     return f"{version // 1000}.{version % 1000 // 10}"
@@ -79,6 +99,12 @@ def configure(run: RunOptions) -> None:
         # fastest convolution algorithm for fixed shapes.
         chainer.global_config.use_cudnn = "always"
         chainer.global_config.autotune = True
+        # TF32 for CuPy's float32 matrix products with tf32 only; CuPy reads it at the first one.
+        os.environ["CUPY_TF32"] = "1" if run.precision == "tf32" else "0"
+    if precision.is_mixed(run.precision):
+        # mixed16, before any model is built: links create float16 weights (batch norm float32
+        # ones) and compute in float16; the optimizers keep float32 copies (_setup_optimizer).
+        chainer.global_config.dtype = chainer.mixed16
     # CPU "devices" need nothing here: every CPU replica is a numpy copy of the model.
 
 
@@ -98,6 +124,30 @@ def _trainable_parameters(model: chainer.Link) -> int:
 def _synchronize(device: chainer.backend.Device) -> None:
     if device.xp is not np:
         device.device.synchronize()
+
+
+def _setup_optimizer(optimizer: chainer.Optimizer, model: chainer.Link, run: RunOptions) -> chainer.Optimizer:
+    """The optimizer on the model. With fp16 (mixed16's float16 weights) it updates float32 master
+    copies of them, its state float32 too (use_fp32_update), and scales the loss dynamically: it
+    skips the update when the gradients overflowed, checking them parameter by parameter (a wait
+    for the device each), and adapts the scale (loss_scaling)."""
+    optimizer.setup(model)
+    if run.precision == "fp16":
+        optimizer.use_fp32_update()
+        optimizer.loss_scaling()
+    return optimizer
+
+
+def _images(device: chainer.backend.Device, images: np.ndarray):
+    """A batch of images on the device in the dtype the layers compute in: float16 under mixed16
+    (chainer.get_dtype()), float32 otherwise (no copy)."""
+    return device.send(images).astype(chainer.get_dtype(), copy=False)
+
+
+def _float32(outputs: chainer.Variable) -> chainer.Variable:
+    """Logits or features as float32: under mixed16 they leave a float16 layer, and the loss, the
+    sigmoid and the arrays predict returns stay in float32 (F.cast: differentiable)."""
+    return outputs if outputs.dtype == np.float32 else F.cast(outputs, np.float32)
 
 
 def _conv(channels: int, filters: int, ksize: int, stride: int = 1, pad: int = 0) -> L.Convolution2D:
@@ -158,7 +208,8 @@ class CnnCifar10Net(chainer.Chain):
 
 class _SoftmaxClassifier:
     """The CNN and the GRU: one Chain trained batch by batch with softmax cross-entropy on
-    logits, define-by-run."""
+    logits, define-by-run. Each task turns a numpy batch into the model's input on the device
+    (_inputs)."""
     parameter_note = None
 
     def __init__(self, run: RunOptions, model: chainer.Chain, optimizer: chainer.Optimizer):
@@ -166,8 +217,7 @@ class _SoftmaxClassifier:
         self.device.use()
         self.model = model
         self.model.to_device(self.device)
-        self.optimizer = optimizer
-        self.optimizer.setup(self.model)
+        self.optimizer = _setup_optimizer(optimizer, self.model, run)
         self._last_loss = None
 
     def parameter_count(self) -> int:
@@ -175,13 +225,16 @@ class _SoftmaxClassifier:
 
     def train_step(self, inputs: np.ndarray, labels: np.ndarray) -> None:
         # The numpy batch is copied to the device here, inside the timed step.
-        x, t = self.device.send(inputs), self.device.send(labels)
+        x, t = self._inputs(inputs), self.device.send(labels)
         with chainer.using_config("train", True):
-            loss = F.softmax_cross_entropy(self.model(x), t)
-        self.model.cleargrads()
-        loss.backward()
-        self.optimizer.update()
+            # StandardUpdater's step: clear the gradients, backpropagate from the loss (scaled
+            # with fp16), update.
+            self.optimizer.update(self._loss, x, t)
+
+    def _loss(self, x, t) -> chainer.Variable:
+        loss = F.softmax_cross_entropy(_float32(self.model(x)), t)
         self._last_loss = loss.array
+        return loss
 
     def loss(self) -> float:
         """The last step's loss, after the device has finished all queued work."""
@@ -190,7 +243,7 @@ class _SoftmaxClassifier:
 
     def predict(self, inputs: np.ndarray) -> np.ndarray:
         with chainer.using_config("train", False), chainer.no_backprop_mode():  # dropout off
-            return cuda.to_cpu(self.model(self.device.send(inputs)).array)
+            return cuda.to_cpu(_float32(self.model(self._inputs(inputs))).array)
 
 
 class CnnCifar10(_SoftmaxClassifier):
@@ -201,6 +254,9 @@ class CnnCifar10(_SoftmaxClassifier):
         _seed(run.device, run.seed)
         super().__init__(run, CnnCifar10Net(spec),
                          chainer.optimizers.MomentumSGD(lr=spec.learning_rate, momentum=spec.momentum))
+
+    def _inputs(self, images: np.ndarray):
+        return _images(self.device, images)
 
 
 class Bottleneck(chainer.Chain):
@@ -291,7 +347,7 @@ class Resnet50Inference:
     def predict(self, images: np.ndarray) -> np.ndarray:
         # train=False: batch norm uses its running statistics; no graph is kept.
         with chainer.using_config("train", False), chainer.no_backprop_mode():
-            return cuda.to_cpu(self.model(self.device.send(images)).array)  # waits for the device
+            return cuda.to_cpu(_float32(self.model(_images(self.device, images))).array)  # waits for the device
 
 
 class GruImdbNet(chainer.Chain):
@@ -321,6 +377,9 @@ class GruImdb(_SoftmaxClassifier):
         _seed(run.device, run.seed)
         super().__init__(run, GruImdbNet(spec),
                          chainer.optimizers.Adam(alpha=run.learning_rate, beta1=0.9, beta2=0.999, eps=1e-8))
+
+    def _inputs(self, ids: np.ndarray):
+        return self.device.send(ids)  # token ids: integers whatever the precision
 
 
 class DenseLayer(chainer.Chain):
@@ -427,8 +486,8 @@ class Densenet121Xray:
         for replica, device in zip(replicas, self.devices):
             replica.to_device(device)
         self.replicas = list(zip(replicas, self.devices))
-        self.optimizer = chainer.optimizers.Adam(alpha=run.learning_rate)  # already × devices
-        self.optimizer.setup(self.model)
+        adam = chainer.optimizers.Adam(alpha=run.learning_rate)  # already × devices
+        self.optimizer = _setup_optimizer(adam, self.model, run)
         # The image decoding threads: the cell's thread count, else one per core.
         self.loader_threads = run.threads or os.cpu_count() or 1
         self._last_losses = []
@@ -452,11 +511,13 @@ class Densenet121Xray:
             for index, (replica, device) in enumerate(self.replicas):
                 part = slice(index * size, (index + 1) * size)
                 with chainer.using_device(device):
-                    logits = replica(device.send(images[part]))
+                    logits = _float32(replica(_images(device, images[part])))
                     # normalize=True: the mean over every label of every image in the slice.
                     losses.append(F.sigmoid_cross_entropy(logits, device.send(targets[part]), normalize=True))
+        # With fp16 the optimizer's dynamic loss scale, which Optimizer.update(lossfun) would
+        # backpropagate with (ParallelUpdater takes a static one only); None otherwise.
         for loss in losses:
-            loss.backward()
+            loss.backward(loss_scale=self.optimizer._loss_scale)
         for replica, _ in self.replicas[1:]:
             self.model.addgrads(replica)
         self.optimizer.update()
@@ -473,7 +534,7 @@ class Densenet121Xray:
     def predict(self, images: np.ndarray) -> np.ndarray:
         device = self.devices[0]
         with chainer.using_config("train", False), chainer.no_backprop_mode():
-            return cuda.to_cpu(F.sigmoid(self.model(device.send(images))).array)
+            return cuda.to_cpu(F.sigmoid(_float32(self.model(_images(device, images)))).array)
 
     def input_pipeline(self, files, stored_size: int, batch_size: int, training: bool, seed: int):
         """Chainer's own loading: a DatasetMixin decoding PNGs with Pillow, a MultithreadIterator

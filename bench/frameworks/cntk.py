@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 import numpy as np
 import cntk as C
 
+from .. import precision
 from .. import weights as canonical
 from ..data import ImageFiles
 from ..specs import RunOptions, TaskSpec, Unsupported
@@ -31,6 +32,10 @@ DENSENET121_BLOCKS = (6, 12, 24, 16)
 DENSENET_GROWTH = 32
 DENSENET_BOTTLENECK = 4
 DENSENET_STEM = 64
+# fp32 only: CNTK 2.7 is built for CUDA 10.0 and cuDNN 7, which predate TF32 and bfloat16, and its
+# float16 builds whole networks, weights included, in float16 (default_options(dtype=float16)):
+# not the mixed precision of fp16 cells.
+PRECISIONS = {"cpu": ("fp32",), "gpu": ("fp32",)}
 
 
 def describe(run: RunOptions) -> dict:
@@ -42,6 +47,12 @@ def describe(run: RunOptions) -> dict:
         "interop_threads": None,  # CNTK runs one operation at a time
         "cuda": _cuda_runtime_version() if on_gpu else None,
         "cudnn": _cudnn_version() if on_gpu else None,
+        "math_modes": precision.math_modes(
+            run.precision, tf32_matmul=False if on_gpu else None, tf32_convolutions=False if on_gpu else None,
+            loss_scaling=None,
+            # On unless deterministic algorithms are forced (configure).
+            autotuner=not C.cntk_py.should_force_deterministic_algorithms() if on_gpu else None,
+            xla=False),
         "framework_settings": {
             "device": _device_name(),
             # Data-parallel tasks: one MPI process per device, gradients all-reduced by the

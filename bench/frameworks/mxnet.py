@@ -11,13 +11,18 @@ from importlib import metadata
 import numpy as np
 import mxnet as mx
 from mxnet import autograd, gluon
+from mxnet.contrib import amp
 from mxnet.gluon import nn
 
+from .. import precision
 from .. import weights as canonical
 from ..specs import RunOptions, TaskSpec
 
 # Runtime features worth recording: the CPU kernels (oneDNN, still called MKLDNN) and the GPU stack.
 _FEATURES = ("MKLDNN", "OPENMP", "CUDA", "CUDNN", "NCCL", "TENSORRT")
+# AMP computes in float16 on NVIDIA GPUs. Its bfloat16 is oneDNN's, for CPUs only, and needs
+# AVX-512: on other CPUs it cannot create its bfloat16 convolutions, so CPUs run fp32 alone.
+PRECISIONS = {"cpu": ("fp32",), "gpu": ("fp32", "tf32", "fp16")}
 
 
 def describe(run: RunOptions) -> dict:
@@ -32,16 +37,29 @@ def describe(run: RunOptions) -> dict:
         "interop_threads": int(os.environ.get("MXNET_CPU_WORKER_NTHREADS", "1")),
         "cuda": _build_cuda_version() if on_gpu else None,
         "cudnn": _cudnn_version() if on_gpu else None,
+        "math_modes": precision.math_modes(
+            run.precision, tf32_matmul=_tf32_allowed() if on_gpu else None,
+            tf32_convolutions=_tf32_allowed() if on_gpu else None,
+            loss_scaling="dynamic" if run.precision == "fp16" else None,
+            # MXNet's cuDNN autotuner: on ("1", limited workspace) unless the environment says otherwise.
+            autotuner=os.environ.get("MXNET_CUDNN_AUTOTUNE_DEFAULT", "1") != "0" if on_gpu else None,
+            xla=False),
         "framework_settings": {
             "features": [name for name in _FEATURES if features.is_enabled(name)],
             "hybridize": {"static_alloc": True, "static_shape": True},
             # Data-parallel tasks: one context per replica, gradients summed by this kvstore.
             "contexts": [str(ctx) for ctx in _contexts(run)],
             "kvstore": _kvstore(run) if run.devices > 1 else None,
-            # MXNet's cuDNN autotuner: on ("1", limited workspace) unless the environment says otherwise.
-            "cudnn_autotune": os.environ.get("MXNET_CUDNN_AUTOTUNE_DEFAULT", "1") if on_gpu else None,
         },
     }
+
+
+def _tf32_allowed() -> bool:
+    """MXNet has no TF32 switch. Built for CUDA 11, its float32 dense layers ask cuBLAS for TF32
+    (CUBLAS_TF32_TENSOR_OP_MATH, whatever MXNET_CUDA_ALLOW_TENSOR_CORE says) and its cuDNN
+    convolutions and RNNs run cuDNN's default math, which takes TF32 on Ampere and newer: only
+    NVIDIA_TF32_OVERRIDE=0, which the bench sets for every precision but tf32, keeps them out."""
+    return os.environ.get("NVIDIA_TF32_OVERRIDE") != "0"
 
 
 def _omp_threads() -> int:
@@ -85,6 +103,10 @@ def configure(run: RunOptions) -> None:
     # its default of one CPU worker (MXNET_CPU_WORKER_NTHREADS), one operator at a time.
     # CPU devices need no setup either: mx.cpu(i) contexts exist for any i.
     mx.random.seed(run.seed)  # initializers and dropout masks draw from MXNet's own generator
+    if precision.is_mixed(run.precision):
+        # AMP, before any network is built: it wraps MXNet's operators so that convolutions, dense
+        # layers and RNNs compute in float16, softmax and reductions in float32; weights stay float32.
+        amp.init(target_dtype=precision.COMPUTE_DTYPES[run.precision])
 
 
 def device_memory_peak(run: RunOptions) -> int | None:
@@ -119,6 +141,39 @@ def _he_normal(factor_type: str) -> mx.init.Initializer:
 def _parameter_count(net: gluon.Block) -> int:
     # Batch-norm running statistics have grad_req "null": they are not trainable.
     return sum(int(np.prod(p.shape)) for p in net.collect_params().values() if p.grad_req != "null")
+
+
+class MixedPrecision:
+    """fp16's dynamic loss scaling, AMP's (amp.init in configure casts the layers): the loss is
+    scaled before backward, and the Trainer divides the scale out of the gradients and skips the
+    update when they overflowed (reading an overflow flag back: one wait for the device per
+    step). With fp32 and tf32 it is off: a plain backward pass."""
+
+    def __init__(self, run: RunOptions):
+        self.loss_scaling = run.precision == "fp16"
+
+    def trainer(self, params: gluon.ParameterDict, optimizer: str, optimizer_params: dict,
+                kvstore: str = "device") -> gluon.Trainer:
+        # The overflow check comes before the update: the kvstore must not run the update itself.
+        trainer = gluon.Trainer(params, optimizer, optimizer_params, kvstore=kvstore,
+                                update_on_kvstore=False if self.loss_scaling else None)
+        if self.loss_scaling:
+            amp.init_trainer(trainer)
+        return trainer
+
+    def backward(self, losses, trainer: gluon.Trainer) -> None:
+        """Inside autograd.record(), which must record the scaling too."""
+        if self.loss_scaling:
+            with amp.scale_loss(losses, trainer) as scaled:
+                autograd.backward(scaled)
+        else:
+            autograd.backward(losses)
+
+
+def _float32(outputs: mx.nd.NDArray) -> mx.nd.NDArray:
+    """The network's outputs as float32: with fp16 they leave AMP's last float16 layer, and the
+    loss, the sigmoid and the arrays predict returns stay in float32 (amp_cast: differentiable)."""
+    return outputs if outputs.dtype == np.float32 else mx.nd.amp_cast(outputs, dtype="float32")
 
 
 def _on(array, ctx: mx.Context, dtype: str | None = None) -> mx.nd.NDArray:
@@ -159,7 +214,8 @@ class _SoftmaxClassifier:
         # Per-example losses; backward() sums their gradients and trainer.step(batch_size)
         # rescales by 1/batch_size: the gradient of the mean loss, as in the other frameworks.
         self.loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
-        self.trainer = gluon.Trainer(self.net.collect_params(), optimizer, optimizer_params)
+        self.mixed = MixedPrecision(run)
+        self.trainer = self.mixed.trainer(self.net.collect_params(), optimizer, optimizer_params)
         self._last_loss: mx.nd.NDArray | None = None
 
     def parameter_count(self) -> int:
@@ -169,8 +225,8 @@ class _SoftmaxClassifier:
         x = _on(inputs, self.ctx, self.input_dtype)
         y = _on(labels, self.ctx, "float32")
         with autograd.record():  # training mode: dropout on
-            loss = self.loss_fn(self.net(x), y)
-        loss.backward()
+            loss = self.loss_fn(_float32(self.net(x)), y)
+            self.mixed.backward(loss, self.trainer)
         self.trainer.step(inputs.shape[0])
         self._last_loss = loss
 
@@ -183,7 +239,8 @@ class _SoftmaxClassifier:
 
     def predict(self, inputs: np.ndarray) -> np.ndarray:
         # Outside autograd.record() Gluon runs in inference mode: dropout off.
-        return self.net(_on(inputs, self.ctx, self.input_dtype)).asnumpy()  # asnumpy waits for the device
+        outputs = _float32(self.net(_on(inputs, self.ctx, self.input_dtype)))
+        return outputs.asnumpy()  # asnumpy waits for the device
 
 
 class CnnCifar10(_SoftmaxClassifier):
@@ -288,7 +345,7 @@ class Resnet50Inference:
     def predict(self, images: np.ndarray) -> np.ndarray:
         # Outside autograd.record() Gluon runs in inference mode (batch-norm running statistics)
         # and records nothing for gradients.
-        return self.net(_on(images, self.ctx)).asnumpy()
+        return _float32(self.net(_on(images, self.ctx))).asnumpy()
 
 
 class GruNet(gluon.HybridBlock):
@@ -371,9 +428,10 @@ class Densenet121Xray:
         self.net.hybridize(static_alloc=True, static_shape=True)
         # Per example: the mean over the 14 labels of the sigmoid cross-entropy on logits.
         self.loss_fn = gluon.loss.SigmoidBinaryCrossEntropyLoss(from_sigmoid=False)
-        self.trainer = gluon.Trainer(self.net.collect_params(), "adam",
-                                     {"learning_rate": run.learning_rate, "beta1": 0.9, "beta2": 0.999,
-                                      "epsilon": 1e-8}, kvstore=_kvstore(run))
+        self.mixed = MixedPrecision(run)
+        self.trainer = self.mixed.trainer(self.net.collect_params(), "adam",
+                                          {"learning_rate": run.learning_rate, "beta1": 0.9, "beta2": 0.999,
+                                           "epsilon": 1e-8}, kvstore=_kvstore(run))
         self._last_losses: list[mx.nd.NDArray] = []
 
     def parameter_count(self) -> int:
@@ -385,9 +443,8 @@ class Densenet121Xray:
         xs = gluon.utils.split_and_load(images, self.contexts)
         ys = gluon.utils.split_and_load(labels, self.contexts)
         with autograd.record():
-            losses = [self.loss_fn(self.net(x), y) for x, y in zip(xs, ys)]
-        for loss in losses:
-            loss.backward()
+            losses = [self.loss_fn(_float32(self.net(x)), y) for x, y in zip(xs, ys)]
+            self.mixed.backward(losses, self.trainer)
         # The kvstore sums the replicas' gradients; 1/global batch makes them the mean loss's.
         self.trainer.step(images.shape[0])
         self._last_losses = losses
@@ -401,7 +458,7 @@ class Densenet121Xray:
         # A last test batch may be smaller than the replicas: as many slices as examples then.
         contexts = self.contexts[:len(images)]
         xs = gluon.utils.split_and_load(images, contexts, even_split=False)
-        return np.concatenate([mx.nd.sigmoid(self.net(x)).asnumpy() for x in xs])
+        return np.concatenate([mx.nd.sigmoid(_float32(self.net(x))).asnumpy() for x in xs])
 
     def input_pipeline(self, files, stored_size: int, batch_size: int, training: bool, seed: int):
         dataset = XrayImages(files, stored_size, self.input_size, training, seed)
