@@ -1,6 +1,7 @@
 """JAX: Flax NNX modules, optax optimisers, jax.jit-compiled steps over the modules' state (SPMD
 over a device mesh for data parallelism), and a Pillow thread pool for image files (JAX has no
-data loader)."""
+data loader). Mixed precision the Flax way: float32 parameters, modules computing in the
+``dtype`` they are given."""
 from __future__ import annotations
 
 import functools
@@ -16,14 +17,20 @@ import jaxlib
 import numpy as np
 import optax
 from flax import nnx
+from flax.training.dynamic_scale import DynamicScale
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
+from .. import precision
 from .. import weights as canonical
 from ..specs import RunOptions, TaskSpec
 
 if TYPE_CHECKING:  # for annotations only: the bench's data module is not imported at run time
     from ..data import ImageFiles
+
+# Flax's mixed precision runs wherever XLA compiles the compute dtype: bfloat16 on CPUs, both
+# 16-bit types on GPUs.
+PRECISIONS = {"cpu": ("fp32", "bf16"), "gpu": ("fp32", "tf32", "fp16", "bf16")}
 
 
 def _cuda_versions() -> tuple[str | None, str | None]:
@@ -42,9 +49,27 @@ def _xla_threads() -> int | None:
     return int(found.group(1)) if found else None
 
 
+def _xla_autotuner(run: RunOptions) -> bool | None:
+    """Whether XLA autotunes its GPU kernels (cuDNN convolutions, GEMMs): on unless XLA_FLAGS sets
+    --xla_gpu_autotune_level=0; None on CPU, which has no autotuner."""
+    if run.device != "gpu":
+        return None
+    found = re.search(r"xla_gpu_autotune_level=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    return found is None or int(found.group(1)) > 0
+
+
+def _xla_tf32(run: RunOptions) -> bool | None:
+    """Whether XLA may run float32 convolutions and matrix products in TF32 on GPU: at every
+    default precision but "highest" (XLA's own default, None, included); None on CPU."""
+    if run.device != "gpu":
+        return None
+    return jax.lax.Precision(jax.config.jax_default_matmul_precision) is not jax.lax.Precision.HIGHEST
+
+
 def describe(run: RunOptions) -> dict:
     on_gpu = run.device == "gpu"
     cuda, cudnn = _cuda_versions() if on_gpu else (None, None)
+    tf32 = _xla_tf32(run)
     return {
         "framework": "jax",
         "framework_version": jax.__version__,
@@ -53,12 +78,14 @@ def describe(run: RunOptions) -> dict:
         "interop_threads": None,
         "cuda": cuda,
         "cudnn": cudnn,  # the same number as PyTorch's, e.g. "91002"
+        "math_modes": precision.math_modes(
+            run.precision, tf32_matmul=tf32, tf32_convolutions=tf32,
+            loss_scaling="dynamic" if run.precision == "fp16" else None,
+            autotuner=_xla_autotuner(run), xla=True),
         "framework_settings": {
             "flax_version": flax.__version__,
             "optax_version": optax.__version__,
             "jaxlib_version": jaxlib.__version__,
-            # None: XLA's default, which runs fp32 products in TF32 on Ampere and newer GPUs.
-            "default_matmul_precision": jax.config.jax_default_matmul_precision,
             "platform": _jax_devices(run)[0].platform,
             "devices_visible": len(jax.devices(_platform(run))),
         },
@@ -70,10 +97,27 @@ def configure(run: RunOptions) -> None:
     # XLA reads its thread count (bench.environment.limit_threads) and, for a data-parallel CPU
     # cell, its number of CPU devices (expose_cpu_devices) from XLA_FLAGS, which the bench sets
     # before JAX is imported: nothing to do here for `threads` or `devices`. XLA autotunes its
-    # cuDNN convolutions on its own (no flag).
+    # GPU kernels unless XLA_FLAGS turns it off (--xla_gpu_autotune_level=0).
     # A CPU cell must not start the CUDA backend (which would take 75% of a GPU's memory).
     if run.device == "cpu":
         jax.config.update("jax_platforms", "cpu")
+    # XLA's default precision runs float32 convolutions and matrix products in TF32 on Ampere
+    # and newer GPUs; "highest" keeps them float32 (fp32, and the float32 parts of fp16 and
+    # bf16). It applies to 32-bit operands only: 16-bit layers keep their tensor-core math.
+    jax.config.update("jax_default_matmul_precision", "tensorfloat32" if run.precision == "tf32" else "highest")
+
+
+def _compute_dtype(run: RunOptions) -> jnp.dtype | None:
+    """The dtype Flax modules compute in: float16 or bfloat16 under mixed precision (their
+    parameters stay float32), else None, Flax's default: the parameters' float32."""
+    return jnp.dtype(precision.COMPUTE_DTYPES[run.precision]) if precision.is_mixed(run.precision) else None
+
+
+def _dynamic_scale(run: RunOptions) -> DynamicScale | None:
+    """fp16's loss scale: Flax's DynamicScale, with its (and PyTorch's GradScaler's) defaults:
+    the scale starts at 2**16, halves when the gradients overflow, doubles after 2000 finite
+    steps. Its fields as arrays: NNX then carries them in the train state, not in the graph."""
+    return DynamicScale(fin_steps=jnp.int32(0), scale=jnp.float32(2.0 ** 16)) if run.precision == "fp16" else None
 
 
 def device_memory_peak(run: RunOptions) -> int | None:
@@ -102,17 +146,18 @@ def _jax_devices(run: RunOptions) -> list[jax.Device]:
     return devices[:run.devices]
 
 
-def _functional(model: nnx.Module, optimizer: nnx.Optimizer,
+def _functional(model: nnx.Module, optimizer: nnx.Optimizer, dynamic_scale: DynamicScale | None,
                 placement: jax.Device | NamedSharding) -> tuple[nnx.GraphDef, nnx.GraphDef, nnx.State]:
-    """Flax's functional API, for hot loops: the static structure of (model, optimiser) in
-    training mode and of the model in inference mode, and all their arrays as one pytree put on
-    the device(s). nnx.jit would walk the module graph in Python on every call (tens of
-    milliseconds for ResNet-50, more than a GPU step); jax.jit over (graphdef, state) does not.
-    The module objects keep their initial arrays; training advances the returned state."""
+    """Flax's functional API, for hot loops: the static structure of (model, optimiser, fp16's
+    loss scale or None) in training mode and of the model in inference mode, and all their
+    arrays as one pytree put on the device(s). nnx.jit would walk the module graph in Python on
+    every call (tens of milliseconds for ResNet-50, more than a GPU step); jax.jit over
+    (graphdef, state) does not. The module objects keep their initial arrays; training advances
+    the returned state."""
     model.eval()  # dropout off, batch norm on running statistics
     inference = nnx.graphdef(model)
     model.train()
-    training, state = nnx.split((model, optimizer))
+    training, state = nnx.split((model, optimizer, dynamic_scale))
     return training, inference, jax.device_put(state, placement)
 
 
@@ -134,20 +179,49 @@ def _multilabel_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames="loss_fn", donate_argnames="state")
 def _train_step(graph: nnx.GraphDef, state: nnx.State, inputs: jax.Array, labels: jax.Array,
                 loss_fn: Callable[[jax.Array, jax.Array], jax.Array]) -> tuple[jax.Array, nnx.State]:
-    model, optimizer = nnx.merge(graph, state)
+    model, optimizer, dynamic_scale = nnx.merge(graph, state)
 
     def model_loss(model: nnx.Module) -> jax.Array:
-        return loss_fn(model(inputs), labels)
+        # float32 logits: under mixed precision the softmax or sigmoid and the loss stay float32
+        return loss_fn(model(inputs).astype(jnp.float32), labels)
 
-    loss, grads = nnx.value_and_grad(model_loss)(model)
-    optimizer.update(model, grads)  # updates the merged model's parameters in place
-    return loss, nnx.state((model, optimizer))
+    if dynamic_scale is None:
+        loss, grads = nnx.value_and_grad(model_loss)(model)
+        optimizer.update(model, grads)  # updates the merged model's parameters in place
+    else:
+        loss, dynamic_scale = _loss_scaled_update(model, optimizer, dynamic_scale, model_loss)
+    return loss, nnx.state((model, optimizer, dynamic_scale))
+
+
+def _loss_scaled_update(model: nnx.Module, optimizer: nnx.Optimizer, dynamic_scale: DynamicScale,
+                        model_loss: Callable[[nnx.Module], jax.Array]) -> tuple[jax.Array, DynamicScale]:
+    """fp16's step: the loss scaled up, so that small gradients do not flush to zero in float16,
+    the gradients scaled back; a step whose gradients overflowed leaves the parameters and the
+    optimiser state as they were. Returns the loss and the updated scale. DynamicScale wraps
+    jax.value_and_grad: it differentiates the parameters as a pytree, and the rest of the model's
+    state (batch statistics, dropout keys), which the forward pass advances, comes out as aux."""
+    graph, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def params_loss(params: nnx.State) -> tuple[jax.Array, nnx.State]:
+        # Copies: NNX lets a trace update (batch statistics, dropout counts) only variables made in it.
+        model = nnx.merge(graph, params, rest, copy=True)
+        return model_loss(model), nnx.state(model, nnx.Not(nnx.Param))
+
+    dynamic_scale, finite, (loss, advanced), grads = dynamic_scale.value_and_grad(params_loss, has_aux=True)(params)
+    nnx.update(model, advanced)
+    trained = nnx.Any(nnx.Param, nnx.OptState)
+    before = nnx.as_pure(nnx.state((model, optimizer), trained))  # the arrays: the update mutates the variables
+    optimizer.update(model, grads)
+    after = nnx.as_pure(nnx.state((model, optimizer), trained))
+    # A select, not a conditional: XLA runs conditionals slowly on GPUs (Flax's advice).
+    nnx.update((model, optimizer), jax.tree.map(functools.partial(jnp.where, finite), after, before))
+    return loss, dynamic_scale
 
 
 @functools.partial(jax.jit, static_argnames="activation")
 def _predict(graph: nnx.GraphDef, state: nnx.State, inputs: jax.Array,
              activation: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
-    outputs = nnx.merge(graph, state)(inputs)
+    outputs = nnx.merge(graph, state)(inputs).astype(jnp.float32)  # float32 also from 16-bit layers
     return outputs if activation is None else activation(outputs)
 
 
@@ -159,12 +233,12 @@ def _finished_loss(loss: jax.Array, state: nnx.State) -> float:
 
 
 class CnnCifar10Net(nnx.Module):
-    def __init__(self, spec: TaskSpec, rngs: nnx.Rngs):
+    def __init__(self, spec: TaskSpec, dtype: jnp.dtype | None, rngs: nnx.Rngs):
         channels = spec.input_shape[0]
         conv = dict(kernel_size=(3, 3), padding="SAME", kernel_init=nnx.initializers.glorot_uniform(),
-                    bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+                    bias_init=nnx.initializers.zeros_init(), dtype=dtype, rngs=rngs)
         dense = dict(kernel_init=nnx.initializers.glorot_uniform(),
-                     bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+                     bias_init=nnx.initializers.zeros_init(), dtype=dtype, rngs=rngs)
         self.conv1 = nnx.Conv(channels, 50, **conv)
         self.conv2 = nnx.Conv(50, 50, **conv)
         self.dropout1 = nnx.Dropout(0.25, rngs=rngs)
@@ -196,7 +270,8 @@ class _SoftmaxClassifier:
         self.model = model
         optimizer = nnx.Optimizer(self.model, transform, wrt=nnx.Param)
         # Dropout is on in the training graph, off in the inference graph.
-        self._training, self._inference, self._state = _functional(self.model, optimizer, self.device)
+        self._training, self._inference, self._state = _functional(self.model, optimizer, _dynamic_scale(run),
+                                                                   self.device)
         self._last_loss: jax.Array | None = None
 
     def parameter_count(self) -> int:
@@ -222,7 +297,7 @@ class CnnCifar10(_SoftmaxClassifier):
     layout = "NHWC"
 
     def __init__(self, spec: TaskSpec, run: RunOptions):
-        super().__init__(run, CnnCifar10Net(spec, nnx.Rngs(run.seed)),
+        super().__init__(run, CnnCifar10Net(spec, _compute_dtype(run), nnx.Rngs(run.seed)),
                          optax.sgd(spec.learning_rate, momentum=spec.momentum))
 
 
@@ -231,17 +306,20 @@ _he_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
 def _conv(in_features: int, out_features: int, kernel: int, stride: int = 1, *,
-          rngs: nnx.Rngs) -> nnx.Conv:
+          dtype: jnp.dtype | None, rngs: nnx.Rngs) -> nnx.Conv:
     """A bias-free convolution padded like PyTorch's: kernel // 2 on every side. (XLA's "SAME"
     pads a stride-2 convolution asymmetrically, which would shift every output.)"""
     pad = kernel // 2
     return nnx.Conv(in_features, out_features, (kernel, kernel), strides=stride,
-                    padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=_he_normal, rngs=rngs)
+                    padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=_he_normal, dtype=dtype,
+                    rngs=rngs)
 
 
-def _batch_norm(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
+def _batch_norm(features: int, dtype: jnp.dtype | None, rngs: nnx.Rngs) -> nnx.BatchNorm:
     # PyTorch's momentum 0.1 (weight of the new batch) is Flax's 0.9 (weight of the old average).
-    return nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, rngs=rngs)
+    # Under mixed precision Flax computes the batch statistics in float32 and keeps the running
+    # ones in float32; only the normalised output is in the compute dtype.
+    return nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs)
 
 
 def _max_pool(x: jax.Array) -> jax.Array:
@@ -252,12 +330,14 @@ def _max_pool(x: jax.Array) -> jax.Array:
 class Bottleneck(nnx.Module):
     """ResNet v1.5 bottleneck: the stride sits on the 3×3 convolution; no convolution biases."""
 
-    def __init__(self, channels: int, width: int, stride: int, rngs: nnx.Rngs):
+    def __init__(self, channels: int, width: int, stride: int, dtype: jnp.dtype | None, rngs: nnx.Rngs):
         out = width * canonical.RESNET50_EXPANSION
-        self.conv1, self.bn1 = _conv(channels, width, 1, rngs=rngs), _batch_norm(width, rngs)
-        self.conv2, self.bn2 = _conv(width, width, 3, stride, rngs=rngs), _batch_norm(width, rngs)
-        self.conv3, self.bn3 = _conv(width, out, 1, rngs=rngs), _batch_norm(out, rngs)
-        self.downsample = (nnx.Sequential(_conv(channels, out, 1, stride, rngs=rngs), _batch_norm(out, rngs))
+        self.conv1, self.bn1 = _conv(channels, width, 1, dtype=dtype, rngs=rngs), _batch_norm(width, dtype, rngs)
+        self.conv2 = _conv(width, width, 3, stride, dtype=dtype, rngs=rngs)
+        self.bn2 = _batch_norm(width, dtype, rngs)
+        self.conv3, self.bn3 = _conv(width, out, 1, dtype=dtype, rngs=rngs), _batch_norm(out, dtype, rngs)
+        self.downsample = (nnx.Sequential(_conv(channels, out, 1, stride, dtype=dtype, rngs=rngs),
+                                          _batch_norm(out, dtype, rngs))
                            if stride != 1 or channels != out else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -271,14 +351,14 @@ class Resnet50(nnx.Module):
     """ResNet-50 v1.5 up to global average pooling; attribute names follow torchvision's, which
     are the canonical weights file's."""
 
-    def __init__(self, rngs: nnx.Rngs):
-        self.conv1, self.bn1 = _conv(3, 64, 7, 2, rngs=rngs), _batch_norm(64, rngs)
+    def __init__(self, dtype: jnp.dtype | None, rngs: nnx.Rngs):
+        self.conv1, self.bn1 = _conv(3, 64, 7, 2, dtype=dtype, rngs=rngs), _batch_norm(64, dtype, rngs)
         channels = 64
         for stage, (width, blocks) in enumerate(canonical.RESNET50_STAGES, start=1):
             stride = 1 if stage == 1 else 2
             layers = []
             for block in range(blocks):
-                layers.append(Bottleneck(channels, width, stride if block == 0 else 1, rngs))
+                layers.append(Bottleneck(channels, width, stride if block == 0 else 1, dtype, rngs))
                 channels = width * canonical.RESNET50_EXPANSION
             setattr(self, f"layer{stage}", nnx.Sequential(*layers))
 
@@ -309,7 +389,7 @@ class Resnet50Inference:
         self.device = _jax_devices(run)[0]
         # NHWC is XLA's native image layout; on GPU XLA's layout assignment picks cuDNN's.
         self.layout = "NHWC"
-        self.model = Resnet50(nnx.Rngs(run.seed))
+        self.model = Resnet50(_compute_dtype(run), nnx.Rngs(run.seed))
         if run.weights:
             _load_canonical(self.model, canonical.load(run.weights, canonical.resnet50_shapes()))
         self.model.eval()  # batch norm on its running statistics
@@ -331,11 +411,14 @@ GRU_EMBEDDING, GRU_UNITS = 125, 100
 class GruImdbNet(nnx.Module):
     # JAX has no cuDNN GRU (jax.experimental.rnn wraps cuDNN's LSTM only): the recurrence is an
     # XLA scan of GRUCell steps, on GPU as on CPU.
-    def __init__(self, spec: TaskSpec, rngs: nnx.Rngs):
+    def __init__(self, spec: TaskSpec, dtype: jnp.dtype | None, rngs: nnx.Rngs):
+        # A lookup, with no arithmetic to speed up: it stays float32 under mixed precision, and so
+        # does its gradient's scatter-add over repeated tokens; the GRU casts what it reads.
         self.embedding = nnx.Embed(spec.vocabulary, GRU_EMBEDDING, rngs=rngs)
-        # Time-major: the scan steps over the leading axis, so no activation is transposed.
-        self.gru = nnx.RNN(nnx.GRUCell(GRU_EMBEDDING, GRU_UNITS, rngs=rngs), time_major=True)
-        self.dense = nnx.Linear(GRU_UNITS, spec.num_classes, rngs=rngs)  # logits: softmax in the loss
+        # Time-major: the scan steps over the leading axis, so no activation is transposed. The
+        # carry starts in the parameters' float32, and stays so under mixed precision.
+        self.gru = nnx.RNN(nnx.GRUCell(GRU_EMBEDDING, GRU_UNITS, dtype=dtype, rngs=rngs), time_major=True)
+        self.dense = nnx.Linear(GRU_UNITS, spec.num_classes, dtype=dtype, rngs=rngs)  # logits: softmax in the loss
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         x = self.embedding(tokens.T)  # ids (N, T) -> (T, N): transposing ints is the cheap place
@@ -350,7 +433,7 @@ class GruImdb(_SoftmaxClassifier):
     layout = "TNC"
 
     def __init__(self, spec: TaskSpec, run: RunOptions):
-        super().__init__(run, GruImdbNet(spec, nnx.Rngs(run.seed)),
+        super().__init__(run, GruImdbNet(spec, _compute_dtype(run), nnx.Rngs(run.seed)),
                          optax.adam(run.learning_rate, b1=0.9, b2=0.999, eps=1e-8))
 
 
@@ -361,10 +444,11 @@ DENSENET121_BLOCKS, DENSENET_GROWTH, DENSENET_BOTTLENECK, DENSENET_STEM = (6, 12
 class DenseLayer(nnx.Module):
     """BN-ReLU-conv 1×1 (bottleneck), BN-ReLU-conv 3×3 (growth); its output joins its input."""
 
-    def __init__(self, channels: int, rngs: nnx.Rngs):
-        self.norm1, self.conv1 = _batch_norm(channels, rngs), _conv(channels, DENSENET_BOTTLENECK, 1, rngs=rngs)
-        self.norm2 = _batch_norm(DENSENET_BOTTLENECK, rngs)
-        self.conv2 = _conv(DENSENET_BOTTLENECK, DENSENET_GROWTH, 3, rngs=rngs)
+    def __init__(self, channels: int, dtype: jnp.dtype | None, rngs: nnx.Rngs):
+        self.norm1 = _batch_norm(channels, dtype, rngs)
+        self.conv1 = _conv(channels, DENSENET_BOTTLENECK, 1, dtype=dtype, rngs=rngs)
+        self.norm2 = _batch_norm(DENSENET_BOTTLENECK, dtype, rngs)
+        self.conv2 = _conv(DENSENET_BOTTLENECK, DENSENET_GROWTH, 3, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = self.conv1(nnx.relu(self.norm1(x)))
@@ -375,27 +459,30 @@ class DenseLayer(nnx.Module):
 class Transition(nnx.Module):
     """BN-ReLU-conv 1×1 to half the channels, then 2×2/2 average pooling."""
 
-    def __init__(self, channels: int, rngs: nnx.Rngs):
-        self.norm, self.conv = _batch_norm(channels, rngs), _conv(channels, channels // 2, 1, rngs=rngs)
+    def __init__(self, channels: int, dtype: jnp.dtype | None, rngs: nnx.Rngs):
+        self.norm = _batch_norm(channels, dtype, rngs)
+        self.conv = _conv(channels, channels // 2, 1, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return nnx.avg_pool(self.conv(nnx.relu(self.norm(x))), (2, 2), strides=(2, 2))
 
 
 class DenseNet121(nnx.Module):
-    def __init__(self, spec: TaskSpec, rngs: nnx.Rngs):
-        self.conv0, self.norm0 = _conv(3, DENSENET_STEM, 7, 2, rngs=rngs), _batch_norm(DENSENET_STEM, rngs)
+    def __init__(self, spec: TaskSpec, dtype: jnp.dtype | None, rngs: nnx.Rngs):
+        self.conv0 = _conv(3, DENSENET_STEM, 7, 2, dtype=dtype, rngs=rngs)
+        self.norm0 = _batch_norm(DENSENET_STEM, dtype, rngs)
         layers, channels = [], DENSENET_STEM
         for index, count in enumerate(DENSENET121_BLOCKS):
             for _ in range(count):
-                layers.append(DenseLayer(channels, rngs))
+                layers.append(DenseLayer(channels, dtype, rngs))
                 channels += DENSENET_GROWTH
             if index < len(DENSENET121_BLOCKS) - 1:
-                layers.append(Transition(channels, rngs))
+                layers.append(Transition(channels, dtype, rngs))
                 channels //= 2
         self.blocks = nnx.Sequential(*layers)
-        self.norm5 = _batch_norm(channels, rngs)
-        self.classifier = nnx.Linear(channels, spec.num_classes, rngs=rngs)  # logits: sigmoid in the loss
+        self.norm5 = _batch_norm(channels, dtype, rngs)
+        # Logits: the sigmoid lives in the loss.
+        self.classifier = nnx.Linear(channels, spec.num_classes, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = _max_pool(nnx.relu(self.norm0(self.conv0(x))))
@@ -424,7 +511,7 @@ class Densenet121Xray:
         self.layout = "NHWC"
         self.input_size = run.input_shape[-1]
         self.replicas = run.devices
-        self.model = DenseNet121(spec, nnx.Rngs(run.seed))
+        self.model = DenseNet121(spec, _compute_dtype(run), nnx.Rngs(run.seed))
         optimizer = nnx.Optimizer(self.model, optax.adam(run.learning_rate), wrt=nnx.Param)
         if run.devices == 1:
             self._batch_placement: jax.Device | NamedSharding = devices[0]
@@ -438,7 +525,8 @@ class Densenet121Xray:
             self._batch_placement = NamedSharding(mesh, PartitionSpec("data"))
             state_placement = NamedSharding(mesh, PartitionSpec())
         # Batch norm uses batch statistics in the training graph, running ones in inference.
-        self._training, self._inference, self._state = _functional(self.model, optimizer, state_placement)
+        self._training, self._inference, self._state = _functional(self.model, optimizer, _dynamic_scale(run),
+                                                                   state_placement)
         self._last_loss: jax.Array | None = None
 
     def parameter_count(self) -> int:
