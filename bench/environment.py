@@ -34,7 +34,10 @@ def expose_cpu_devices(devices: int) -> None:
 
 
 def _add_xla_flags(*flags: str) -> None:
-    os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS")] + list(flags)))
+    tokens = (os.environ.get("XLA_FLAGS") or "").split() + list(flags)
+    # XLA reads no --flag after a bare token (intra_op_parallelism_threads=N): flags go first.
+    ordered = [t for t in tokens if t.startswith("--")] + [t for t in tokens if not t.startswith("--")]
+    os.environ["XLA_FLAGS"] = " ".join(ordered)
 
 
 # The variables an MPI launcher sets to each process's rank: Open MPI, then PMIx and MPICH/Hydra.

@@ -3,10 +3,12 @@ whose framework cannot start is still recorded, once, by MPI rank 0 only."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from bench import __main__ as bench_main
+from bench import environment
 from bench.environment import mpi_rank
 
 
@@ -39,3 +41,13 @@ def test_other_mpi_ranks_write_no_result(tmp_path, monkeypatch):
     out = tmp_path / "cell.json"
     assert bench_main.main(arguments(out)) == 1
     assert not out.exists()
+
+
+def test_xla_flags_come_before_the_bare_thread_count_xla_stops_reading_at(monkeypatch):
+    for name in environment.THREAD_VARIABLES:
+        monkeypatch.setenv(name, "0")  # restored after the test, as XLA_FLAGS is
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    environment.limit_threads(2)
+    environment.expose_cpu_devices(2)
+    assert os.environ["XLA_FLAGS"] == ("--xla_dump_to=/tmp/x --xla_cpu_multi_thread_eigen=false "
+                                       "--xla_force_host_platform_device_count=2 intra_op_parallelism_threads=2")
