@@ -3,7 +3,8 @@ compile() and train_on_batch() / predict_on_batch(), on the backend that KERAS_B
 (tensorflow, jax or torch); the loader sets it before this import. DenseNet-121 runs
 data-parallel with each backend's standard mechanism: tf.distribute.MirroredStrategy on
 TensorFlow, keras.distribution.DataParallel on JAX; Keras has none for torch. Images come
-from a keras.utils.PyDataset that decodes with keras.utils.load_img (Pillow)."""
+from a keras.utils.PyDataset that decodes with keras.utils.load_img (Pillow). Mixed precision
+with Keras's dtype policies, on every backend."""
 from __future__ import annotations
 
 import collections
@@ -16,6 +17,7 @@ from typing import Callable, Iterator
 import keras
 import numpy as np
 
+from .. import precision
 from .. import weights as canonical
 from ..data import ImageFiles
 from ..specs import RunOptions, TaskSpec, Unsupported
@@ -30,20 +32,16 @@ CPU_LAYOUTS = {"tensorflow": "NHWC", "jax": "NHWC", "torch": "NHWC"}
 # outside compile()/train_on_batch(), so it is PyTorch's mechanism, not Keras's.
 TORCH_DATA_PARALLEL = ("Keras 3 has no data-parallel mechanism for the torch backend "
                        "(its distribution API is JAX-only)")
+# Keras's mixed_bfloat16 policy runs on the CPU on every backend; float16 is a GPU format.
+PRECISIONS = {"cpu": ("fp32", "bf16"), "gpu": ("fp32", "tf32", "fp16", "bf16")}
+# Float32 variables, layers computing in the 16-bit type; other precisions keep "float32".
+DTYPE_POLICIES = {"fp16": "mixed_float16", "bf16": "mixed_bfloat16"}
 
 
 def describe(run: RunOptions) -> dict:
     on_gpu = run.device == "gpu"
     cuda, cudnn = _cuda_cudnn() if on_gpu else (None, None)
-    settings = {
-        "keras_version": keras.__version__,
-        "backend": BACKEND,
-        "backend_version": _backend_module().__version__,
-        "jit_compile": _jit_compile(run),
-        "data_parallel": _data_parallel_mechanism(run),
-    }
-    if BACKEND == "torch":
-        settings["cudnn_benchmark"] = _backend_module().backends.cudnn.benchmark
+    tf32_matmul, tf32_convolutions = _tf32_in_force() if on_gpu else (None, None)
     return {
         "framework": f"keras-{BACKEND}",
         "framework_version": keras.__version__,
@@ -51,11 +49,24 @@ def describe(run: RunOptions) -> dict:
         "interop_threads": _interop_threads(),
         "cuda": cuda,
         "cudnn": cudnn,
-        "framework_settings": settings,
+        "math_modes": precision.math_modes(
+            run.precision, tf32_matmul=tf32_matmul, tf32_convolutions=tf32_convolutions,
+            # compile() wraps the optimizer of a mixed_float16 model in a LossScaleOptimizer.
+            loss_scaling="dynamic" if keras.mixed_precision.global_policy().name == "mixed_float16" else None,
+            autotuner=_autotuner(run) if on_gpu else None,
+            xla=_jit_compile(run)),
+        "framework_settings": {
+            "keras_version": keras.__version__,
+            "backend": BACKEND,
+            "backend_version": _backend_module().__version__,
+            "data_parallel": _data_parallel_mechanism(run),
+        },
     }
 
 
 def configure(run: RunOptions) -> None:
+    # TF32 only in tf32 cells: fp32, and the float32 parts of fp16 and bf16, stay in full float32.
+    tf32 = run.precision == "tf32"
     if BACKEND == "tensorflow":
         tf = _backend_module()
         # Device options only apply before TensorFlow initialises its runtime: first.
@@ -74,6 +85,9 @@ def configure(run: RunOptions) -> None:
         if run.threads:
             tf.config.threading.set_intra_op_parallelism_threads(run.threads)
             tf.config.threading.set_inter_op_parallelism_threads(run.threads)
+        # TensorFlow's default runs float32 matrix products and convolutions in TF32 on Ampere
+        # and newer.
+        tf.config.experimental.enable_tensor_float_32_execution(tf32)
     elif BACKEND == "torch":
         torch = _backend_module()
         if run.threads:
@@ -81,11 +95,23 @@ def configure(run: RunOptions) -> None:
             torch.set_num_interop_threads(run.threads)
         # The cuDNN autotuner picks the fastest convolution algorithm for fixed shapes.
         torch.backends.cudnn.benchmark = run.device == "gpu"
-    elif run.device == "cpu":
-        # XLA reads its thread count (and, for several devices, the CPU device count) from
-        # XLA_FLAGS, which the bench sets before JAX is imported. A CPU cell must not start
-        # JAX's CUDA backend (which would take 75% of a GPU's memory).
-        _backend_module().config.update("jax_platforms", "cpu")
+        # torch's default lets cuDNN convolutions use TF32 but not matrix products. These flags
+        # work without a warning on torch 2.7 to 2.13; the fp32_precision API of torch 2.9 and
+        # newer does not exist before it (and mixing the two warns).
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    else:
+        jax = _backend_module()
+        # The precision of products and convolutions of float32 operands (16-bit ones keep
+        # theirs): XLA's default takes TF32 on Ampere and newer, "highest" is full float32.
+        jax.config.update("jax_default_matmul_precision", "tensorfloat32" if tf32 else "highest")
+        if run.device == "cpu":
+            # XLA reads its thread count (and, for several devices, the CPU device count) from
+            # XLA_FLAGS, which the bench sets before JAX is imported. A CPU cell must not start
+            # JAX's CUDA backend (which would take 75% of a GPU's memory).
+            jax.config.update("jax_platforms", "cpu")
+    # Every layer built from now on keeps float32 variables and computes in the policy's dtype;
+    # losses compute in float32 whatever the outputs' dtype.
+    keras.mixed_precision.set_global_policy(DTYPE_POLICIES.get(run.precision, "float32"))
     keras.utils.set_random_seed(run.seed)  # Python, numpy and the backend's generators
 
 
@@ -151,6 +177,32 @@ def _cuda_cudnn() -> tuple[str | None, str | None]:
         return f"{runtime // 1000}.{runtime % 1000 // 10}", str(cuda_versions.cudnn_get_version())
     except Exception:  # a CPU-only jaxlib has no CUDA plugin
         return None, None
+
+
+def _tf32_in_force() -> tuple[bool, bool]:
+    """Whether the backend lets float32 matrix products, and convolutions, run in TF32."""
+    module = _backend_module()
+    if BACKEND == "torch":
+        return module.backends.cuda.matmul.allow_tf32, module.backends.cudnn.allow_tf32
+    if BACKEND == "tensorflow":
+        enabled = module.config.experimental.tensor_float_32_execution_enabled()
+        return enabled, enabled
+    # One setting for both; unset ("default") is XLA's default, which takes TF32.
+    enabled = module.config.jax_default_matmul_precision in (None, "default", "tensorfloat32")
+    return enabled, enabled
+
+
+def _autotuner(run: RunOptions) -> bool:
+    """Whether convolution algorithms are picked by timing them on the GPU: torch's cuDNN
+    benchmark flag; for a model XLA compiles, XLA's autotuner (on unless XLA_FLAGS sets
+    --xla_gpu_autotune_level=0); otherwise TensorFlow's cuDNN autotuner (on unless
+    TF_CUDNN_USE_AUTOTUNE=0)."""
+    if BACKEND == "torch":
+        return _backend_module().backends.cudnn.benchmark
+    if _jit_compile(run):
+        found = re.search(r"--xla_gpu_autotune_level=(\d+)", os.environ.get("XLA_FLAGS", ""))
+        return found is None or int(found.group(1)) > 0
+    return os.environ.get("TF_CUDNN_USE_AUTOTUNE", "1").lower() not in ("0", "false")
 
 
 def _jit_compile(run: RunOptions) -> bool:
@@ -267,8 +319,9 @@ class _SoftmaxClassifier:
 
     def predict(self, inputs: np.ndarray) -> np.ndarray:
         with keras.device(self.device):
-            # predict_on_batch runs the model with training=False (dropout off) and returns numpy.
-            return np.asarray(self.model.predict_on_batch(inputs))
+            # predict_on_batch runs the model with training=False (dropout off) and returns numpy
+            # in the compute dtype.
+            return np.asarray(self.model.predict_on_batch(inputs), dtype=np.float32)
 
 
 class CnnCifar10(_SoftmaxClassifier):
@@ -370,8 +423,8 @@ class Resnet50Inference:
     def predict(self, images: np.ndarray) -> np.ndarray:
         with keras.device(self.device):
             # Inference mode (batch norm on its moving statistics), no gradients; the numpy
-            # result is the read-back that waits for the device.
-            return np.asarray(self.model.predict_on_batch(images))
+            # result (in the compute dtype) is the read-back that waits for the device.
+            return np.asarray(self.model.predict_on_batch(images), dtype=np.float32)
 
 
 def build_gru_imdb(spec: TaskSpec) -> keras.Sequential:
@@ -559,8 +612,8 @@ class Densenet121Xray:
     def predict(self, images: np.ndarray) -> np.ndarray:
         with self._placement():
             # Inference mode (batch norm on its moving statistics); the replicas' outputs
-            # come back concatenated in order.
-            logits = np.asarray(self.model.predict_on_batch(self._per_replica(images)))
+            # come back concatenated in order. The sigmoid in float32, as the loss's.
+            logits = np.asarray(self.model.predict_on_batch(self._per_replica(images)), dtype=np.float32)
         return _sigmoid(logits)
 
     def input_pipeline(self, files: ImageFiles, stored_size: int, batch_size: int, training: bool,

@@ -1,5 +1,6 @@
 """TensorFlow: tf.keras layers, a tf.function training step with tf.GradientTape, tf.data input
-pipelines and tf.distribute.MirroredStrategy for data-parallel training."""
+pipelines and tf.distribute.MirroredStrategy for data-parallel training; mixed precision with
+tf.keras's dtype policies and, for float16, its LossScaleOptimizer."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
+from .. import precision
 from .. import weights as canonical
 from ..specs import RunOptions, TaskSpec, Unsupported
 
@@ -17,21 +19,17 @@ GRU_UNITS = 100
 # torchvision's batch-norm epsilon (Keras's default is 1e-3).
 BATCH_NORM_EPSILON = 1e-5
 
+# Keras's mixed_bfloat16 policy runs on CPUs too (oneDNN, Eigen); float16 is a GPU format.
+PRECISIONS = {"cpu": ("fp32", "bf16"), "gpu": ("fp32", "tf32", "fp16", "bf16")}
+# Float32 variables, layers computing in the 16-bit type; other precisions keep "float32".
+DTYPE_POLICIES = {"fp16": "mixed_float16", "bf16": "mixed_bfloat16"}
+
 
 def describe(run: RunOptions) -> dict:
     build = tf.sysconfig.get_build_info()
     on_gpu = run.device == "gpu"
-    settings = {
-        "keras_version": tf.keras.__version__,
-        # The devices TensorFlow sees: logical CPU devices, one per replica of a data-parallel
-        # CPU cell (configure() makes them), or the visible GPUs.
-        "devices": [device.name for device in tf.config.list_logical_devices("GPU" if on_gpu else "CPU")],
-    }
-    if on_gpu:
-        # TensorFlow autotunes cuDNN convolutions unless TF_CUDNN_USE_AUTOTUNE=0, and runs fp32
-        # matmuls and convolutions in TF32 on Ampere and newer unless told otherwise.
-        settings["cudnn_autotune"] = os.environ.get("TF_CUDNN_USE_AUTOTUNE", "1") not in ("0", "false")
-        settings["tf32"] = tf.config.experimental.tensor_float_32_execution_enabled()
+    # One switch for matrix products and convolutions alike.
+    tf32 = tf.config.experimental.tensor_float_32_execution_enabled() if on_gpu else None
     return {
         "framework": "tensorflow",
         "framework_version": tf.__version__,
@@ -40,7 +38,19 @@ def describe(run: RunOptions) -> dict:
         "interop_threads": tf.config.threading.get_inter_op_parallelism_threads(),
         "cuda": build.get("cuda_version") if on_gpu else None,
         "cudnn": build.get("cudnn_version") if on_gpu else None,
-        "framework_settings": settings,
+        "math_modes": precision.math_modes(
+            run.precision, tf32_matmul=tf32, tf32_convolutions=tf32,
+            loss_scaling="dynamic" if tf.keras.mixed_precision.global_policy().name == "mixed_float16" else None,
+            # TensorFlow autotunes cuDNN convolutions unless TF_CUDNN_USE_AUTOTUNE=0.
+            autotuner=os.environ.get("TF_CUDNN_USE_AUTOTUNE", "1").lower() not in ("0", "false") if on_gpu else None,
+            # The tf.functions are not jit-compiled; XLA only runs them if auto-clustering is on.
+            xla=bool(tf.config.optimizer.get_jit())),
+        "framework_settings": {
+            "keras_version": tf.keras.__version__,
+            # The devices TensorFlow sees: logical CPU devices, one per replica of a data-parallel
+            # CPU cell (configure() makes them), or the visible GPUs.
+            "devices": [device.name for device in tf.config.list_logical_devices("GPU" if on_gpu else "CPU")],
+        },
     }
 
 
@@ -61,6 +71,12 @@ def configure(run: RunOptions) -> None:
     if run.threads:
         tf.config.threading.set_intra_op_parallelism_threads(run.threads)
         tf.config.threading.set_inter_op_parallelism_threads(run.threads)
+    # TensorFlow runs float32 matrix products and convolutions in TF32 on Ampere and newer
+    # unless told otherwise: only tf32 cells do; fp32, and the float32 parts of fp16 and bf16,
+    # stay in full float32.
+    tf.config.experimental.enable_tensor_float_32_execution(run.precision == "tf32")
+    # Every layer built from now on keeps float32 variables and computes in the policy's dtype.
+    tf.keras.mixed_precision.set_global_policy(DTYPE_POLICIES.get(run.precision, "float32"))
     tf.keras.utils.set_random_seed(run.seed)
 
 
@@ -108,10 +124,29 @@ def _optimiser_step(model: tf.keras.Model, optimizer: tf.keras.optimizers.Optimi
                     loss_fn: Callable, inputs: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
     """Forward in training mode, gradients with tf.GradientTape, one update; the loss."""
     with tf.GradientTape() as tape:
+        # Keras losses compute in float32 whatever the dtype of the outputs.
         loss = loss_fn(labels, model(inputs, training=True))
-    gradients = tape.gradient(loss, model.trainable_variables)
+        # A LossScaleOptimizer (fp16) multiplies by its dynamic scale; other optimizers return
+        # the loss as it is.
+        scaled_loss = optimizer.scale_loss(loss)
+    gradients = tape.gradient(scaled_loss, model.trainable_variables)
+    # A LossScaleOptimizer unscales the gradients, and skips the step (halving its scale) when
+    # they overflowed.
     optimizer.apply_gradients(zip(gradients, model.trainable_variables))
     return loss
+
+
+def _with_loss_scaling(optimizer: tf.keras.optimizers.Optimizer) -> tf.keras.optimizers.Optimizer:
+    """Under the mixed_float16 policy, the optimizer wrapped in a LossScaleOptimizer: dynamic
+    loss scaling keeps small float16 gradients from flushing to zero. Otherwise the optimizer."""
+    if tf.keras.mixed_precision.global_policy().name == "mixed_float16":
+        return tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def _float32(outputs: tf.Tensor) -> tf.Tensor:
+    """Model outputs (float16 or bfloat16 under a mixed policy) as float32."""
+    return tf.cast(outputs, tf.float32)
 
 
 def _adam(learning_rate: float) -> tf.keras.optimizers.Adam:
@@ -156,11 +191,11 @@ class _SoftmaxClassifier:
         with tf.device(self.device):
             self.model = build_model()
             self.loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-            self.optimizer = build_optimizer()
+            self.optimizer = _with_loss_scaling(build_optimizer())
         signature = [inputs, tf.TensorSpec((None,), tf.int32)]
         self._train_step = tf.function(
             lambda x, y: _optimiser_step(self.model, self.optimizer, self.loss_fn, x, y), input_signature=signature)
-        self._predict = tf.function(lambda x: self.model(x, training=False), input_signature=signature[:1])
+        self._predict = tf.function(lambda x: _float32(self.model(x, training=False)), input_signature=signature[:1])
         self._last_loss: tf.Tensor | None = None
 
     def parameter_count(self) -> int:
@@ -260,7 +295,7 @@ class Resnet50Inference:
         if run.weights:
             load_resnet50(self.model, run.weights)
         # Inference mode: batch norm uses its running statistics; no tape, so no gradients.
-        self._predict = tf.function(lambda x: self.model(x, training=False),
+        self._predict = tf.function(lambda x: _float32(self.model(x, training=False)),
                                     input_signature=[tf.TensorSpec((None, *shape), tf.float32)])
 
     def parameter_count(self) -> int:
@@ -321,14 +356,15 @@ class Densenet121Xray:
         shape = _image_shape(run.input_shape, "channels_last")
         with self.strategy.scope():  # variables mirrored on every replica
             self.model = build_densenet121(spec, shape)
-            self.optimizer = _adam(run.learning_rate)
-            # Its slots are created here, mirrored, not lazily inside a replica's step.
+            self.optimizer = _with_loss_scaling(_adam(run.learning_rate))
+            # Its slots (and loss scale) are created here, mirrored, not lazily inside a replica's step.
             self.optimizer.build(self.model.trainable_variables)
         # Per example: the mean over the 14 labels of sigmoid cross-entropy.
         self.per_example_loss = tf.keras.losses.BinaryCrossentropy(from_logits=True, reduction=None)
         signature = [tf.TensorSpec((None, *shape), tf.float32), tf.TensorSpec((None, spec.num_classes), tf.float32)]
         self._train_step = tf.function(self._distributed_step, input_signature=signature)
-        self._predict = tf.function(lambda x: tf.sigmoid(self.model(x, training=False)),
+        # The sigmoid in float32, as the loss's.
+        self._predict = tf.function(lambda x: tf.sigmoid(_float32(self.model(x, training=False))),
                                     input_signature=signature[:1])
         self._last_loss: tf.Tensor | None = None
 
