@@ -86,6 +86,7 @@ def test_every_framework_runs_every_task(tmp_path):
         assert result.env["framework"] == framework and result.env["framework_version"], where
         assert result.env["backend"] == "local" and result.env["bench_hash"] and result.env["gpu"] is None, where
         assert result.env["cells_at_once"] == 1, where  # no GPUs: one cell at a time
+        assert result.env["math_modes"]["compute_dtype"] == "float32" and result.cell.precision == "fp32", where
         step = result.metrics.step_time_s
         assert step.min <= step.median <= step.max, where
         assert result.metrics.throughput_per_s == pytest.approx(4 / step.median), where
@@ -115,6 +116,15 @@ def test_every_framework_runs_every_task(tmp_path):
 GRAPH_BUILDING = ("tensorflow", "keras-tensorflow", "keras-jax", "jax")
 
 
+# The frameworks with bfloat16 mixed precision on CPUs: their real-data cells train and score
+# in bf16 (the fp32 code paths run in the test above), the others in fp32.
+BF16_ON_CPU = ("pytorch", "tensorflow", "keras-tensorflow", "keras-jax", "keras-torch", "jax")
+
+
+def precision_of(framework: str) -> str:
+    return "bf16" if framework in BF16_ON_CPU else "fp32"
+
+
 def real_data_matrix(tmp_path, frameworks, devices_of) -> Path:
     """Full mode, one epoch, on small files in the official formats: Keras's imdb.npz, and a
     ChestX-ray14 folder read by each framework's own input pipeline (real CIFAR-10 batches:
@@ -123,10 +133,11 @@ def real_data_matrix(tmp_path, frameworks, devices_of) -> Path:
     write_imdb_npz(data_dir / "imdb.npz")
     write_chestxray14(data_dir / "chestxray14", train=16, test=8, size=40)
     exclude = "".join(f"    - {{framework: {f}, task: densenet121_xray, devices: {3 - devices_of(f)}}}\n"
+                      f"    - {{framework: {f}, precision: {'fp32' if precision_of(f) == 'bf16' else 'bf16'}}}\n"
                       for f in frameworks)
     return write_matrix(tmp_path / "m.yml", (
         f"matrix:\n  framework: [{', '.join(frameworks)}]\n  task: [gru_imdb, densenet121_xray]\n"
-        f"  gpu: [cpu]\n  devices: [1, 2]\n  exclude:\n{exclude}"
+        f"  gpu: [cpu]\n  devices: [1, 2]\n  precision: [fp32, bf16]\n  exclude:\n{exclude}"
         f"settings:\n  mode: full\n  data: real\n  data_dir: {data_dir}\n  epochs: 1\n  repeats: 1\n"
         f"  image_size: 32\n  batch_size: 4\n"))
 
@@ -142,6 +153,9 @@ def check_real_data_results(tmp_path, frameworks, devices_of) -> None:
             continue
         assert result.status == "ok", f"{framework} {task}: {result.error}"
         assert result.cell.data == "real" and result.cell.mode == "full"
+        assert result.cell.precision == precision_of(framework)
+        assert result.env["math_modes"]["compute_dtype"] == {"bf16": "bfloat16", "fp32": "float32"}[precision_of(framework)]
+        assert math.isfinite(result.metrics.loss_last)
         if task == "densenet121_xray":
             assert result.cell.devices == devices_of(framework) and result.settings.train_examples == 16
             assert 0.0 <= result.metrics.test_roc_auc.median <= 1.0
