@@ -58,19 +58,25 @@ def test_real_data_that_is_missing_fails_the_cell_with_a_clear_message(tmp_path)
 
 # Every framework that runs in a local environment (CNTK needs its own image).
 ALL = LOCAL_FRAMEWORKS
+# Their data-parallel CPU cells spend one to two minutes each building and compiling DenseNet-121
+# for two devices (MirroredStrategy, XLA): CI runs their real-data input pipelines on one device,
+# and `-m slow` runs the two-device cells.
+GRAPH_BUILDING = ("tensorflow", "keras-tensorflow", "keras-jax", "jax")
 TINY = ("  warmup_steps: 1\n  steps: 1\n  repeats: 1\n  image_size: 32\n  batch_size: 4\n")
 
 
 def every_task_matrix(settings: str, tasks=tuple(TASKS), devices=(1, 2)) -> str:
+    exclude = "".join(f"    - {{framework: {f}, task: densenet121_xray}}\n" for f in GRAPH_BUILDING)
     return (f"matrix:\n  framework: [{', '.join(ALL)}]\n  task: [{', '.join(tasks)}]\n  gpu: [cpu]\n"
-            f"  devices: [{', '.join(map(str, devices))}]\nsettings:\n{settings}")
+            f"  devices: [{', '.join(map(str, devices))}]\n  exclude:\n{exclude}settings:\n{settings}")
 
 
 @pytest.mark.timeout(3000)
 def test_every_framework_runs_every_task(tmp_path):
     """Synthetic data, throughput mode, tiny sizes, one device (the real-data test below runs
     the data-parallel task on two); ResNet-50 with one shared weights file, so every framework
-    must compute the same features."""
+    must compute the same features. DenseNet-121 of the graph-building frameworks trains in the
+    real-data test only: a minute of graph building each, for the same model."""
     weights_file = tmp_path / "resnet50.npz"
     np.savez(weights_file, **canonical.random_weights(canonical.resnet50_shapes(), seed=0))
     matrix = write_matrix(tmp_path / "m.yml", every_task_matrix(TINY + f"  weights: {weights_file}\n", devices=(1,)))
@@ -79,7 +85,8 @@ def test_every_framework_runs_every_task(tmp_path):
     loaded = load_results(tmp_path / "results" / "cells")
     assert not loaded.problems
     results = {(r.cell.framework, r.cell.task, r.cell.devices): r for _, r in loaded.results}
-    assert set(results) == {(f, task, 1) for f in ALL for task in TASKS}
+    assert set(results) == {(f, task, 1) for f in ALL for task in TASKS
+                            if not (f in GRAPH_BUILDING and task == "densenet121_xray")}
     for (framework, task, devices), result in results.items():
         where = f"{framework} {task}"
         assert result.status == "ok", f"{where}: {result.error}"
@@ -110,10 +117,6 @@ def test_every_framework_runs_every_task(tmp_path):
     assert "inputs 3×32×32" in tables and "inputs 150" in tables
 
 
-# Their data-parallel CPU cells spend one to two minutes each building and compiling DenseNet-121
-# for two devices (MirroredStrategy, XLA): CI runs their real-data input pipelines on one device,
-# and `-m slow` runs the two-device cells.
-GRAPH_BUILDING = ("tensorflow", "keras-tensorflow", "keras-jax", "jax")
 
 
 # The frameworks with bfloat16 mixed precision on CPUs: their real-data cells train and score

@@ -23,7 +23,7 @@ def test_digits_are_written_in_cifar10s_official_format(tmp_path):
 
 @pytest.mark.integration
 def test_every_framework_agrees_on_real_digits(tmp_path, capsys):
-    status = parity.main(["--epochs", "5", "--backend", "local", "--results", str(tmp_path / "parity")])
+    status = parity.main(["--epochs", "3", "--backend", "local", "--results", str(tmp_path / "parity")])
     out = capsys.readouterr().out
     assert status == 0, out
     assert f"parity: ok, {len(LOCAL_FRAMEWORKS)} frameworks agree within 0.05" in out
