@@ -126,10 +126,11 @@ def run(args: argparse.Namespace, spec: TaskSpec, settings: Settings, options: R
         environment.limit_threads(args.threads)  # before the framework starts its thread pools
     if args.device == "cpu" and options.devices > 1:
         environment.expose_cpu_devices(options.devices)
-    nvml = environment.import_nvml() if args.device == "gpu" else None
+    nvml, gpu = None, {}  # type: Any, Dict[str, Any]
     if args.device == "gpu":
         precision.set_tf32_override(options.precision)  # before the framework loads cuBLAS and cuDNN
-    gpu = environment.gpu_info(nvml, os.environ.get("CUDA_VISIBLE_DEVICES")) or {}
+        nvml = environment.import_nvml()
+        gpu = environment.gpu_info(nvml, os.environ.get("CUDA_VISIBLE_DEVICES")) or {}
     framework = frameworks.load(args.framework)
     precision.check(args.framework, framework.PRECISIONS, options.precision, args.device,
                     gpu.get("compute_capability"))
