@@ -7,6 +7,17 @@ import socket
 from typing import Optional
 
 
+# Set to "cpu" by tests of the harness's GPU paths on hosts without a GPU: GPU cells then
+# compute on the CPU, in the CPU environment, and their results say so; everything around
+# the bench (placement, GPU requests, CUDA_VISIBLE_DEVICES, collection) is the real path.
+GPU_STAND_IN = "DLBENCH_GPU_STAND_IN"
+
+
+def compute_device(device: str) -> str:
+    """Where a cell of ``device`` computes: the device itself, or the CPU standing in for a GPU."""
+    return "cpu" if device == "gpu" and os.environ.get(GPU_STAND_IN) == "cpu" else device
+
+
 def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 

@@ -23,7 +23,10 @@ from ruamel.yaml.error import MarkedYAMLError
 from bench.precision import PRECISIONS
 from bench.specs import FRAMEWORK_GROUPS, FRAMEWORKS, INFER, TASKS
 
-from .gpus import Gpu, matches, names_model
+from .gpus import names_model
+
+if typing.TYPE_CHECKING:
+    from .backends.base import Inventory
 
 AXES = ("framework", "task", "gpu", "cuda", "threads", "devices", "precision")
 
@@ -39,6 +42,9 @@ Threads = typing.Union[Literal["auto"], typing.Annotated[int, Field(ge=1)]]
 Devices = typing.Annotated[int, Field(ge=1)]
 # fp32 (TF32 off), tf32, or mixed precision fp16 / bf16: bench/precision.py.
 Precision = Literal[PRECISIONS]  # type: ignore[valid-type]
+
+
+Model = typing.TypeVar("Model", bound=BaseModel)
 
 
 class MatrixError(Exception):
@@ -115,6 +121,8 @@ class MatrixFile(BaseModel):
 
     matrix: Axes
     settings: Settings = Settings()
+    # Options of the backend of that name, validated by it (Matrix.section): slurm's cluster options.
+    slurm: Optional[dict[str, Any]] = None
 
 
 @dataclass(frozen=True)
@@ -155,6 +163,15 @@ class Cell:
         return (f"{self.task}.{self.framework}.{gpu}.cuda-{self.cuda}.threads-{self.threads}"
                 f".devices-{self.devices}.{self.precision}.{digest}")
 
+    def to_dict(self) -> dict[str, Any]:
+        """The cell as JSON can carry it (to a cluster job); ``from_dict`` reads it back."""
+        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "settings"},
+                "settings": self.settings.model_dump()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Cell":
+        return cls(**{**values, "settings": Settings.model_validate(values["settings"])})
+
 
 @dataclass(frozen=True)
 class Matrix:
@@ -162,10 +179,10 @@ class Matrix:
     spec: MatrixFile
     document: Any  # the parsed YAML, which knows the line of every key
 
-    def cells(self, host_gpus: list[Gpu]) -> list[Cell]:
-        """Expand the matrix on this host: ``gpu: auto`` becomes each GPU model present here,
-        or ``cpu`` when there is none."""
-        local_models = sorted({gpu.name for gpu in host_gpus}) or ["cpu"]
+    def cells(self, inventory: Inventory) -> list[Cell]:
+        """Expand the matrix for a backend: ``gpu: auto`` becomes each GPU model the backend
+        offers (this host's, a cluster's GRES types), or ``cpu`` when there is none."""
+        local_models = inventory.names()
         cells: dict[str, Cell] = {}
         for combo in self._combinations():
             chosen = combo.axes
@@ -214,6 +231,16 @@ class Matrix:
                                          added, include.settings, included=True))
         return combos
 
+    def section(self, name: str, model: type[Model]) -> Model:
+        """The top-level block ``name`` (a backend's options) validated as ``model``; an empty
+        one when the file has none; problems are MatrixErrors with file:line."""
+        try:
+            return model.model_validate(getattr(self.spec, name) or {})
+        except ValidationError as error:
+            first = error.errors()[0]
+            raise MatrixError(_describe(self.path, self.document, {**first, "loc": (name, *first["loc"])},
+                                        MatrixFile, {name: model})) from None
+
 
 def _fitted(cell: Cell) -> Cell:
     """The cell as its task can run it: one device unless the task is data-parallel, the
@@ -260,18 +287,10 @@ class _Combo:
             self.settings = Settings.model_validate({**base, **settings.model_dump(exclude_unset=True)})
 
 
-def host_gpu_for(cell: Cell, host_gpus: list[Gpu]) -> list[Gpu]:
-    """The host GPUs that can run ``cell`` (empty for CPU cells)."""
-    return [gpu for gpu in host_gpus if cell.device == "gpu" and matches(cell.gpu, gpu)]
-
-
 def load(path: Path) -> Matrix:
     """Read and validate a matrix file; every problem is a MatrixError with file:line."""
     spec, document = load_yaml(Path(path), MatrixFile)
     return Matrix(Path(path), spec, document)
-
-
-Model = typing.TypeVar("Model", bound=BaseModel)
 
 
 def load_yaml(path: Path, model: type[Model]) -> tuple[Model, Any]:
@@ -305,13 +324,14 @@ def _plain(node: Any) -> Any:
     return node
 
 
-def _describe(path: Path, document: Any, error: dict, model: type[BaseModel]) -> str:
+def _describe(path: Path, document: Any, error: dict, model: type[BaseModel],
+              sections: dict[str, type[BaseModel]] | None = None) -> str:
     loc = tuple(part for part in error["loc"] if not _is_union_tag(part))
     where = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in loc).replace(".[", "[") or "(top)"
     line = _line_in(document, loc)
     kind = error["type"]
     if kind == "extra_forbidden":
-        allowed = ", ".join(_allowed_keys(loc[:-1], model))
+        allowed = ", ".join(_allowed_keys(loc[:-1], model, sections or {}))
         message = f"unknown key {loc[-1]!r}; allowed keys here: {allowed}"
     elif kind == "missing":
         message = f"required key {loc[-1]!r} is missing; add it"
@@ -353,8 +373,10 @@ def _line_in(node: Any, loc: tuple) -> int:
     return line
 
 
-def _allowed_keys(loc: tuple, model: Any) -> list[str]:
-    """Field names of the model at ``loc`` inside ``model``."""
+def _allowed_keys(loc: tuple, model: Any, sections: dict[str, type[BaseModel]]) -> list[str]:
+    """Field names of the model at ``loc`` inside ``model`` (or inside a section's own model)."""
+    if loc and loc[0] in sections:
+        model, loc = sections[loc[0]], loc[1:]
     for part in loc:
         if isinstance(part, int) or part not in getattr(model, "model_fields", {}):
             continue

@@ -1,20 +1,29 @@
 """Result files: the run folder's layout, schema validation, loading a folder of results."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterator
 
 import jsonschema
 
 from bench.result import SCHEMA_PATH, Result, Summary
 
 
+class FolderInUse(Exception):
+    """Another harness holds the results folder's lock."""
+
+
 @dataclass(frozen=True)
 class RunFolder:
-    """results/<run>/: cells/<cell id>.json, logs/<cell id>.log, tables/, and .staging/
-    where a cell writes before its result is checked and moved into cells/."""
+    """results/<run>/: cells/<cell id>.json, logs/<cell id>.log, tables/, .staging/ where a
+    cell writes before its result is checked and moved into cells/, and jobs/ where a cluster
+    backend keeps the jobs it submitted until their results are collected."""
 
     root: Path
 
@@ -34,8 +43,34 @@ class RunFolder:
     def tables(self) -> Path:
         return self.root / "tables"
 
+    @property
+    def jobs(self) -> Path:
+        return self.root / "jobs"
+
     def result_path(self, cell_id: str) -> Path:
         return self.cells / f"{cell_id}.json"
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder for one harness at a time (whatever its backend), until the block ends;
+        FolderInUse when another harness holds it. The kernel lets go of a killed harness's lock."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                raise FolderInUse(f"{self.root}: another harness is using this results folder ({holder}); "
+                                  f"wait for it to end, or pass another --results") from None
+            handle.truncate(0)
+            handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+            handle.flush()
+            try:
+                yield
+            finally:
+                handle.truncate(0)
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @lru_cache(maxsize=1)

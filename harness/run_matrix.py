@@ -3,13 +3,16 @@
 write one JSON result per cell, then print and write the comparison tables, their charts and
 an HTML report.
 
-    python harness/run_matrix.py matrix.yml [--dry-run] [--backend auto|docker|local|current]
-                                            [--results DIR] [--force] [--serial] [docker options]
+    python harness/run_matrix.py matrix.yml [--dry-run] [--backend auto|docker|local|current|slurm]
+                                            [--results DIR] [--force] [--serial] [backend options]
 
-On a host with several GPUs, GPU cells run side by side, one per GPU (--serial: one at a time).
+On a host with several GPUs, GPU cells run side by side, one per GPU (--serial: one at a time);
+on a Slurm cluster every cell is a job, placed by Slurm. A results folder is used by one
+harness at a time.
 
-Exit status: 0 when every cell ran (or was skipped with a reason), 1 when a cell failed or
-timed out, 2 for bad input (nothing is run then).
+Exit status: 0 when every cell ran (or was skipped with a reason, or is a cluster job still
+running after --detach), 1 when a cell failed or timed out, 2 for bad input or a results folder
+in use (nothing is run then).
 """
 from __future__ import annotations
 
@@ -28,13 +31,10 @@ from tabulate import tabulate  # noqa: E402
 
 from harness import backends  # noqa: E402
 from harness.backends.base import REPO_ROOT  # noqa: E402
-from harness.backends.local import default_cache_dir  # noqa: E402
-from harness.gpus import detect_gpus  # noqa: E402
-from harness.images import DEFAULT_CPU_BASE_IMAGE, BuildOptions  # noqa: E402
 from harness.matrix import Cell, MatrixError, load  # noqa: E402
 from harness.report import report  # noqa: E402
-from harness.results import RunFolder  # noqa: E402
-from harness.runner import cells_at_once, is_done, run_cells, skip_reason  # noqa: E402
+from harness.results import FolderInUse, RunFolder  # noqa: E402
+from harness.runner import is_done, run_cells  # noqa: E402
 
 
 def default_results_dir(matrix_path: Path) -> Path:
@@ -43,10 +43,10 @@ def default_results_dir(matrix_path: Path) -> Path:
     return REPO_ROOT / "results" / f"{matrix_path.stem}-{socket.gethostname()}"
 
 
-def print_plan(cells: list[Cell], folder: RunFolder, backend: backends.Backend, host_gpus) -> None:
+def print_plan(cells: list[Cell], folder: RunFolder, backend: backends.Backend) -> None:
     rows = []
     for cell in cells:
-        reason = skip_reason(cell, host_gpus, backend)
+        reason = backend.skip_reason(cell)
         plan = f"skip: {reason}" if reason else ("done" if is_done(folder.result_path(cell.id)) else "run")
         s = cell.settings
         rows.append([cell.framework, cell.task, cell.gpu, cell.cuda, cell.devices, s.mode, s.data,
@@ -54,24 +54,6 @@ def print_plan(cells: list[Cell], folder: RunFolder, backend: backends.Backend, 
     print(tabulate(rows, headers=["framework", "task", "gpu", "cuda", "devices", "mode", "data", "batch",
                                   "input", "plan"]))
     print(f"\n{len(cells)} cells; results go to {folder.root}")
-
-
-def _docker_option_problem(args: argparse.Namespace) -> str | None:
-    for certificate in args.ca_cert:
-        if not certificate.is_file() or b"-----BEGIN CERTIFICATE-----" not in certificate.read_bytes():
-            return f"--ca-cert {certificate}: not a PEM certificate file; pass a .crt/.pem file"
-    if args.wheelhouse and not args.wheelhouse.is_dir():
-        return f"--wheelhouse {args.wheelhouse}: no such folder; pass a folder of wheels"
-    if args.offline and not args.wheelhouse:
-        return "--offline: builds would have nothing to install; pass --wheelhouse DIR as well"
-    if args.cpus is not None and args.cpus <= 0:
-        return f"--cpus {args.cpus:g}: must be more than 0"
-    return None
-
-
-def _build_options(args: argparse.Namespace) -> BuildOptions:
-    return BuildOptions(cpu_base=args.base_image, ca_certificates=tuple(args.ca_cert),
-                        wheelhouse=args.wheelhouse, offline=args.offline)
 
 
 def _stop_on_sigterm(signum, frame):
@@ -83,75 +65,61 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("matrix", type=Path, help="the matrix file, e.g. matrix.yml")
     parser.add_argument("--dry-run", action="store_true", help="list the expanded cells and exit")
-    parser.add_argument("--backend", choices=backends.CHOICES, default="auto",
-                        help="where cells run: auto (Docker when an engine answers, else local), docker "
-                             "(one image per framework variant of images/catalog.yml), local (a cached "
-                             "virtual environment per framework), current (this interpreter)")
     parser.add_argument("--results", type=Path, default=None,
                         help="results folder (default: results/<matrix name>-<host>)")
     parser.add_argument("--force", action="store_true", help="rerun cells that already have a successful result")
     parser.add_argument("--serial", action="store_true",
                         help="run one cell at a time, also on a host with several GPUs (by default GPU cells "
                              "run side by side, one per GPU, and share the host's CPUs)")
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help=f"framework environments and downloads (default: {default_cache_dir()})")
-    docker = parser.add_argument_group("docker backend")
-    docker.add_argument("--base-image", default=os.environ.get("DLBENCH_BASE_IMAGE", DEFAULT_CPU_BASE_IMAGE),
-                        help="base of the CPU images (default: $DLBENCH_BASE_IMAGE or %(default)s)")
-    docker.add_argument("--ca-cert", type=Path, action="append", default=[], metavar="FILE",
-                        help="a PEM CA certificate every image trusts, for builds behind a TLS-intercepting "
-                             "proxy (repeatable)")
-    docker.add_argument("--wheelhouse", type=Path, default=None, metavar="DIR",
-                        help="wheels that builds install before asking a package index")
-    docker.add_argument("--offline", action="store_true",
-                        help="build with no network: every wheel from --wheelhouse (air-gapped hosts)")
-    docker.add_argument("--memory", default=None, help="memory limit of each cell's container, e.g. 16g")
-    docker.add_argument("--cpus", type=float, default=None, help="CPU limit of each cell's container")
+    backends.add_arguments(parser)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # a cluster job makes the same backend from it
 
     try:
         matrix = load(args.matrix)
-        host_gpus = detect_gpus()
-        cells = matrix.cells(host_gpus)
-    except MatrixError as error:
+        backend = backends.select(args, matrix)
+        cells = matrix.cells(backend.inventory())
+    except (MatrixError, backends.BackendError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     folder = RunFolder(args.results or default_results_dir(args.matrix))
     if folder.root.exists() and not folder.root.is_dir():
         print(f"error: --results {folder.root}: exists and is not a folder; pass a folder path", file=sys.stderr)
         return 2
-    problem = _docker_option_problem(args)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+    if args.dry_run:
+        print_plan(cells, folder, backend)
+        return 0
     try:
-        backend = backends.select(args.backend, args.cache_dir, _build_options(args),
-                                  backends.ContainerLimits(memory=args.memory, cpus=args.cpus))
-    except (backends.BackendError, MatrixError) as error:
+        with folder.lock():
+            return run(args, cells, folder, backend)
+    except FolderInUse as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.dry_run:
-        print_plan(cells, folder, backend, host_gpus)
-        return 0
 
+
+def run(args: argparse.Namespace, cells: list[Cell], folder: RunFolder, backend: backends.Backend) -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    at_once = cells_at_once(host_gpus, args.serial)
+    at_once = backend.placement(args.serial).at_once
     print(f"{len(cells)} cells, backend {backend.name}, {at_once} at a time, results in {folder.root}",
           file=sys.stderr)
     try:
-        outcomes = run_cells(cells, folder, backend, host_gpus, args.matrix.resolve().parent,
+        outcomes = run_cells(cells, folder, backend, args.matrix.resolve().parent,
                              force=args.force, serial=args.serial)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished cells are kept in {folder.cells}; run the same command to go on",
               file=sys.stderr)
         return 130
+    finally:
+        backend.release()
     page = report([folder.cells], folder.root)  # tables/, charts/ and report.html
     print(folder.tables.joinpath("README.md").read_text(encoding="utf-8"))
     print(f"report: {page}", file=sys.stderr)
     counts = Counter(outcome.status for outcome in outcomes)
     kept = sum(outcome.reused for outcome in outcomes)
+    pending = len(cells) - len(outcomes)
     print(", ".join(f"{counts[s]} {s}" for s in ("ok", "failed", "timeout", "skipped") if counts[s])
           + (f" ({kept} kept from an earlier run)" if kept else "")
+          + (f", {pending} still running as cluster jobs (run the same command to collect them)" if pending else "")
           + f"; results and tables in {folder.root}", file=sys.stderr)
     return 1 if counts["failed"] or counts["timeout"] else 0
 

@@ -1,10 +1,11 @@
-"""Runs the cells of a matrix through a backend, each in its own process with a timeout: one
-at a time, or side by side on a host with several GPUs, one cell per GPU. Whatever happens to
-a cell is recorded in its JSON and the matrix goes on; a cell whose successful result is
-already there is not run again."""
+"""Runs the cells of a matrix through a backend, each in its own process (or container, or
+cluster job) with a timeout, as many at once and on such GPUs as the backend's placement
+allows. Whatever happens to a cell is recorded in its JSON and the matrix goes on; a cell
+whose successful result is already there is not run again."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 import threading
@@ -17,9 +18,9 @@ from tqdm import tqdm
 from bench import result as contract
 from bench.host import host_facts, utc_now
 
-from .backends import Backend, BackendError, Launch
+from .backends import Backend, BackendError, Exit, Launch
 from .gpus import Gpu
-from .matrix import Cell, host_gpu_for
+from .matrix import Cell
 from .results import RunFolder, read_result
 
 LOG_TAIL_LINES = 12
@@ -33,19 +34,6 @@ class CellOutcome:
     status: str
     error: str | None
     reused: bool = False
-
-
-def skip_reason(cell: Cell, host_gpus: list[Gpu], backend: Backend) -> str | None:
-    """Why this host and backend cannot run ``cell``, or None."""
-    if cell.device == "cpu" and cell.cuda != "auto":
-        return f"a CPU cell has no CUDA version (cuda: {cell.cuda}); use cuda: auto with gpu: cpu"
-    if cell.device == "gpu" and not host_gpu_for(cell, host_gpus):
-        present = ", ".join(sorted({gpu.name for gpu in host_gpus})) or "no GPU"
-        return f"this host has no {cell.gpu} GPU (it has {present})"
-    if cell.device == "gpu" and len(host_gpu_for(cell, host_gpus)) < cell.devices:
-        return (f"the cell asks for {cell.devices} {cell.gpu} GPUs and this host has "
-                f"{len(host_gpu_for(cell, host_gpus))}")
-    return backend.cannot_run(cell)
 
 
 def bench_args(cell: Cell, backend: Backend, cells_at_once: int = 1) -> list[str]:
@@ -84,7 +72,7 @@ def is_done(path: Path) -> bool:
 
 
 def record(folder: RunFolder, cell: Cell, status: str, error: str, backend: Backend,
-           started: str) -> None:
+           started: str, more_env: dict | None = None) -> None:
     """Write the result of a cell that produced none itself (skipped, crashed, timed out)."""
     result = contract.Result(
         cell=contract.Cell(
@@ -95,7 +83,7 @@ def record(folder: RunFolder, cell: Cell, status: str, error: str, backend: Back
             input_shape=list(cell.input_shape), mode=cell.settings.mode, data=cell.settings.data),
         status=status, error=error,
         env={**host_facts(), "backend": backend.name, "bench_hash": current_bench_hash(),
-             "started_utc": started, "finished_utc": utc_now()},
+             "started_utc": started, "finished_utc": utc_now(), **(more_env or {})},
     )
     contract.write_json_atomic(folder.result_path(cell.id), result.to_dict())
 
@@ -108,10 +96,10 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(line for line in text.splitlines()[-lines:])
 
 
-def check_and_prepare(cell: Cell, folder: RunFolder, backend: Backend, host_gpus: list[Gpu]) -> CellOutcome | None:
+def check_and_prepare(cell: Cell, folder: RunFolder, backend: Backend) -> CellOutcome | None:
     """Skip the cell, or make its environment ready; the outcome when it will not run."""
     started = utc_now()
-    reason = skip_reason(cell, host_gpus, backend)
+    reason = backend.skip_reason(cell)
     if reason:
         record(folder, cell, "skipped", reason, backend, started)
         return CellOutcome(cell, "skipped", reason)
@@ -124,8 +112,7 @@ def check_and_prepare(cell: Cell, folder: RunFolder, backend: Backend, host_gpus
     return None
 
 
-def prepare_all(cells: list[Cell], folder: RunFolder, backend: Backend,
-                host_gpus: list[Gpu]) -> list[tuple[Cell, CellOutcome | None]]:
+def prepare_all(cells: list[Cell], folder: RunFolder, backend: Backend) -> list[tuple[Cell, CellOutcome | None]]:
     """check_and_prepare for every cell: first one cell per environment, up to the backend's
     ``prepare_at_once`` of them side by side (a build mostly waits on downloads and disks),
     then the others, whose environments are ready by then."""
@@ -135,15 +122,16 @@ def prepare_all(cells: list[Cell], folder: RunFolder, backend: Backend,
     firsts = list(first_of_each.values())
     with ThreadPoolExecutor(max_workers=backend.prepare_at_once, thread_name_prefix="prepare") as pool:
         early = dict(zip([cell.id for cell in firsts],
-                         pool.map(lambda cell: check_and_prepare(cell, folder, backend, host_gpus), firsts)))
-    return [(cell, early[cell.id] if cell.id in early else check_and_prepare(cell, folder, backend, host_gpus))
+                         pool.map(lambda cell: check_and_prepare(cell, folder, backend), firsts)))
+    return [(cell, early[cell.id] if cell.id in early else check_and_prepare(cell, folder, backend))
             for cell in cells]
 
 
 def launch_cell(cell: Cell, folder: RunFolder, backend: Backend, gpus: list[Gpu], matrix_dir: Path,
                 cells_at_once: int = 1, interrupted: threading.Event | None = None) -> CellOutcome | None:
     """Run a prepared cell on ``gpus`` and record how it ended; None when it was interrupted
-    (nothing is recorded then: the next run of the matrix runs it again)."""
+    (nothing is recorded then: the next run of the matrix runs it again) or is still running
+    outside the harness (a detached cluster job: the next run collects it)."""
     started = utc_now()
     log_path = folder.logs / f"{cell.id}.log"
     folder.staging.mkdir(parents=True, exist_ok=True)
@@ -152,14 +140,14 @@ def launch_cell(cell: Cell, folder: RunFolder, backend: Backend, gpus: list[Gpu]
     launch = Launch(cell, bench_args(cell, backend, cells_at_once), staged, log_path, cell.settings.timeout_s, gpus,
                     weights=_settings_path(cell.settings.weights, matrix_dir),
                     data_dir=_settings_path(cell.settings.data_dir, matrix_dir) if cell.settings.data == "real" else None,
-                    interrupted=interrupted or threading.Event())
+                    interrupted=interrupted or threading.Event(), folder=folder)
     try:
         ended = backend.run(launch)
     except Exception as error:  # the engine went away, say: this cell fails, the matrix goes on
         message = f"the {backend.name} backend could not run the cell: {type(error).__name__}: {error}"
         record(folder, cell, "failed", message, backend, started)
         return CellOutcome(cell, "failed", message)
-    if ended.interrupted:
+    if ended.interrupted or ended.pending:
         staged.unlink(missing_ok=True)
         return None
     if not ended.timed_out:
@@ -168,69 +156,43 @@ def launch_cell(cell: Cell, folder: RunFolder, backend: Backend, gpus: list[Gpu]
         except ValueError:
             pass  # the cell died before writing a valid result: recorded below
         else:
-            folder.cells.mkdir(parents=True, exist_ok=True)
-            os.replace(staged, folder.result_path(cell.id))
+            keep_result(folder, cell, staged, ended)
             return CellOutcome(cell, result.status, result.error)
     status = "timeout" if ended.timed_out else "failed"
-    detail = f" after {cell.settings.timeout_s:g} s" if ended.timed_out else ""
-    message = f"the cell process {ended.describe()}{detail}; see {log_path}\n{log_tail(log_path)}".rstrip()
-    record(folder, cell, status, message, backend, started)
+    if ended.detail:
+        message = f"{ended.detail}; see {log_path}"
+    else:
+        after = f" after {cell.settings.timeout_s:g} s" if ended.timed_out else ""
+        message = f"the cell process {ended.describe()}{after}; see {log_path}"
+    message = f"{message}\n{log_tail(log_path)}".rstrip()
+    record(folder, cell, status, message, backend, started, ended.env)
     return CellOutcome(cell, status, message)
 
 
-def run_cell(cell: Cell, folder: RunFolder, backend: Backend, host_gpus: list[Gpu],
-             matrix_dir: Path) -> CellOutcome:
-    """One cell, start to end, on the first host GPUs it may use."""
-    outcome = check_and_prepare(cell, folder, backend, host_gpus)
+def keep_result(folder: RunFolder, cell: Cell, staged: Path, ended: Exit) -> None:
+    """Move a result the cell wrote into cells/, with what the backend knows of where it ran."""
+    folder.cells.mkdir(parents=True, exist_ok=True)
+    if ended.env:
+        payload = json.loads(staged.read_text(encoding="utf-8"))
+        payload["env"].update(ended.env)
+        contract.write_json_atomic(staged, payload)
+    os.replace(staged, folder.result_path(cell.id))
+
+
+def run_cell(cell: Cell, folder: RunFolder, backend: Backend, matrix_dir: Path) -> CellOutcome:
+    """One cell, start to end, where the backend's placement puts it."""
+    outcome = check_and_prepare(cell, folder, backend)
     if outcome is None:
-        outcome = launch_cell(cell, folder, backend, host_gpu_for(cell, host_gpus)[:cell.devices], matrix_dir)
+        [(_, gpus)] = backend.placement(serial=True).start_now([cell])
+        outcome = launch_cell(cell, folder, backend, gpus, matrix_dir)
     assert outcome is not None  # nothing interrupts it
     return outcome
 
 
-class Scheduler:
-    """Which prepared cells may start now. GPU cells run side by side, each on GPUs no other
-    running cell has; a CPU cell runs alone (it uses every core), after the cells started
-    before it and before those after it; with ``at_once`` 1, every cell runs alone."""
-
-    def __init__(self, host_gpus: list[Gpu], at_once: int):
-        self.free = {gpu.uuid for gpu in host_gpus}
-        self.at_once = at_once
-        self.running: dict[str, tuple[Cell, list[Gpu]]] = {}  # by cell id
-
-    def start_now(self, waiting: list[Cell], host_gpus: list[Gpu]) -> list[tuple[Cell, list[Gpu]]]:
-        """The waiting cells (in order) that may start now, each with its GPUs; marks them running."""
-        started = []
-        for cell in waiting:
-            if len(self.running) >= self.at_once or any(c.device == "cpu" for c, _ in self.running.values()):
-                break
-            if cell.device == "cpu":
-                if not self.running:
-                    self._start(cell, [], started)
-                break  # nothing passes a CPU cell: it would wait forever for the host to be free
-            gpus = [gpu for gpu in host_gpu_for(cell, host_gpus) if gpu.uuid in self.free][:cell.devices]
-            if len(gpus) == cell.devices:
-                self._start(cell, gpus, started)
-        return started
-
-    def _start(self, cell: Cell, gpus: list[Gpu], started: list) -> None:
-        self.free -= {gpu.uuid for gpu in gpus}
-        self.running[cell.id] = (cell, gpus)
-        started.append((cell, gpus))
-
-    def finished(self, cell: Cell) -> None:
-        _, gpus = self.running.pop(cell.id)
-        self.free |= {gpu.uuid for gpu in gpus}
-
-
-def cells_at_once(host_gpus: list[Gpu], serial: bool) -> int:
-    """One cell per GPU, unless asked for one at a time; one on a host without GPUs."""
-    return 1 if serial else max(1, len(host_gpus))
-
-
-def run_cells(cells: list[Cell], folder: RunFolder, backend: Backend, host_gpus: list[Gpu],
-              matrix_dir: Path, force: bool = False, serial: bool = False) -> list[CellOutcome]:
-    """Run the cells (skipping those already done) and record each one's end. Every
+def run_cells(cells: list[Cell], folder: RunFolder, backend: Backend, matrix_dir: Path,
+              force: bool = False, serial: bool = False) -> list[CellOutcome]:
+    """Run the cells (skipping those already done) and record each one's end; a cell that is
+    still running outside the harness (a detached cluster job) has no outcome yet. Every
     environment is made ready first, so no build competes with a running cell."""
     outcomes: dict[str, CellOutcome] = {}
     bar = tqdm(total=len(cells), unit="cell", dynamic_ncols=True,
@@ -253,32 +215,36 @@ def run_cells(cells: list[Cell], folder: RunFolder, backend: Backend, host_gpus:
             else:
                 to_run.append(cell)
         bar.set_description_str("preparing " + ", ".join(sorted({f"{c.framework} ({c.device})" for c in to_run})))
-        for cell, outcome in prepare_all(to_run, folder, backend, host_gpus):
+        for cell, outcome in prepare_all(to_run, folder, backend):
             if outcome:
                 report(outcome)
             else:
                 waiting.append(cell)
-        at_once = cells_at_once(host_gpus, serial)
-        scheduler = Scheduler(host_gpus, at_once)
+        placement = backend.placement(serial)
+        at_once = placement.at_once
         interrupted = threading.Event()
         with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="cell") as pool:
             running: dict[Future, Cell] = {}
             try:
                 while waiting or running:
-                    for cell, gpus in scheduler.start_now(waiting, host_gpus):
+                    for cell, gpus in placement.start_now(waiting):
                         waiting.remove(cell)
                         running[pool.submit(launch_cell, cell, folder, backend, gpus, matrix_dir,
-                                            at_once, interrupted)] = cell
+                                            placement.most_on_host(cell), interrupted)] = cell
                     assert running or not waiting, "a waiting cell fits no free GPUs"
                     bar.set_description_str("running " + ", ".join(
                         f"{c.framework} {c.task} on {c.gpu}" for c in running.values()))
                     done, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
                     for future in done:
-                        scheduler.finished(running.pop(future))
-                        report(future.result())
+                        placement.finished(running.pop(future))
+                        outcome = future.result()
+                        if outcome is None:  # still running outside the harness
+                            bar.update()
+                        else:
+                            report(outcome)
             except BaseException:
                 # Ctrl-C or SIGTERM: stop the running cells (their threads return within the
                 # grace period) and record none of them; finished cells are already on disk.
                 interrupted.set()
                 raise
-    return [outcomes[cell.id] for cell in cells]
+    return [outcomes[cell.id] for cell in cells if cell.id in outcomes]

@@ -1,15 +1,15 @@
 """GPU discovery and selection through NVML, exercised with a stand-in for pynvml."""
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import pytest
 
 from bench.environment import gpu_info
-from harness.backends import select
+from harness.backends.local import VirtualenvBackend
 from harness.gpus import Gpu, detect_gpus, matches
 from harness.matrix import Cell, Settings
-from harness.runner import skip_reason
 
 
 class FakeNvml(types.SimpleNamespace):
@@ -115,12 +115,25 @@ def _cell(gpu, cuda="auto"):
     return Cell("pytorch", "cnn_cifar10", gpu, cuda, "auto", 1, "fp32", Settings())
 
 
+def local_backend(gpus):
+    backend = VirtualenvBackend()
+    backend.gpus = gpus  # what NVML would have found
+    return backend
+
+
 def test_cells_this_host_cannot_run_are_skipped_with_the_reason():
-    host = detect_gpus(FakeNvml(DEVICES))
-    local = select("local")
-    assert skip_reason(_cell("H100"), host, local) is None
-    assert skip_reason(_cell("V100"), host, local) == (
+    local = local_backend(detect_gpus(FakeNvml(DEVICES)))
+    assert local.skip_reason(_cell("H100")) is None
+    assert local.skip_reason(_cell("V100")) == (
         "this host has no V100 GPU (it has NVIDIA A100-SXM4-40GB, NVIDIA H100 80GB HBM3)")
-    assert "no V100 GPU (it has no GPU)" in skip_reason(_cell("V100"), [], local)
-    assert "cannot pick CUDA 12.4" in skip_reason(_cell("H100", "12.4"), host, local)
-    assert "a CPU cell has no CUDA version" in skip_reason(_cell("cpu", "11.8"), host, local)
+    assert "no V100 GPU (it has no GPU)" in local_backend([]).skip_reason(_cell("V100"))
+    assert "cannot pick CUDA 12.4" in local.skip_reason(_cell("H100", "12.4"))
+    assert "a CPU cell has no CUDA version" in local.skip_reason(_cell("cpu", "11.8"))
+    assert local.skip_reason(dataclasses.replace(_cell("H100"), devices=2)) == (
+        "the cell asks for 2 H100 GPUs and this host has 1")
+
+
+def test_gpu_auto_expands_to_the_models_of_the_inventory():
+    assert local_backend(detect_gpus(FakeNvml(DEVICES))).inventory().names() == [
+        "NVIDIA A100-SXM4-40GB", "NVIDIA H100 80GB HBM3"]
+    assert local_backend([]).inventory().names() == ["cpu"]

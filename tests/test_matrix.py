@@ -9,6 +9,7 @@ import pytest
 
 from bench.specs import FRAMEWORKS, TASKS
 from conftest import REPO, write_matrix
+from harness.backends.base import host_inventory
 from harness.gpus import Gpu
 from harness.matrix import MatrixError, load
 
@@ -30,11 +31,11 @@ settings:
 
 def cells_of(tmp_path, extra="", gpus=()):
     matrix = load(write_matrix(tmp_path / "matrix.yml", BASE.format(extra=extra)))
-    return [(c.framework, c.gpu, c.cuda) for c in matrix.cells(list(gpus))], matrix.cells(list(gpus))
+    return [(c.framework, c.gpu, c.cuda) for c in matrix.cells(host_inventory(list(gpus)))], matrix.cells(host_inventory(list(gpus)))
 
 
 def test_the_default_matrix_on_a_host_without_gpus():
-    cells = load(REPO / "matrix.yml").cells([])
+    cells = load(REPO / "matrix.yml").cells(host_inventory([]))
     # keras = its three backends; every task on one CPU device (the 2-device split is excluded
     # on CPU-only hosts).
     assert [(c.framework, c.task, c.devices) for c in cells] == [
@@ -44,7 +45,7 @@ def test_the_default_matrix_on_a_host_without_gpus():
 
 
 def test_the_default_matrix_on_a_gpu_host_runs_the_data_parallel_task_on_1_and_2_gpus():
-    cells = load(REPO / "matrix.yml").cells([H100, H100_B])
+    cells = load(REPO / "matrix.yml").cells(host_inventory([H100, H100_B]))
     assert [(c.framework, c.task, c.devices) for c in cells] == [
         (framework, task.name, devices) for framework in FRAMEWORKS for task in TASKS.values()
         for devices in ((1, 2) if task.data_parallel else (1,))]
@@ -57,18 +58,18 @@ def test_an_exclude_naming_a_gpu_applies_to_auto_once_resolved_on_the_host(tmp_p
             "  include:\n    - {framework: chainer, task: densenet121_xray, devices: 2}\n")
     matrix = load(write_matrix(tmp_path / "m.yml", text))
     # On a CPU-only host auto is cpu: pytorch's 2-device cell goes; the included cell stays.
-    assert [(c.framework, c.gpu, c.devices) for c in matrix.cells([])] == [
+    assert [(c.framework, c.gpu, c.devices) for c in matrix.cells(host_inventory([]))] == [
         ("pytorch", "cpu", 1), ("chainer", "cpu", 2)]
-    assert [(c.framework, c.gpu, c.devices) for c in matrix.cells([H100, A100])] == [
+    assert [(c.framework, c.gpu, c.devices) for c in matrix.cells(host_inventory([H100, A100]))] == [
         ("pytorch", H100.name, 1), ("pytorch", A100.name, 2), ("pytorch", H100.name, 2),
         ("chainer", A100.name, 2), ("chainer", H100.name, 2)]
 
 
 def test_auto_gpu_becomes_each_gpu_model_of_the_host(tmp_path):
     path = write_matrix(tmp_path / "m.yml", "matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10]\n")
-    cells = load(path).cells([H100, H100_B, A100])
+    cells = load(path).cells(host_inventory([H100, H100_B, A100]))
     assert [c.gpu for c in cells] == ["NVIDIA A100-SXM4-40GB", "NVIDIA H100 80GB HBM3"]
-    assert [c.gpu for c in load(path).cells([])] == ["cpu"]
+    assert [c.gpu for c in load(path).cells(host_inventory([]))] == ["cpu"]
 
 
 def test_product_of_the_axes_and_the_base_settings(tmp_path):
@@ -110,12 +111,12 @@ def test_include_never_overwrites_an_axis_value(tmp_path):
 def test_a_new_cell_from_include_needs_framework_and_task(tmp_path):
     path = write_matrix(tmp_path / "matrix.yml", BASE.format(extra="  include:\n    - {gpu: V100}"))
     with pytest.raises(MatrixError, match=r"matrix.yml:7: matrix.include\[0\]: .*'framework' and 'task'"):
-        load(path).cells([])
+        load(path).cells(host_inventory([]))
 
 
 def test_threads_is_an_axis(tmp_path):
     text = "matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10]\n  gpu: [cpu]\n  threads: [1, 2, auto]\n"
-    cells = load(write_matrix(tmp_path / "m.yml", text)).cells([])
+    cells = load(write_matrix(tmp_path / "m.yml", text)).cells(host_inventory([]))
     assert [c.threads for c in cells] == [1, 2, "auto"]
     assert cells[0].id.startswith("cnn_cifar10.pytorch.cpu.cuda-auto.threads-1.")
 
@@ -124,7 +125,7 @@ def test_keras_stands_for_its_three_backends_everywhere(tmp_path):
     text = ("matrix:\n  framework: [keras, pytorch]\n  task: [cnn_cifar10]\n  gpu: [cpu]\n"
             "  exclude:\n    - {framework: keras, gpu: cpu}\n"
             "  include:\n    - {framework: keras, task: cnn_cifar10, gpu: cpu, cuda: auto, settings: {steps: 2}}\n")
-    cells = load(write_matrix(tmp_path / "m.yml", text)).cells([])
+    cells = load(write_matrix(tmp_path / "m.yml", text)).cells(host_inventory([]))
     assert [(c.framework, c.settings.steps) for c in cells] == [
         ("pytorch", 20), ("keras-tensorflow", 2), ("keras-jax", 2), ("keras-torch", 2)]
 
@@ -134,13 +135,13 @@ def test_precision_is_an_axis_like_the_others(tmp_path):
             "  precision: [fp32, tf32, bf16]\n"
             "  exclude:\n    - {framework: jax, precision: tf32}\n"
             "  include:\n    - {framework: pytorch, precision: fp16, task: cnn_cifar10, gpu: H100}\n")
-    cells = load(write_matrix(tmp_path / "m.yml", text)).cells([])
+    cells = load(write_matrix(tmp_path / "m.yml", text)).cells(host_inventory([]))
     assert [(c.framework, c.precision) for c in cells] == [
         ("pytorch", "fp32"), ("pytorch", "tf32"), ("pytorch", "bf16"), ("jax", "fp32"), ("jax", "bf16"),
         ("pytorch", "fp16")]
     assert cells[2].id.startswith("cnn_cifar10.pytorch.h100.cuda-auto.threads-auto.devices-1.bf16.")
     assert load(write_matrix(tmp_path / "d.yml", "matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10]\n")
-                ).cells([])[0].precision == "fp32"
+                ).cells(host_inventory([]))[0].precision == "fp32"
 
 
 def test_cell_ids_change_with_measured_settings_only(tmp_path):

@@ -14,22 +14,24 @@ import pytest
 
 from bench.result import bench_code_hash
 from conftest import result_payload
-from harness.backends import Backend, BackendError, select
-from harness.backends import base
-from harness.backends.base import cell_environment, run_process
+from harness.backends import BackendError, base
+from harness.backends.base import GpuSlots, HostBackend, cell_environment, run_process
+from harness.backends.local import CurrentInterpreterBackend
 from harness.gpus import Gpu
 from harness.matrix import Cell, Settings
 from harness.results import RunFolder, read_result
-from harness.runner import Scheduler, cells_at_once, run_cell, run_cells
+from harness.runner import run_cell, run_cells
 
 
-class ScriptBackend(Backend):
-    """Runs a Python snippet in place of the bench; the snippet gets the result path as argv[1]."""
+class ScriptBackend(HostBackend):
+    """Runs a Python snippet in place of the bench; the snippet gets the result path as argv[1].
+    Its host has the ``gpus`` it is given."""
 
     name = "script"
 
-    def __init__(self, script: str, broken: bool = False):
+    def __init__(self, script: str, broken: bool = False, gpus=()):
         self.script, self.broken, self.runs = textwrap.dedent(script), broken, 0
+        self.gpus = list(gpus)
 
     def prepare(self, cell):
         if self.broken:
@@ -57,7 +59,7 @@ def cell(steps=20, timeout_s=60.0):
 
 def run_one(tmp_path, script, **kwargs):
     folder = RunFolder(tmp_path / "run")
-    outcome = run_cell(cell(**kwargs), folder, ScriptBackend(script), [], tmp_path)
+    outcome = run_cell(cell(**kwargs), folder, ScriptBackend(script), tmp_path)
     return outcome, read_result(folder.result_path(cell(**kwargs).id)), folder
 
 
@@ -98,20 +100,20 @@ def test_the_matrix_goes_on_and_finished_cells_are_kept(tmp_path):
     folder = RunFolder(tmp_path / "run")
     cells = [cell(steps=1), cell(steps=2), cell(steps=3)]
     ok = ScriptBackend(WRITE_OK)
-    outcomes = run_cells(cells[:1], folder, ok, [], tmp_path)
+    outcomes = run_cells(cells[:1], folder, ok, tmp_path)
     assert [o.status for o in outcomes] == ["ok"]
     first = folder.result_path(cells[0].id).read_bytes()
 
     crashing = ScriptBackend("raise SystemExit(1)")
-    outcomes = run_cells(cells, folder, crashing, [], tmp_path)
+    outcomes = run_cells(cells, folder, crashing, tmp_path)
     assert [(o.status, o.reused) for o in outcomes] == [("ok", True), ("failed", False), ("failed", False)]
     assert folder.result_path(cells[0].id).read_bytes() == first
     assert crashing.runs == 2
 
     # A failed cell is run again; --force reruns successful ones too.
-    outcomes = run_cells(cells, folder, ok, [], tmp_path)
+    outcomes = run_cells(cells, folder, ok, tmp_path)
     assert [(o.status, o.reused) for o in outcomes] == [("ok", True), ("ok", False), ("ok", False)]
-    run_cells(cells, folder, ok, [], tmp_path, force=True)
+    run_cells(cells, folder, ok, tmp_path, force=True)
     assert ok.runs == 1 + 2 + 3
 
 
@@ -121,13 +123,13 @@ def test_results_of_other_bench_code_are_not_kept(tmp_path):
     folder.cells.mkdir(parents=True)
     folder.result_path(cell().id).write_text(json.dumps(stale))
     backend = ScriptBackend(WRITE_OK)
-    assert run_cells([cell()], folder, backend, [], tmp_path)[0].reused is False
+    assert run_cells([cell()], folder, backend, tmp_path)[0].reused is False
     assert backend.runs == 1
 
 
 def test_an_environment_that_cannot_be_built_fails_its_cells_only(tmp_path):
     folder = RunFolder(tmp_path / "run")
-    outcome = run_cell(cell(), folder, ScriptBackend(WRITE_OK, broken=True), [], tmp_path)
+    outcome = run_cell(cell(), folder, ScriptBackend(WRITE_OK, broken=True), tmp_path)
     assert outcome.status == "failed"
     assert read_result(folder.result_path(cell().id)).error.startswith("environment not ready: building")
 
@@ -135,7 +137,7 @@ def test_an_environment_that_cannot_be_built_fails_its_cells_only(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="needs an interpreter without torch")
 def test_a_framework_that_does_not_import_is_recorded_by_the_bench(tmp_path):
     folder = RunFolder(tmp_path / "run")
-    outcome = run_cell(cell(), folder, select("current"), [], tmp_path)
+    outcome = run_cell(cell(), folder, CurrentInterpreterBackend(), tmp_path)
     result = read_result(folder.result_path(cell().id))
     assert outcome.status == result.status == "failed"
     assert result.error == "ModuleNotFoundError: No module named 'torch'"
@@ -156,10 +158,10 @@ def test_the_scheduler_gives_each_cell_its_own_gpus_and_a_cpu_cell_the_host():
     pair = gpu_cell("densenet121_xray", devices=2)
     on_cpu, last = cell(steps=4), gpu_cell(steps=5)
     waiting = [a, b, pair, on_cpu, last]
-    scheduler = Scheduler(H100S, at_once=2)
+    scheduler = GpuSlots(H100S, at_once=2)
 
     def start():
-        started = scheduler.start_now(waiting, H100S)
+        started = scheduler.start_now(waiting)
         for c, _ in started:
             waiting.remove(c)
         return [(c, [g.index for g in gpus]) for c, gpus in started]
@@ -177,11 +179,11 @@ def test_the_scheduler_gives_each_cell_its_own_gpus_and_a_cpu_cell_the_host():
 
 
 def test_one_at_a_time_when_asked_or_without_gpus():
-    assert cells_at_once(H100S, serial=False) == 2
-    assert cells_at_once(H100S, serial=True) == 1
-    assert cells_at_once([], serial=False) == 1
-    scheduler = Scheduler(H100S, at_once=1)
-    assert len(scheduler.start_now([gpu_cell(steps=1), gpu_cell(steps=2)], H100S)) == 1
+    assert ScriptBackend("", gpus=H100S).placement(serial=False).at_once == 2
+    assert ScriptBackend("", gpus=H100S).placement(serial=True).at_once == 1
+    assert ScriptBackend("").placement(serial=False).at_once == 1
+    scheduler = GpuSlots(H100S, at_once=1)
+    assert len(scheduler.start_now([gpu_cell(steps=1), gpu_cell(steps=2)])) == 1
 
 
 # Each cell notes when it ran, on which GPUs, and how many cells the harness said run at once.
@@ -209,7 +211,7 @@ def notes(folder):
 def test_gpu_cells_run_side_by_side_one_per_gpu_unless_serial(tmp_path, serial):
     folder = RunFolder(tmp_path / "run")
     cells = [gpu_cell(steps=1), gpu_cell(steps=2)]
-    outcomes = run_cells(cells, folder, NotingBackend(NOTE_AND_WRITE), H100S, tmp_path, serial=serial)
+    outcomes = run_cells(cells, folder, NotingBackend(NOTE_AND_WRITE, gpus=H100S), tmp_path, serial=serial)
     assert [o.status for o in outcomes] == ["ok", "ok"]
     (start_1, end_1, gpus_1, at_once_1), (start_2, end_2, gpus_2, at_once_2) = notes(folder)
     overlapped = start_2 < end_1
@@ -221,11 +223,11 @@ def test_gpu_cells_run_side_by_side_one_per_gpu_unless_serial(tmp_path, serial):
 def test_an_interrupted_run_stops_its_cells_and_records_none_of_them(tmp_path):
     folder = RunFolder(tmp_path / "run")
     cells = [gpu_cell(steps=1), gpu_cell(steps=2)]
-    backend = ScriptBackend("import time; time.sleep(60)")
+    backend = ScriptBackend("import time; time.sleep(60)", gpus=H100S)
     threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT)).start()
     began = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        run_cells(cells, folder, backend, H100S, tmp_path)
+        run_cells(cells, folder, backend, tmp_path)
     assert time.monotonic() - began < 2 + base.TERMINATE_GRACE_S
     assert backend.runs == 2
     assert not folder.cells.exists() or not list(folder.cells.iterdir())
@@ -240,7 +242,7 @@ def test_a_backend_error_fails_its_cell_and_the_matrix_goes_on(tmp_path):
             return super().run(launch)
 
     folder = RunFolder(tmp_path / "run")
-    outcomes = run_cells([gpu_cell(steps=1), gpu_cell(steps=2)], folder, FlakyEngine(WRITE_OK), H100S, tmp_path)
+    outcomes = run_cells([gpu_cell(steps=1), gpu_cell(steps=2)], folder, FlakyEngine(WRITE_OK, gpus=H100S), tmp_path)
     assert [o.status for o in outcomes] == ["failed", "ok"]
     assert outcomes[0].error == ("the script backend could not run the cell: "
                                  "ConnectionError: the engine closed the connection")
@@ -271,7 +273,7 @@ def test_environments_are_prepared_side_by_side_once_each(tmp_path):
     cells = [Cell(framework, task, "cpu", "auto", "auto", 1, "fp32", Settings(steps=1))
              for task in ("cnn_cifar10", "gru_imdb") for framework in ("pytorch", "jax", "mxnet")]
     backend = BuildingBackend()
-    outcomes = run_cells(cells, RunFolder(tmp_path / "run"), backend, [], tmp_path)
+    outcomes = run_cells(cells, RunFolder(tmp_path / "run"), backend, tmp_path)
     assert [o.status for o in outcomes] == ["ok"] * 6 and backend.runs == 6
     assert sorted(backend.built) == ["jax", "mxnet", "pytorch"]
     assert backend.most_at_once == 3

@@ -1,7 +1,10 @@
-"""What a backend is: something that prepares a framework's environment and runs one cell
-of the bench in it. Local virtual environments now; Docker images and Slurm plug in here."""
+"""What a backend is: a place where cells run. It says what it can offer them (its inventory
+of GPU models), how many run at once and on which GPUs (its placement), prepares a
+framework's environment and runs one cell of the bench in it. Each backend is one module of
+this package that registers itself with its own command-line options (``register``)."""
 from __future__ import annotations
 
+import argparse
 import ctypes
 import os
 import signal
@@ -11,11 +14,18 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Mapping
 
-from ..gpus import Gpu
+from ..gpus import Gpu, detect_gpus, names_model
 from ..images import IMAGES_DIR, REPO_ROOT  # noqa: F401  (REPO_ROOT: the cells' working directory)
 from ..matrix import Cell
+
+if TYPE_CHECKING:
+    from ..matrix import Matrix
+    from ..results import RunFolder
+
 # After a timeout the cell gets this long to exit on SIGTERM before SIGKILL.
 TERMINATE_GRACE_S = 10
 # How often a waiting backend looks whether the run was interrupted.
@@ -23,7 +33,53 @@ POLL_S = 0.5
 
 
 class BackendError(Exception):
-    """An environment could not be prepared; the message says why and where the log is."""
+    """A backend or an environment could not be prepared; the message says why and where the log is."""
+
+
+@dataclass(frozen=True)
+class GpuModel:
+    name: str  # as the backend knows it: NVML's name ("NVIDIA H100 80GB HBM3"), a GRES type ("h100")
+    most_per_cell: int  # the most of them one cell can get: on this host, or on one node
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What a backend can offer cells: where that is, its GPU models, and the names the matrix
+    may use for them beyond the words of their own (``slurm.gres_types``)."""
+
+    where: str  # "this host", "the cluster"
+    gpu_models: tuple[GpuModel, ...] = ()
+    aliases: Mapping[str, str] = field(default_factory=dict)  # matrix GPU name -> model name
+
+    def names(self) -> list[str]:
+        """What ``gpu: auto`` expands to: every model, or ``cpu`` when there is none."""
+        return sorted(model.name for model in self.gpu_models) or ["cpu"]
+
+    def model_for(self, requested: str) -> GpuModel | None:
+        alias = self.aliases.get(requested)
+        for model in self.gpu_models:
+            named = model.name == alias if alias else names_model(requested, model.name)
+            if named or model.name == requested:
+                return model
+        return None
+
+    def gpu_problem(self, cell: Cell) -> str | None:
+        """Why the GPUs a cell asks for are not here, or None."""
+        model = self.model_for(cell.gpu)
+        if model is None:
+            present = ", ".join(model.name for model in sorted(self.gpu_models, key=lambda m: m.name)) or "no GPU"
+            return f"{self.where} has no {cell.gpu} GPU (it has {present})"
+        if model.most_per_cell < cell.devices:
+            return (f"the cell asks for {cell.devices} {cell.gpu} GPUs and {self.where} has "
+                    f"{model.most_per_cell} {'on one node' if self.where == 'the cluster' else ''}".rstrip())
+        return None
+
+
+def host_inventory(gpus: list[Gpu]) -> Inventory:
+    counts: dict[str, int] = {}
+    for gpu in gpus:
+        counts[gpu.name] = counts.get(gpu.name, 0) + 1
+    return Inventory("this host", tuple(GpuModel(name, count) for name, count in sorted(counts.items())))
 
 
 @dataclass
@@ -41,6 +97,7 @@ class Launch:
     data_dir: Path | None = None
     # Set when the harness is interrupted: the backend stops the cell and returns at once.
     interrupted: threading.Event = field(default_factory=threading.Event)
+    folder: RunFolder | None = None  # the run's folder, for backends that keep state there (jobs/)
 
     def path_args(self, out: Path, weights: Path | None, data_dir: Path | None) -> list[str]:
         args = ["--out", str(out)]
@@ -59,10 +116,15 @@ class Launch:
 class Exit:
     returncode: int | None
     timed_out: bool
-    out_of_memory: bool = False  # a container's memory limit was hit (the engine says so)
+    out_of_memory: bool = False  # a container's or a job's memory limit was hit (the engine says so)
     interrupted: bool = False  # stopped because the harness was interrupted: nothing to record
+    pending: bool = False  # still running outside the harness (a detached Slurm job): nothing to record yet
+    detail: str | None = None  # the backend's own account of the end, when it has more to say
+    env: dict = field(default_factory=dict)  # what the backend knows of where the cell ran (into env)
 
     def describe(self) -> str:
+        if self.detail:
+            return self.detail
         if self.timed_out:
             return "timed out and was stopped"
         if self.out_of_memory:
@@ -77,13 +139,99 @@ class Exit:
         return f"exited with status {self.returncode}"
 
 
+class Placement(ABC):
+    """Which prepared cells may start now, and on which GPUs."""
+
+    at_once: int  # the most cells running at once
+
+    def most_on_host(self, cell: Cell) -> int:
+        """The most cells that may run at once on the host ``cell`` runs on (its result says so)."""
+        return self.at_once
+
+    @abstractmethod
+    def start_now(self, waiting: list[Cell]) -> list[tuple[Cell, list[Gpu]]]:
+        """The waiting cells (in order) that may start now, each with its GPUs; marks them running."""
+
+    @abstractmethod
+    def finished(self, cell: Cell) -> None:
+        """A cell that start_now gave out has ended."""
+
+
+class GpuSlots(Placement):
+    """This host's GPUs: GPU cells run side by side, each on GPUs no other running cell has;
+    a CPU cell runs alone (it uses every core), after the cells started before it and before
+    those after it; with ``at_once`` 1, every cell runs alone."""
+
+    def __init__(self, gpus: list[Gpu], at_once: int):
+        self.gpus = gpus
+        self.free = {gpu.uuid for gpu in gpus}
+        self.at_once = at_once
+        self.running: dict[str, tuple[Cell, list[Gpu]]] = {}  # by cell id
+
+    def start_now(self, waiting: list[Cell]) -> list[tuple[Cell, list[Gpu]]]:
+        started = []
+        for cell in waiting:
+            if len(self.running) >= self.at_once or any(c.device == "cpu" for c, _ in self.running.values()):
+                break
+            if cell.device == "cpu":
+                if not self.running:
+                    self._start(cell, [], started)
+                break  # nothing passes a CPU cell: it would wait forever for the host to be free
+            gpus = [gpu for gpu in self.gpus_for(cell) if gpu.uuid in self.free][:cell.devices]
+            if len(gpus) == cell.devices:
+                self._start(cell, gpus, started)
+        return started
+
+    def gpus_for(self, cell: Cell) -> list[Gpu]:
+        """The host GPUs that can run ``cell`` (none for CPU cells)."""
+        return [gpu for gpu in self.gpus if cell.device == "gpu" and names_model(cell.gpu, gpu.name)]
+
+    def _start(self, cell: Cell, gpus: list[Gpu], started: list) -> None:
+        self.free -= {gpu.uuid for gpu in gpus}
+        self.running[cell.id] = (cell, gpus)
+        started.append((cell, gpus))
+
+    def finished(self, cell: Cell) -> None:
+        _, gpus = self.running.pop(cell.id)
+        self.free |= {gpu.uuid for gpu in gpus}
+
+
 class Backend(ABC):
-    name: str
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line for --help: where its cells run
     # How many environments prepare() may make at once, from as many threads.
-    prepare_at_once: int = 1
+    prepare_at_once: ClassVar[int] = 1
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """This backend's own command-line options (an argument group named after it)."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, matrix: Matrix | None = None) -> Backend:
+        """The backend as the command line (and the matrix file) configure it; BackendError
+        (one line: the option, what is wrong, the fix) for bad options."""
+        return cls()
+
+    @abstractmethod
+    def inventory(self) -> Inventory:
+        """The GPU models this backend can give cells."""
+
+    @abstractmethod
+    def placement(self, serial: bool) -> Placement:
+        """Which cells run at once, and where; ``serial``: one at a time."""
+
+    def skip_reason(self, cell: Cell) -> str | None:
+        """Why this backend cannot run ``cell`` (the cell is then skipped), or None."""
+        if cell.device == "cpu" and cell.cuda != "auto":
+            return f"a CPU cell has no CUDA version (cuda: {cell.cuda}); use cuda: auto with gpu: cpu"
+        if cell.device == "gpu":
+            problem = self.inventory().gpu_problem(cell)
+            if problem:
+                return problem
+        return self.cannot_run(cell)
 
     def cannot_run(self, cell: Cell) -> str | None:
-        """Why this backend cannot run ``cell`` at all (the cell is then skipped), or None."""
+        """What this backend lacks for ``cell`` beyond its GPUs (a framework, a CUDA build), or None."""
         return None
 
     @abstractmethod
@@ -93,6 +241,32 @@ class Backend(ABC):
     @abstractmethod
     def run(self, launch: Launch) -> Exit:
         """Run one cell to its end or its timeout; its output goes to ``launch.log_path``."""
+
+    def release(self) -> None:
+        """The run is over (or interrupted): let go of what the backend holds."""
+
+
+class HostBackend(Backend):
+    """A backend whose cells run on this host: the GPUs NVML sees, one cell per GPU at once."""
+
+    @cached_property
+    def gpus(self) -> list[Gpu]:
+        return detect_gpus()
+
+    def inventory(self) -> Inventory:
+        return host_inventory(self.gpus)
+
+    def placement(self, serial: bool) -> Placement:
+        return GpuSlots(self.gpus, 1 if serial else max(1, len(self.gpus)))
+
+
+BACKENDS: dict[str, type[Backend]] = {}
+
+
+def register(backend: type[Backend]) -> type[Backend]:
+    """Class decorator: make a backend selectable by its name (``--backend NAME``)."""
+    BACKENDS[backend.name] = backend
+    return backend
 
 
 def requirements_file(framework: str, device: str) -> Path:

@@ -23,9 +23,10 @@ import requests
 from docker.errors import APIError, BuildError, DockerException, ImageNotFound
 from docker.types import DeviceRequest, Mount
 
-from ..images import BuildOptions, Catalog, Recipe, Variant, load_catalog, recipe
+from ..images import DEFAULT_CPU_BASE_IMAGE, BuildOptions, Catalog, Recipe, Variant, load_catalog, recipe
 from ..matrix import Cell
-from .base import POLL_S, TERMINATE_GRACE_S, Backend, BackendError, Exit, Launch
+from .base import POLL_S, TERMINATE_GRACE_S, BackendError, Exit, HostBackend, Launch, register
+from .local import default_cache_dir
 
 # Containers of this harness carry this label, with the run folder as its value, so that the
 # ones a killed harness left behind can be found and removed.
@@ -65,12 +66,17 @@ def engine_answers(client_factory=docker.from_env) -> bool:
         return False
 
 
-class DockerBackend(Backend):
+@register
+class DockerBackend(HostBackend):
     name = "docker"
+    summary = "one image per framework variant of images/catalog.yml, one container per cell"
 
     def __init__(self, cache_dir: Path, options: BuildOptions = BuildOptions(),
                  limits: ContainerLimits = ContainerLimits(), catalog: Catalog | None = None,
                  client: docker.DockerClient | None = None):
+        if client is None and not engine_answers():
+            raise BackendError("no Docker engine answers at DOCKER_HOST (or the default socket); "
+                               "start one (scripts/docker-engine.sh start) or use --backend local")
         self.client = client or docker.from_env(timeout=600)
         self.catalog = catalog or load_catalog()
         self.options = options
@@ -78,6 +84,37 @@ class DockerBackend(Backend):
         self.images_dir = cache_dir / "images"  # build contexts' scratch space and build logs
         self.data_dir = cache_dir / "data"
         self._images: dict[tuple[str, str], Image] = {}
+
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        group = parser.add_argument_group("docker backend")
+        group.add_argument("--base-image", default=os.environ.get("DLBENCH_BASE_IMAGE", DEFAULT_CPU_BASE_IMAGE),
+                           help="base of the CPU images (default: $DLBENCH_BASE_IMAGE or %(default)s)")
+        group.add_argument("--ca-cert", type=Path, action="append", default=[], metavar="FILE",
+                           help="a PEM CA certificate every image trusts, for builds behind a "
+                                "TLS-intercepting proxy (repeatable)")
+        group.add_argument("--wheelhouse", type=Path, default=None, metavar="DIR",
+                           help="wheels that builds install before asking a package index")
+        group.add_argument("--offline", action="store_true",
+                           help="build with no network: every wheel from --wheelhouse (air-gapped hosts)")
+        group.add_argument("--memory", default=None, help="memory limit of each cell's container, e.g. 16g")
+        group.add_argument("--cpus", type=float, default=None, help="CPU limit of each cell's container")
+
+    @classmethod
+    def from_args(cls, args, matrix=None) -> "DockerBackend":
+        for certificate in args.ca_cert:
+            if not certificate.is_file() or b"-----BEGIN CERTIFICATE-----" not in certificate.read_bytes():
+                raise BackendError(f"--ca-cert {certificate}: not a PEM certificate file; pass a .crt/.pem file")
+        if args.wheelhouse and not args.wheelhouse.is_dir():
+            raise BackendError(f"--wheelhouse {args.wheelhouse}: no such folder; pass a folder of wheels")
+        if args.offline and not args.wheelhouse:
+            raise BackendError("--offline: builds would have nothing to install; pass --wheelhouse DIR as well")
+        if args.cpus is not None and args.cpus <= 0:
+            raise BackendError(f"--cpus {args.cpus:g}: must be more than 0")
+        options = BuildOptions(cpu_base=args.base_image, ca_certificates=tuple(args.ca_cert),
+                               wheelhouse=args.wheelhouse, offline=args.offline)
+        return cls(args.cache_dir or default_cache_dir(), options,
+                   ContainerLimits(memory=args.memory, cpus=args.cpus))
 
     def cannot_run(self, cell: Cell) -> str | None:
         found = self.catalog.variant_for(cell.framework, cell.device, cell.cuda)

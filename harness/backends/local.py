@@ -11,8 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.host import compute_device
+
 from ..matrix import Cell
-from .base import (Backend, BackendError, Exit, Launch, build_constraints_file, cell_environment,
+from .base import (BackendError, Exit, HostBackend, Launch, build_constraints_file, cell_environment, register,
                    requirements_file, run_process)
 
 # Frameworks that cannot be installed next to the others, and why.
@@ -36,12 +38,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DLBENCH_CACHE", Path.home() / ".cache" / "dlbench"))
 
 
-class VirtualenvBackend(Backend):
+@register
+class VirtualenvBackend(HostBackend):
     """One virtual environment per framework and device kind, built from the pinned
     requirement files under images/<framework>/ and kept under the cache folder, named by a
     hash of its inputs: a second run reuses it, a changed pin builds a new one."""
 
     name = "local"
+    summary = "a cached virtual environment per framework"
     # Three virtual environments build side by side: pip mostly waits on downloads and disk.
     prepare_at_once = 3
 
@@ -49,6 +53,10 @@ class VirtualenvBackend(Backend):
         self.envs_dir = (cache_dir or default_cache_dir()) / "envs"
         self.python = python
         self._ready: dict[tuple[str, str], Path] = {}
+
+    @classmethod
+    def from_args(cls, args, matrix=None) -> "VirtualenvBackend":
+        return cls(args.cache_dir)
 
     def environment_path(self, framework: str, device: str) -> Path:
         requirements = requirements_file(framework, device)
@@ -66,7 +74,7 @@ class VirtualenvBackend(Backend):
         return local_skip_reason(cell, self.name)
 
     def prepare(self, cell: Cell) -> None:
-        self.prepare_environment(cell.framework, cell.device)
+        self.prepare_environment(cell.framework, compute_device(cell.device))
 
     def prepare_environment(self, framework: str, device: str) -> None:
         if (framework, device) in self._ready:
@@ -106,16 +114,18 @@ class VirtualenvBackend(Backend):
                                        f"(exit {done.returncode}); see {log_path}")
 
     def run(self, launch: Launch) -> Exit:
-        path = self._ready[(launch.cell.framework, launch.cell.device)]
+        path = self._ready[(launch.cell.framework, compute_device(launch.cell.device))]
         argv = [str(path / "bin" / "python"), "-m", "bench", *launch.host_argv()]
         return run_process(argv, cell_environment(launch), launch.log_path, launch.timeout_s, launch.interrupted)
 
 
-class CurrentInterpreterBackend(Backend):
+@register
+class CurrentInterpreterBackend(HostBackend):
     """The harness's own interpreter, as it is: for a machine where the frameworks are
     already installed (a prepared GPU box, a notebook server)."""
 
     name = "current"
+    summary = "this interpreter, as it is"
 
     def cannot_run(self, cell: Cell) -> str | None:
         return local_skip_reason(cell, self.name)
