@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from . import data as datasets
 from . import environment, flops, frameworks, memory, precision
-from .host import utc_now
+from .host import GPU_STAND_IN, compute_device, utc_now
 from .protocol import infer_full, measure_throughput, train_full
 from .result import Cell, Metrics, Model, Result, Settings, write_json_atomic
 from .specs import FRAMEWORKS, INFER, TASKS, RunOptions, TaskSpec, Unsupported
@@ -124,15 +124,15 @@ def run(args: argparse.Namespace, spec: TaskSpec, settings: Settings, options: R
         facts: Dict[str, Any]) -> Tuple[Model, Metrics]:
     if args.threads:
         environment.limit_threads(args.threads)  # before the framework starts its thread pools
-    if args.device == "cpu" and options.devices > 1:
+    if options.device == "cpu" and options.devices > 1:
         environment.expose_cpu_devices(options.devices)
     nvml, gpu = None, {}  # type: Any, Dict[str, Any]
-    if args.device == "gpu":
+    if options.device == "gpu":
         precision.set_tf32_override(options.precision)  # before the framework loads cuBLAS and cuDNN
         nvml = environment.import_nvml()
         gpu = environment.gpu_info(nvml, os.environ.get("CUDA_VISIBLE_DEVICES")) or {}
     framework = frameworks.load(args.framework)
-    precision.check(args.framework, framework.PRECISIONS, options.precision, args.device,
+    precision.check(args.framework, framework.PRECISIONS, options.precision, options.device,
                     gpu.get("compute_capability"))
     framework.configure(options)  # first: TensorFlow's device options only apply before use
     facts.update(framework.describe(options))
@@ -175,7 +175,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     spec = TASKS[args.task]
     options = RunOptions(
-        device=args.device, devices=args.devices, seed=args.seed, threads=args.threads,
+        device=compute_device(args.device), devices=args.devices, seed=args.seed, threads=args.threads,
         batch_size=args.batch_size or spec.default_batch_size(args.device),
         input_shape=spec.input_shape_at(args.image_size or spec.default_image_size(args.device)),
         learning_rate=spec.learning_rate * (args.devices if spec.data_parallel else 1),
@@ -201,9 +201,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as error:  # recorded in the result: the matrix goes on
         traceback.print_exc()
         result.status, result.error = "failed", "{}: {}".format(type(error).__name__, error)
-    result.env = dict(environment.collect(args.device, facts), backend=args.backend,
+    result.env = dict(environment.collect(options.device, facts), backend=args.backend,
                       cells_at_once=args.cells_at_once,
                       started_utc=started, finished_utc=utc_now())
+    if args.device == "gpu":  # which GPUs the launcher (the harness, Slurm) gave the cell
+        result.env["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if options.device != args.device:
+        result.env["gpu_stand_in"] = "computed on the CPU ({}=cpu): not a GPU measurement".format(GPU_STAND_IN)
     if environment.mpi_rank() == 0:  # the other MPI workers ran the same cell: one result
         write_json_atomic(args.out, result.to_dict())
     print("{}: {}".format(cell.id, result.status) + (" ({})".format(result.error) if result.error else ""))

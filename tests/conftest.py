@@ -3,7 +3,10 @@ folder, and the framework environments the integration tests run in."""
 from __future__ import annotations
 
 import io
+import os
 import struct
+import subprocess
+import sys
 import tarfile
 import zipfile
 import zlib
@@ -15,6 +18,9 @@ import pytest
 from harness.cifar_format import PortablePickler, write_batches
 
 REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("DLBENCH_CACHE", Path.home() / ".cache" / "dlbench"))
+# The Docker tests' base image, made without a registry (scripts/make-base-image.sh).
+BASE_IMAGE = "dlbench/debian:bookworm"
 
 
 def write_cifar10_batches(folder: Path, per_batch: int = 100, seed: int = 0) -> Path:
@@ -168,3 +174,46 @@ def result_payload(framework: str = "pytorch", status: str = "ok", error: str | 
 @pytest.fixture
 def make_result():
     return result_payload
+
+
+# A Docker engine and what an offline image build needs, shared by every test that builds the
+# PyTorch image (the docker backend's, and the slurm backend's docker runtime): the same
+# options make the same image tag, so it is built once.
+
+@pytest.fixture(scope="session")
+def engine():
+    import docker
+    from harness.backends import engine_answers
+    if not engine_answers():
+        message = ("no Docker engine answers at DOCKER_HOST; start one with "
+                   "`eval \"$(scripts/docker-engine.sh start)\"`")
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    subprocess.run(["bash", str(REPO / "scripts" / "make-base-image.sh"), BASE_IMAGE], check=True)
+    return docker.from_env()
+
+
+@pytest.fixture(scope="session")
+def wheelhouse() -> Path:
+    """Every wheel the PyTorch image installs, fetched by the host's pip (its index, or a local
+    copy): the builds then run with no network at all."""
+    folder = CACHE / "wheelhouse"
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+                    "--only-binary=:all:", "--dest", str(folder),
+                    "-r", str(REPO / "images" / "pytorch" / "requirements-cpu.txt")], check=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def certificate(tmp_path_factory) -> Path:
+    """A self-signed CA certificate, as a TLS-intercepting proxy would bring."""
+    folder = tmp_path_factory.mktemp("ca")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=dlbench test proxy CA", "-keyout", str(folder / "proxy.key"),
+                    "-out", str(folder / "proxy.crt")], check=True, capture_output=True)
+    return folder / "proxy.crt"
+
+
+def docker_options(wheelhouse: Path, certificate: Path) -> list[str]:
+    return ["--base-image", BASE_IMAGE, "--wheelhouse", str(wheelhouse), "--offline", "--ca-cert", str(certificate)]

@@ -13,51 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, write_matrix
+from conftest import BASE_IMAGE, REPO, docker_options, write_matrix
 from harness.results import load_results
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
-BASE_IMAGE = "dlbench/debian:bookworm"
 FRAMEWORKS = ("pytorch",)
-CACHE = Path(os.environ.get("DLBENCH_CACHE", Path.home() / ".cache" / "dlbench"))
 QUICK = "settings:\n  warmup_steps: 1\n  steps: 2\n  repeats: 2\n  timeout_s: 600\n"
-
-
-@pytest.fixture(scope="module")
-def engine():
-    import docker
-    from harness.backends import engine_answers
-    if not engine_answers():
-        message = ("no Docker engine answers at DOCKER_HOST; start one with "
-                   "`eval \"$(scripts/docker-engine.sh start)\"`")
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    subprocess.run(["bash", str(REPO / "scripts" / "make-base-image.sh"), BASE_IMAGE], check=True)
-    return docker.from_env()
-
-
-@pytest.fixture(scope="module")
-def wheelhouse() -> Path:
-    """Every wheel the image installs, fetched by the host's pip (its index, or a local
-    copy): the builds then run with no network at all."""
-    folder = CACHE / "wheelhouse"
-    for framework in FRAMEWORKS:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-                        "--only-binary=:all:", "--dest", str(folder),
-                        "-r", str(REPO / "images" / framework / "requirements-cpu.txt")], check=True)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory) -> Path:
-    """A self-signed CA certificate, as a TLS-intercepting proxy would bring."""
-    folder = tmp_path_factory.mktemp("ca")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-subj", "/CN=dlbench test proxy CA", "-keyout", str(folder / "proxy.key"),
-                    "-out", str(folder / "proxy.crt")], check=True, capture_output=True)
-    return folder / "proxy.crt"
 
 
 def run_matrix(matrix: Path, results: Path, *options: str) -> subprocess.CompletedProcess:
@@ -65,15 +27,10 @@ def run_matrix(matrix: Path, results: Path, *options: str) -> subprocess.Complet
                            "--results", str(results), *options], capture_output=True, text=True, timeout=2400)
 
 
-def docker_options(wheelhouse: Path, certificate: Path) -> list[str]:
-    return ["--backend", "docker", "--base-image", BASE_IMAGE, "--wheelhouse", str(wheelhouse), "--offline",
-            "--ca-cert", str(certificate)]
-
-
 def test_cells_run_in_images_built_offline_and_merge_with_local_results(engine, wheelhouse, certificate, tmp_path):
     matrix = write_matrix(tmp_path / "m.yml", f"matrix:\n  framework: [{', '.join(FRAMEWORKS)}]\n"
                                               "  task: [cnn_cifar10, gru_imdb]\n  gpu: [cpu]\n" + QUICK)
-    done = run_matrix(matrix, tmp_path / "docker", *docker_options(wheelhouse, certificate))
+    done = run_matrix(matrix, tmp_path / "docker", "--backend", "docker", *docker_options(wheelhouse, certificate))
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = load_results(tmp_path / "docker" / "cells")
     assert not loaded.problems and len(loaded.results) == 2 * len(FRAMEWORKS)
@@ -101,7 +58,7 @@ def test_cells_run_in_images_built_offline_and_merge_with_local_results(engine, 
     # Nothing changed: the same images are found by their tags, none is built again.
     logs = sorted((CACHE / "images").glob("dlbench-pytorch-cpu-*.log"), key=lambda p: p.stat().st_mtime)
     built_at = logs[-1].stat().st_mtime_ns
-    again = run_matrix(matrix, tmp_path / "again", *docker_options(wheelhouse, certificate), "--force")
+    again = run_matrix(matrix, tmp_path / "again", "--backend", "docker", *docker_options(wheelhouse, certificate), "--force")
     assert again.returncode == 0, again.stderr[-3000:]
     assert logs[-1].stat().st_mtime_ns == built_at
 
@@ -122,7 +79,7 @@ def test_a_cell_over_its_memory_limit_is_recorded_and_the_next_cell_runs(engine,
     # PyTorch alone takes more than 150 MB once imported.
     matrix = write_matrix(tmp_path / "m.yml", "matrix:\n  framework: [pytorch]\n"
                                               "  task: [cnn_cifar10, gru_imdb]\n  gpu: [cpu]\n" + QUICK)
-    done = run_matrix(matrix, tmp_path / "results", *docker_options(wheelhouse, certificate), "--memory", "150m")
+    done = run_matrix(matrix, tmp_path / "results", "--backend", "docker", *docker_options(wheelhouse, certificate), "--memory", "150m")
     assert done.returncode == 1
     results = {r.cell.task: r for _, r in load_results(tmp_path / "results" / "cells").results}
     assert results["cnn_cifar10"].status == "failed"
@@ -135,7 +92,7 @@ def test_a_container_has_no_network(engine, wheelhouse, certificate, tmp_path):
     """Real data that is not on the host cannot be fetched from inside a cell."""
     matrix = write_matrix(tmp_path / "m.yml", "matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10]\n"
                                               "  gpu: [cpu]\n" + QUICK + f"  data: real\n  data_dir: {tmp_path / 'data'}\n")
-    done = run_matrix(matrix, tmp_path / "results", *docker_options(wheelhouse, certificate))
+    done = run_matrix(matrix, tmp_path / "results", "--backend", "docker", *docker_options(wheelhouse, certificate))
     assert done.returncode == 1
     ((_, result),) = load_results(tmp_path / "results" / "cells").results
     assert result.status == "failed" and result.error.startswith("DataUnavailable: cifar-10-batches-py")
