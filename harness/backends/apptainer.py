@@ -1,0 +1,109 @@
+"""The apptainer backend: each framework variant's image as a SIF file, one ``apptainer exec``
+(or ``singularity exec``) per cell: how most HPC sites run containers, without a daemon or
+root. The SIF files are the docker backend's images converted, e.g. on a host with Docker:
+
+    apptainer build SIF_DIR/pytorch-cpu.sif docker-daemon://dlbench/pytorch:cpu-<hash>
+
+named ``<framework>-<variant>.sif`` (the variants of images/catalog.yml) in ``--sif-dir``.
+A cell's container sees only its staging folder (writable), the weights and data (read-only),
+a clean environment and, on GPU cells, its own GPUs (``--nv`` with CUDA_VISIBLE_DEVICES).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from ..images import Catalog, Variant, load_catalog
+from ..matrix import Cell
+from .base import BackendError, Exit, HostBackend, Launch, cell_environment, register, run_process
+
+# Where a cell's files appear inside its container (as in the docker backend's containers).
+OUT_DIR, WEIGHTS_DIR, DATA_DIR = Path("/dlbench/out"), Path("/dlbench/weights"), Path("/dlbench/data")
+
+
+@register
+class ApptainerBackend(HostBackend):
+    name = "apptainer"
+    summary = "each framework variant's image as a SIF file (--sif-dir), one apptainer exec per cell"
+
+    def __init__(self, sif_dir: Path, command: str = "apptainer", catalog: Catalog | None = None):
+        self.sif_dir = sif_dir
+        self.command = command
+        self.catalog = catalog or load_catalog()
+        self._image_ids: dict[Path, str] = {}
+
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        group = parser.add_argument_group("apptainer backend")
+        group.add_argument("--sif-dir", type=Path, default=None, metavar="DIR",
+                           help="folder of <framework>-<variant>.sif images (default: <cache dir>/sif)")
+        group.add_argument("--apptainer-command", default=None, metavar="NAME",
+                           help="apptainer or singularity (default: whichever is on PATH)")
+
+    @classmethod
+    def from_args(cls, args, matrix=None) -> "ApptainerBackend":
+        from .local import default_cache_dir
+
+        command = args.apptainer_command or next(
+            (name for name in ("apptainer", "singularity") if shutil.which(name)), None)
+        if command is None or not shutil.which(command):
+            raise BackendError(f"{args.apptainer_command or 'apptainer'} is not on PATH: install Apptainer "
+                               f"(or SingularityCE), or pass --apptainer-command")
+        return cls(args.sif_dir or (args.cache_dir or default_cache_dir()) / "sif", command)
+
+    def sif_path(self, cell: Cell) -> Path | str:
+        """The cell's SIF file, or why there is none."""
+        variant = self.catalog.variant_for(cell.framework, cell.device, cell.cuda)
+        if isinstance(variant, str):
+            return variant
+        return self.sif_dir / f"{cell.framework}-{variant.variant}.sif"
+
+    def cannot_run(self, cell: Cell) -> str | None:
+        found = self.sif_path(cell)
+        if isinstance(found, str):
+            return found
+        if not found.is_file():
+            return (f"no image {found}: convert the docker backend's {cell.framework} image with "
+                    f"`{self.command} build {found} docker-daemon://<its tag>`")
+        return None
+
+    def prepare(self, cell: Cell) -> None:
+        found = self.sif_path(cell)
+        assert isinstance(found, Path), found  # cannot_run() said why before
+        if found not in self._image_ids:  # a SIF file is its image: its hash is its id
+            digest = hashlib.sha256()
+            with open(found, "rb") as image:
+                for block in iter(lambda: image.read(1 << 20), b""):
+                    digest.update(block)
+            self._image_ids[found] = f"sha256:{digest.hexdigest()}"
+
+    def command_line(self, launch: Launch) -> list[str]:
+        """``apptainer exec`` for the cell: a clean environment, only its own folders, its GPUs."""
+        sif = self.sif_path(launch.cell)
+        variant: Variant = self.catalog.variant_for(launch.cell.framework, launch.cell.device, launch.cell.cuda)
+        binds = [f"{launch.result_path.parent}:{OUT_DIR}"]
+        weights = data = None
+        if launch.weights:
+            weights = WEIGHTS_DIR / launch.weights.name
+            binds.append(f"{launch.weights.parent}:{WEIGHTS_DIR}:ro")
+        if launch.data_dir:
+            data = DATA_DIR
+            binds.append(f"{launch.data_dir}:{DATA_DIR}:ro")
+        image = {"tag": sif.name, "id": self._image_ids[sif], "base": variant.base, "base_digest": None}
+        argv = [self.command, "exec", "--containall", "--cleanenv", "--no-home", "--pwd", "/opt/dlbench"]
+        if launch.gpus:
+            argv.append("--nv")
+        for bind in binds:
+            argv += ["--bind", bind]
+        for name, value in (("PYTHONUNBUFFERED", "1"), ("DLBENCH_IMAGE", json.dumps(image)),
+                            ("CUDA_VISIBLE_DEVICES", ",".join(gpu.uuid for gpu in launch.gpus))):
+            argv += ["--env", f"{name}={value}"]
+        return argv + [str(sif), "python", "-m", "bench", *launch.bench_args,
+                       *launch.path_args(OUT_DIR / launch.result_path.name, weights, data)]
+
+    def run(self, launch: Launch) -> Exit:
+        # --cleanenv: the container gets the variables command_line() passes, none of the host's.
+        return run_process(self.command_line(launch), cell_environment(launch), launch.log_path, launch.timeout_s,
+                           launch.interrupted)
