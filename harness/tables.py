@@ -122,6 +122,7 @@ def results_frame(results: list[Result]) -> pd.DataFrame:
             "framework_version": result.env.get("framework_version"),
             "backend": result.env.get("backend"), "bench_hash": result.env.get("bench_hash"),
             "cells_at_once": result.env.get("cells_at_once", 1),
+            "host": result.env.get("hostname"),  # the node, for results gathered from a cluster
             "year": result.env.get("year"),  # published results only
             "published_data": result.cell.data,
             "cell_id": result.cell.id,
@@ -254,6 +255,10 @@ def build_tables(results: list[Result], mixed_bench: bool = False,
                              f"{int(row.cells_at_once)} cells at once on its host, one per GPU, sharing "
                              f"its CPUs (--serial runs one at a time)")
                 display[index] += " ‡"
+        ran = group[(group["status"] == "ok") & group["host"].notna()]
+        if ran["host"].nunique() > 1:  # results of a cluster's nodes, or of several hosts merged
+            notes.append("ran on " + "; ".join(f"{labels[key]}: {', '.join(sorted(set(hosts)))}"
+                                               for key, hosts in ran.groupby("device_key", sort=False)["host"]))
         columns = [labels[key] for key in dict.fromkeys(group["device_key"])]
         layout = group.assign(display=display, column=group["device_key"].map(labels))
         # Rows in the order frameworks and precisions are listed in the specs, not alphabetically.

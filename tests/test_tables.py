@@ -185,3 +185,19 @@ def test_math_modes_in_words():
     modes = math_modes("tf32", tf32_matmul=True, tf32_convolutions=True, loss_scaling=None, autotuner=True, xla=True)
     assert describe_math_modes(modes) == "float32 compute, TF32 on, autotuner on, XLA"
     assert describe_math_modes(None) == ""
+
+
+def test_results_gathered_from_several_nodes_say_which_node_ran_what():
+    on = []
+    for framework, node, gpu in (("pytorch", "gpu01", "h100"), ("tensorflow", "gpu02", "h100"),
+                                 ("pytorch", "gpu07", "a100")):
+        payload = result_payload(framework, device="gpu", gpu_name=None, cell_id=f"cnn.{node}", cuda="12.8",
+                                 cudnn="91002")
+        payload["cell"]["gpu"], payload["env"]["hostname"] = gpu, node
+        on.append(payload)
+    [table], _ = build_tables(results(*on))
+    h100, a100 = "h100 / CUDA 12.8 / cuDNN 91002", "a100 / CUDA 12.8 / cuDNN 91002"
+    assert list(table.display.columns) == [h100, a100]
+    assert f"ran on {h100}: gpu01, gpu02; {a100}: gpu07" in table.notes
+    [alone], _ = build_tables(results(result_payload("pytorch")))
+    assert not any(note.startswith("ran on") for note in alone.notes)
