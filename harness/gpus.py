@@ -45,13 +45,9 @@ def _words(name: str) -> list[str]:
     return [word for word in re.split(r"[^a-z0-9]+", name.lower()) if word and word != "nvidia"]
 
 
-def matches(requested: str, gpu: Gpu) -> bool:
-    """True when a model name from matrix.yml ("H100", "a100-80gb", "Tesla V100") names this
-    GPU: its words appear in order in the GPU's name, ignoring case and the vendor."""
-    return names_model(requested, gpu.name)
-
-
 def names_model(requested: str, model: str) -> bool:
-    """``matches`` for a model name: "H100" names "NVIDIA H100 80GB HBM3"."""
+    """True when a model name from matrix.yml ("H100", "a100-80gb", "Tesla V100") names a GPU
+    model ("NVIDIA H100 80GB HBM3", a cluster's GRES type "h100"): its words appear in order in
+    the model's name, ignoring case and the vendor."""
     wanted, have = _words(requested), iter(_words(model))
     return bool(wanted) and all(word in have for word in wanted)  # `in` advances the iterator

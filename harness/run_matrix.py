@@ -53,7 +53,8 @@ def print_plan(cells: list[Cell], folder: RunFolder, backend: backends.Backend) 
                      cell.batch_size, "×".join(map(str, cell.input_shape)), plan])
     print(tabulate(rows, headers=["framework", "task", "gpu", "cuda", "devices", "mode", "data", "batch",
                                   "input", "plan"]))
-    print(f"\n{len(cells)} cells; results go to {folder.root}")
+    print(f"\n{len(cells)} cells on {backend.inventory().describe()}; "
+          f"{backend.name} runs up to {backend.placement(serial=False).at_once} at once; results go to {folder.root}")
 
 
 def _stop_on_sigterm(signum, frame):

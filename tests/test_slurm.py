@@ -87,6 +87,11 @@ matrix:
        settings: {warmup_steps: 1, steps: 1, repeats: 1, batch_size: 2, image_size: 64, timeout_s: 600}}
 """ + QUICK)
     folder = RunFolder(tmp_path / "results")
+    plan = run_matrix(matrix, folder.root, "--dry-run")
+    assert plan.returncode == 0, plan.stderr
+    assert "skip: the cluster has no V100 GPU (it has a100, h100)" in plan.stdout
+    assert "4 cells on the cluster: a100 ×1, h100 ×2 (the most on one node)" in plan.stdout
+    assert not folder.root.exists()  # a dry run submits and writes nothing
 
     # --detach: submitted, not waited for; V100 is skipped with the cluster's types.
     detached = run_matrix(matrix, folder.root, "--detach")
@@ -184,3 +189,24 @@ def test_a_cell_runs_in_its_image_through_the_nodes_engine(cluster, engine, whee
     assert result.status == "ok", result.error
     assert result.env["slurm"]["runtime"] == "docker" and result.env["slurm"]["gres"] is None
     assert result.env["image"]["tag"].startswith("dlbench/pytorch")
+
+
+def test_an_interrupted_harness_cancels_its_jobs_and_records_none(cluster, tmp_path):
+    matrix = write_matrix(tmp_path / "m.yml", """
+matrix: {framework: [pytorch], task: [cnn_cifar10], gpu: [A100]}
+settings: {warmup_steps: 1, steps: 100000, repeats: 1, batch_size: 8, timeout_s: 600}
+slurm: {poll_s: 1}
+""")
+    folder = RunFolder(tmp_path / "results")
+    running = subprocess.Popen(harness(matrix, folder.root), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "DLBENCH_GPU_STAND_IN": "cpu"})
+    [(cell_id, job_id)] = wait_for(lambda: job_ids(folder), 120, "the job").items()
+    wait_for(lambda: squeue_states().get(job_id) == "RUNNING", 120, "the job to run")
+    running.send_signal(signal.SIGTERM)
+    _, err = running.communicate(timeout=120)
+    assert running.returncode == 128 + signal.SIGTERM, err
+    assert job_id not in squeue_states()
+    wait_for(lambda: subprocess.run(["sacct", "--noheader", "--parsable2", "--allocations", f"--jobs={job_id}",
+                                     "--format=State"], capture_output=True, text=True).stdout.startswith("CANCELLED"),
+             30, "the accounting to say CANCELLED")
+    assert not folder.result_path(cell_id).exists() and not job_ids(folder)

@@ -34,7 +34,7 @@ class FakeSlurm:
         self.final: dict[str, str] = {}
         self.lock = threading.Lock()
 
-    def gpu_nodes(self, partition):
+    def nodes(self, partition):
         return NODES
 
     def submit(self, argv):
@@ -93,6 +93,7 @@ def test_the_inventory_is_the_clusters_gres_types_with_the_most_on_one_node():
     inventory = slurm_backend(FakeSlurm()).inventory()
     assert [(m.name, m.most_per_cell) for m in inventory.gpu_models] == [("a100", 4), ("h100", 2)]
     assert inventory.names() == ["a100", "h100"]
+    assert inventory.describe() == "the cluster: a100 ×4, h100 ×2 (the most on one node); 64 CPU cores"
 
 
 def test_gpu_names_the_cluster_lacks_are_skipped_saying_which_types_it_has():
@@ -241,21 +242,25 @@ slurm: {partition: gpu, sbatch_args: [--mem=8G], gres_types: {H100: h100}}
 
 def test_sacct_and_scontrol_answers_are_read():
     answers = {
-        "sacct": "101|COMPLETED|0:0|node1|main\n102|CANCELLED by 0|0:15|node1|main\n103|PENDING|0:0|None assigned|main\n",
-        "scontrol": "JobId=104 JobName=x JobState=RUNNING Reason=None ExitCode=0:0 NodeList=node2 Partition=gpu\n",
+        "sacct": "101|COMPLETED|0:0|node1|main\n102|CANCELLED by 0|0:15|node1|main\n103|PENDING|0:0|None assigned|main\n"
+                 "106|COMPLETED|0:0|node1|\n",  # sacct's partition lags behind the job's end
+        "104": "JobId=104 JobName=x JobState=RUNNING Reason=None ExitCode=0:0 NodeList=node2 Partition=gpu\n",
+        "106": "JobId=106 JobName=x JobState=COMPLETED Reason=None ExitCode=0:0 NodeList=node1 Partition=main\n",
     }
 
     def fake_run(argv, **kwargs):
-        if argv[0] == "scontrol" and argv[-1] != "104":
+        answer = answers.get(argv[0], answers.get(argv[-1]))
+        if answer is None:
             return subprocess.CompletedProcess(argv, 1, "", "slurm_load_jobs error: Invalid job id specified")
-        return subprocess.CompletedProcess(argv, 0, answers[argv[0]], "")
+        return subprocess.CompletedProcess(argv, 0, answer, "")
 
-    states = SlurmCli(fake_run).states(["101", "102", "103", "104", "105"])
+    states = SlurmCli(fake_run).states(["101", "102", "103", "104", "105", "106"])
     assert states["101"] == JobState("101", "COMPLETED", "0:0", "node1", "main")
     assert states["102"].state == "CANCELLED" and states["102"].ended
     assert states["103"].node == "" and not states["103"].ended
     assert states["104"] == JobState("104", "RUNNING", "0:0", "node2", "gpu")
     assert "105" not in states
+    assert states["106"] == JobState("106", "COMPLETED", "0:0", "node1", "main")
 
 
 def test_missing_slurm_commands_are_a_clear_error():
@@ -263,7 +268,7 @@ def test_missing_slurm_commands_are_a_clear_error():
         raise FileNotFoundError(argv[0])
 
     with pytest.raises(BackendError, match="sinfo is not on PATH: the slurm backend needs Slurm's client commands"):
-        SlurmCli(missing).gpu_nodes(None)
+        SlurmCli(missing).nodes(None)
 
 
 def test_job_records_survive_a_round_trip(tmp_path):

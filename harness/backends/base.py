@@ -50,6 +50,13 @@ class Inventory:
     where: str  # "this host", "the cluster"
     gpu_models: tuple[GpuModel, ...] = ()
     aliases: Mapping[str, str] = field(default_factory=dict)  # matrix GPU name -> model name
+    cpu_cores: int = 0  # this host's cores, or the most of one node
+
+    def describe(self) -> str:
+        """One line for people: "the cluster: h100 ×2, a100 ×4 (the most on one node); 64 CPU cores"."""
+        gpus = ", ".join(f"{model.name} ×{model.most_per_cell}" for model in self.gpu_models) or "no GPU"
+        most = " (the most on one node)" if self.where == "the cluster" and self.gpu_models else ""
+        return f"{self.where}: {gpus}{most}; {self.cpu_cores} CPU cores"
 
     def names(self) -> list[str]:
         """What ``gpu: auto`` expands to: every model, or ``cpu`` when there is none."""
@@ -79,7 +86,8 @@ def host_inventory(gpus: list[Gpu]) -> Inventory:
     counts: dict[str, int] = {}
     for gpu in gpus:
         counts[gpu.name] = counts.get(gpu.name, 0) + 1
-    return Inventory("this host", tuple(GpuModel(name, count) for name, count in sorted(counts.items())))
+    return Inventory("this host", tuple(GpuModel(name, count) for name, count in sorted(counts.items())),
+                     cpu_cores=os.cpu_count() or 1)
 
 
 @dataclass
@@ -123,8 +131,7 @@ class Exit:
     env: dict = field(default_factory=dict)  # what the backend knows of where the cell ran (into env)
 
     def describe(self) -> str:
-        if self.detail:
-            return self.detail
+        """How the cell's process ended, in words (``detail`` says more, where a backend has it)."""
         if self.timed_out:
             return "timed out and was stopped"
         if self.out_of_memory:

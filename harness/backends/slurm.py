@@ -110,7 +110,7 @@ class SlurmCli:
                                f"{(done.stderr or done.stdout).strip() or 'no message'}")
         return done
 
-    def gpu_nodes(self, partition: str | None) -> list[tuple[str, str, int]]:
+    def nodes(self, partition: str | None) -> list[tuple[str, str, int]]:
         """(node, GRES, CPUs) of every node, in the partition when one is named."""
         argv = ["sinfo", "--noheader", "--Node", "--format=%N|%G|%c"]
         if partition:
@@ -126,8 +126,9 @@ class SlurmCli:
         return self.call("sbatch", "--parsable", *argv).stdout.strip().split(";")[0]
 
     def states(self, job_ids: list[str]) -> dict[str, JobState]:
-        """What sacct (the accounting database) and, for jobs it does not know yet or at all,
-        scontrol say of the jobs; a job neither knows is left out."""
+        """What sacct (the accounting database) says of the jobs, and scontrol (the controller)
+        of those sacct does not know yet, or at all, or knows only in part (its partition
+        lags a few seconds behind); a job neither knows is left out."""
         found: dict[str, JobState] = {}
         if job_ids:
             done = self.call("sacct", "--noheader", "--parsable2", "--allocations", f"--jobs={','.join(job_ids)}",
@@ -139,14 +140,18 @@ class SlurmCli:
                         found[job_id] = JobState(job_id, state.split()[0] if state else "", exit_code,
                                                  "" if node in ("None assigned", "(null)") else node, partition)
         for job_id in job_ids:
-            if job_id not in found:
-                done = self.call("scontrol", "--oneliner", "show", "job", job_id, check=False)
-                fields = dict(re.findall(r"(\w+)=(\S*)", done.stdout)) if done.returncode == 0 else {}
-                if fields.get("JobState"):
-                    found[job_id] = JobState(job_id, fields["JobState"], fields.get("ExitCode", ""),
-                                             "" if fields.get("NodeList") == "(null)" else fields.get("NodeList", ""),
-                                             fields.get("Partition", ""))
+            if job_id not in found or not found[job_id].partition:
+                found.update(self._controller_state(job_id))
         return found
+
+    def _controller_state(self, job_id: str) -> dict[str, JobState]:
+        done = self.call("scontrol", "--oneliner", "show", "job", job_id, check=False)
+        fields = dict(re.findall(r"(\w+)=(\S*)", done.stdout)) if done.returncode == 0 else {}
+        if not fields.get("JobState"):
+            return {}
+        return {job_id: JobState(job_id, fields["JobState"], fields.get("ExitCode", ""),
+                                 "" if fields.get("NodeList") == "(null)" else fields.get("NodeList", ""),
+                                 fields.get("Partition", ""))}
 
     def cancel(self, job_ids: list[str]) -> None:
         if job_ids:
@@ -322,14 +327,15 @@ class SlurmBackend(Backend):
 
     def _ask_inventory(self) -> Inventory:
         most: dict[str, int] = {}
-        for _, gres, _ in self.cli.gpu_nodes(self.options.partition):
+        nodes = self.cli.nodes(self.options.partition)
+        for _, gres, _ in nodes:
             per_node: dict[str, int] = {}
             for kind, count in re.findall(r"\bgpu(?::([^:(,]+))?:(\d+)", gres):
                 per_node[kind or "gpu"] = per_node.get(kind or "gpu", 0) + int(count)
             for kind, count in per_node.items():
                 most[kind] = max(most.get(kind, 0), count)
         inventory = Inventory("the cluster", tuple(GpuModel(kind, count) for kind, count in sorted(most.items())),
-                              aliases=self.options.gres_types)
+                              aliases=self.options.gres_types, cpu_cores=max((cpus for *_, cpus in nodes), default=0))
         for name, gres in self.options.gres_types.items():
             if gres not in most:
                 raise BackendError(f"slurm.gres_types: {name!r} maps to the GRES type {gres!r}, which the cluster "
