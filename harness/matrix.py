@@ -223,13 +223,17 @@ class Matrix:
                 if not fitting:
                     if "framework" not in added or "task" not in added:
                         raise MatrixError(
-                            f"{self.path}:{_line_in(self.document, ('matrix', 'include', number))}: "
+                            f"{self.place('matrix', 'include', number)}: "
                             f"matrix.include[{number}]: it matches no cell, so it adds one, and a new "
                             f"cell needs both 'framework' and 'task'; add them")
                     combos.append(_Combo({"gpu": "auto", "cuda": "auto", "threads": "auto", "devices": 1,
                                           "precision": "fp32"},
                                          added, include.settings, included=True))
         return combos
+
+    def place(self, *loc: str | int) -> str:
+        """``file:line`` of a key of the file, for errors found after validation."""
+        return f"{self.path}:{_line_in(self.document, loc)}"
 
     def section(self, name: str, model: type[Model]) -> Model:
         """The top-level block ``name`` (a backend's options) validated as ``model``; an empty

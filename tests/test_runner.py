@@ -277,3 +277,19 @@ def test_environments_are_prepared_side_by_side_once_each(tmp_path):
     assert [o.status for o in outcomes] == ["ok"] * 6 and backend.runs == 6
     assert sorted(backend.built) == ["jax", "mxnet", "pytorch"]
     assert backend.most_at_once == 3
+
+
+def test_a_results_folder_is_used_by_one_harness_at_a_time(tmp_path, capsys):
+    from conftest import write_matrix
+    from harness import run_matrix
+
+    matrix = write_matrix(tmp_path / "m.yml", "matrix: {framework: [pytorch], task: [cnn_cifar10]}\n")
+    folder = RunFolder(tmp_path / "run")
+    with folder.lock():
+        assert run_matrix.main([str(matrix), "--results", str(folder.root), "--backend", "current"]) == 2
+    assert capsys.readouterr().err == (f"error: {folder.root}: another harness is using this results folder "
+                                       f"(pid {os.getpid()} on {os.uname().nodename}); wait for it to end, "
+                                       f"or pass another --results\n")
+    assert not folder.cells.exists()  # nothing ran, nothing was written
+    with folder.lock():  # let go of when the block ends
+        pass

@@ -239,6 +239,16 @@ slurm: {partition: gpu, sbatch_args: [--mem=8G], gres_types: {H100: h100}}
     with pytest.raises(BackendError, match="--gres-type 'A100': write NAME=TYPE"):
         SlurmBackend.from_args(backends.options(["--gres-type", "A100"]), load(path))
 
+    class Cluster(FakeSlurm):
+        def nodes(self, partition):
+            return [("node1", "gpu:a100:1", 8)]
+
+    backend = SlurmBackend.from_args(args, load(path))
+    backend.cli = Cluster()
+    with pytest.raises(BackendError, match=r"m.yml:2: slurm.gres_types: 'H100' maps to the GRES type 'h100', which "
+                                           r"the cluster does not have \(its types: a100\); fix the name"):
+        backend.inventory()
+
 
 def test_sacct_and_scontrol_answers_are_read():
     answers = {

@@ -267,8 +267,9 @@ class SlurmBackend(Backend):
     summary = "one Slurm job per cell, placed by the cluster (--partition, --gres-type, --detach ...)"
 
     def __init__(self, options: SlurmOptions, runtime: Backend, runtime_argv: list[str],
-                 detach: bool = False, cli: SlurmCli | None = None):
+                 detach: bool = False, cli: SlurmCli | None = None, places: dict[str, str] | None = None):
         self.options = options
+        self.places = places or {}  # where each of options.gres_types was given: "file:line: " or "--gres-type "
         self.runtime = runtime  # the host backend each job runs its cell with
         self.runtime_argv = runtime_argv  # the command line that makes the same runtime on a node
         self.detach = detach
@@ -303,11 +304,13 @@ class SlurmBackend(Backend):
         except MatrixError as error:
             raise BackendError(str(error)) from None
         aliases = dict(options.gres_types)
+        places = {name: f"{matrix.place('slurm', 'gres_types', name)}: slurm.gres_types" for name in aliases}
         for pair in args.gres_type:
             name, _, gres = pair.partition("=")
             if not name.strip() or not gres.strip():
                 raise BackendError(f"--gres-type {pair!r}: write NAME=TYPE, e.g. 'A100 80GB=a100_80gb'")
             aliases[name.strip()] = gres.strip()
+            places[name.strip()] = "--gres-type"
         given = {"partition": args.partition, "account": args.account, "qos": args.qos,
                  "constraint": args.constraint, "runtime": args.slurm_runtime}
         options = options.model_copy(update={
@@ -316,7 +319,7 @@ class SlurmBackend(Backend):
         if options.runtime not in BACKENDS:
             raise BackendError(f"slurm runtime {options.runtime!r} is not a backend here")
         runtime = BACKENDS[options.runtime].from_args(args, matrix)
-        return cls(options, runtime, list(getattr(args, "argv", [])), detach=args.detach)
+        return cls(options, runtime, list(getattr(args, "argv", [])), detach=args.detach, places=places)
 
     # Placement: the cluster's GPU types and Slurm's own scheduling.
 
@@ -338,8 +341,9 @@ class SlurmBackend(Backend):
                               aliases=self.options.gres_types, cpu_cores=max((cpus for *_, cpus in nodes), default=0))
         for name, gres in self.options.gres_types.items():
             if gres not in most:
-                raise BackendError(f"slurm.gres_types: {name!r} maps to the GRES type {gres!r}, which the cluster "
-                                   f"does not have (its types: {', '.join(sorted(most)) or 'none'}); fix the name")
+                raise BackendError(f"{self.places.get(name, 'slurm.gres_types')}: {name!r} maps to the GRES type "
+                                   f"{gres!r}, which the cluster does not have (its types: "
+                                   f"{', '.join(sorted(most)) or 'none'}); fix the name")
         return inventory
 
     def placement(self, serial: bool) -> Placement:
