@@ -17,7 +17,6 @@ in use (nothing is run then).
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import socket
 import sys

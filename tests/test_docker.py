@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BASE_IMAGE, REPO, docker_options, write_matrix
+from conftest import BASE_IMAGE, CACHE, REPO, docker_options, write_matrix
 from harness.results import load_results
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
