@@ -291,6 +291,33 @@ class _Combo:
             self.settings = Settings.model_validate({**base, **settings.model_dump(exclude_unset=True)})
 
 
+def only(cells: list[Cell], expressions: list[str]) -> list[Cell]:
+    """The cells whose axes have the listed values: ``framework=pytorch,jax`` keeps PyTorch's
+    and JAX's cells (``keras`` stands for its three backends, a GPU name matches as in the
+    matrix); several expressions must all hold. MatrixError names an expression that is not
+    ``AXIS=VALUE[,VALUE...]`` or that keeps no cell."""
+    for expression in expressions:
+        axis, _, listed = expression.partition("=")
+        values = [value.strip() for value in listed.split(",") if value.strip()]
+        if axis not in AXES or not values:
+            raise MatrixError(f"--only {expression}: write AXIS=VALUE[,VALUE...] with an axis of {', '.join(AXES)}, "
+                              f"e.g. framework=pytorch,jax")
+        if axis == "framework":
+            values = [member for value in values for member in _members(value)]
+
+        def kept(cell: Cell) -> bool:
+            value = str(getattr(cell, axis))
+            return any(value == wanted or (axis == "gpu" and names_model(wanted, value)) for wanted in values)
+
+        remaining = [cell for cell in cells if kept(cell)]
+        if not remaining:
+            present = sorted({str(getattr(cell, axis)) for cell in cells})
+            raise MatrixError(f"--only {expression}: keeps no cell (the {axis} values here: {', '.join(present)}); "
+                              f"check the spelling")
+        cells = remaining
+    return cells
+
+
 def load(path: Path) -> Matrix:
     """Read and validate a matrix file; every problem is a MatrixError with file:line."""
     spec, document = load_yaml(Path(path), MatrixFile)

@@ -30,7 +30,7 @@ from tabulate import tabulate  # noqa: E402
 
 from harness import backends  # noqa: E402
 from harness.backends.base import REPO_ROOT  # noqa: E402
-from harness.matrix import Cell, MatrixError, load  # noqa: E402
+from harness.matrix import Cell, MatrixError, load, only  # noqa: E402
 from harness.report import report  # noqa: E402
 from harness.results import FolderInUse, RunFolder  # noqa: E402
 from harness.runner import is_done, run_cells  # noqa: E402
@@ -42,17 +42,18 @@ def default_results_dir(matrix_path: Path) -> Path:
     return REPO_ROOT / "results" / f"{matrix_path.stem}-{socket.gethostname()}"
 
 
-def print_plan(cells: list[Cell], folder: RunFolder, backend: backends.Backend) -> None:
+def print_plan(cells: list[Cell], folder: RunFolder, backend: backends.Backend, expanded: int) -> None:
     rows = []
     for cell in cells:
         reason = backend.skip_reason(cell)
         plan = f"skip: {reason}" if reason else ("done" if is_done(folder.result_path(cell.id)) else "run")
         s = cell.settings
-        rows.append([cell.framework, cell.task, cell.gpu, cell.cuda, cell.devices, s.mode, s.data,
-                     cell.batch_size, "×".join(map(str, cell.input_shape)), plan])
-    print(tabulate(rows, headers=["framework", "task", "gpu", "cuda", "devices", "mode", "data", "batch",
-                                  "input", "plan"]))
-    print(f"\n{len(cells)} cells on {backend.inventory().describe()}; "
+        rows.append([cell.framework, cell.task, cell.gpu, cell.cuda, cell.threads, cell.devices, cell.precision,
+                     s.mode, s.data, cell.batch_size, "×".join(map(str, cell.input_shape)), plan])
+    print(tabulate(rows, headers=["framework", "task", "gpu", "cuda", "threads", "devices", "precision", "mode",
+                                  "data", "batch", "input", "plan"]))
+    selected = f" (of {expanded}, chosen by --only)" if expanded != len(cells) else ""
+    print(f"\n{len(cells)} cells{selected} on {backend.inventory().describe()}; "
           f"{backend.name} runs up to {backend.placement(serial=False).at_once} at once; results go to {folder.root}")
 
 
@@ -65,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("matrix", type=Path, help="the matrix file, e.g. matrix.yml")
     parser.add_argument("--dry-run", action="store_true", help="list the expanded cells and exit")
+    parser.add_argument("--only", nargs="+", default=[], metavar="AXIS=VALUES",
+                        help="run only the cells whose axes have these values, e.g. --only framework=pytorch,jax "
+                             "task=cnn_cifar10 (every expression must hold; applied after expansion)")
     parser.add_argument("--results", type=Path, default=None,
                         help="results folder (default: results/<matrix name>-<host>)")
     parser.add_argument("--force", action="store_true", help="rerun cells that already have a successful result")
@@ -78,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         matrix = load(args.matrix)
         backend = backends.select(args, matrix)
-        cells = matrix.cells(backend.inventory())
+        expanded = matrix.cells(backend.inventory())
+        cells = only(expanded, args.only)
     except (MatrixError, backends.BackendError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -87,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --results {folder.root}: exists and is not a folder; pass a folder path", file=sys.stderr)
         return 2
     if args.dry_run:
-        print_plan(cells, folder, backend)
+        print_plan(cells, folder, backend, len(expanded))
         return 0
     try:
         with folder.lock():

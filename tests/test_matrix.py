@@ -11,7 +11,7 @@ from bench.specs import FRAMEWORKS, TASKS
 from conftest import REPO, write_matrix
 from harness.backends.base import host_inventory
 from harness.gpus import Gpu
-from harness.matrix import MatrixError, load
+from harness.matrix import MatrixError, load, only
 
 H100 = Gpu(0, "GPU-aaa", "NVIDIA H100 80GB HBM3", 80 << 30)
 H100_B = Gpu(1, "GPU-bbb", "NVIDIA H100 80GB HBM3", 80 << 30)
@@ -210,3 +210,38 @@ def test_cli_dry_run_lists_cells_and_their_plan(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "4 cells" in done.stdout and "skip: this host has no H100 GPU" in done.stdout
     assert not (tmp_path / "r").exists()
+
+
+def test_only_keeps_the_cells_whose_axes_have_the_listed_values(tmp_path):
+    cells = load(write_matrix(tmp_path / "m.yml", """
+matrix:
+  framework: [pytorch, keras, jax]
+  task: [cnn_cifar10, gru_imdb]
+  gpu: [cpu, "H100 80GB"]
+  precision: [fp32, bf16]
+""")).cells(host_inventory([]))
+    chosen = only(cells, ["framework=pytorch,keras", "task=gru_imdb", "gpu=H100", "precision=bf16"])
+    assert sorted(c.framework for c in chosen) == ["keras-jax", "keras-tensorflow", "keras-torch", "pytorch"]
+    assert {(c.task, c.gpu, c.precision) for c in chosen} == {("gru_imdb", "H100 80GB", "bf16")}
+    assert only(cells, []) == cells
+    with pytest.raises(MatrixError, match=r"--only task=gru: keeps no cell \(the task values here: cnn_cifar10, "
+                                          r"gru_imdb\); check the spelling"):
+        only(cells, ["task=gru"])
+    with pytest.raises(MatrixError, match="--only tasks=gru_imdb: write AXIS=VALUE"):
+        only(cells, ["tasks=gru_imdb"])
+
+
+def test_cli_dry_run_shows_every_axis_and_what_only_chose(tmp_path):
+    path = write_matrix(tmp_path / "m.yml", BASE.format(extra="  threads: [1, 2]\n  precision: [fp32, bf16]"))
+    done = subprocess.run([sys.executable, str(REPO / "harness" / "run_matrix.py"), str(path), "--dry-run",
+                           "--backend", "current", "--only", "gpu=cpu", "threads=2"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    header, _, *rows = done.stdout.splitlines()[:6]
+    assert header.split() == ["framework", "task", "gpu", "cuda", "threads", "devices", "precision", "mode", "data",
+                              "batch", "input", "plan"]
+    assert [row.split()[:7] for row in rows] == [
+        ["pytorch", "cnn_cifar10", "cpu", "auto", "2", "1", "fp32"], ["pytorch", "cnn_cifar10", "cpu", "auto", "2", "1", "bf16"],
+        ["tensorflow", "cnn_cifar10", "cpu", "auto", "2", "1", "fp32"],
+        ["tensorflow", "cnn_cifar10", "cpu", "auto", "2", "1", "bf16"]]
+    assert "4 cells (of 16, chosen by --only)" in done.stdout
