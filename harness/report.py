@@ -1,12 +1,15 @@
 #!/usr/bin/env python
-"""Regenerate the reports of any set of result folders: the Markdown and CSV tables, a PNG
-chart per table, and one self-contained HTML report (tables, charts, environment, flagged
-cells) that opens from disk with nothing fetched from anywhere.
+"""Tables and reports of any set of result folders (a run, or runs from several machines or
+clusters merged): the Markdown and CSV tables, a PNG chart per table, and one self-contained
+HTML report (tables, charts, environment, flagged cells) that opens from disk with nothing
+fetched from anywhere. The tables are printed too.
 
-    python harness/report.py RESULTS [more folders...] [--out DIR] [--mixed-bench] [--no-reference]
+    python harness/report.py RESULTS [more folders...] [--out DIR] [--no-charts] [--mixed-bench] [--no-reference]
 
-DIR defaults to <first folder>/report. Published reference numbers (harness/reference/) join
-the tables of the protocols they were measured with, as in merge.py.
+DIR is where run_matrix.py writes a run's own: the folder itself when there is one, and
+results/merged-<UTC time>/ for several. --no-charts writes the tables alone. Files that are
+not valid cell results are reported and skipped. Published reference numbers
+(harness/reference/) join the tables of the protocols they were measured with.
 """
 from __future__ import annotations
 
@@ -29,8 +32,9 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.result import Result, write_text_atomic  # noqa: E402
+from harness.images import REPO_ROOT  # noqa: E402
 from harness.reference import is_published, published_results  # noqa: E402
-from harness.results import add_folder_arguments, describe_math_modes, load_results, missing_folder  # noqa: E402
+from harness.results import describe_math_modes, load_results  # noqa: E402
 from harness.tables import Table, build_tables, write_tables  # noqa: E402
 
 # Marks the tables put on a cell's text: the class the HTML gives such a cell, and the heading
@@ -166,29 +170,53 @@ def html_report(tables: list[Table], charts: dict[str, Path], results: list[Resu
     return "\n".join(parts) + "\n"
 
 
-def report(folders: list[Path], out_dir: Path, mixed_bench: bool = False, reference: bool = True) -> Path:
-    """Tables, charts and report.html under ``out_dir``; returns the report's path."""
+def report(folders: list[Path], out_dir: Path, mixed_bench: bool = False, reference: bool = True,
+           charts: bool = True) -> Path | None:
+    """Tables (``out_dir/tables/``) and, with ``charts``, the charts and report.html under
+    ``out_dir``; returns the report's path. Problems with files go to stderr."""
     loaded = load_results(*folders)
     results = [result for _, result in loaded.results]
     tables, dropped = build_tables(results, mixed_bench, published_results() if reference else ())
+    for problem in loaded.problems + dropped:
+        print(f"note: {problem}", file=sys.stderr)
     write_tables(tables, results, out_dir / "tables")
-    charts = {table.name: chart(table, out_dir / "charts" / f"{table.name}.png") for table in tables}
+    if not charts:
+        return None
+    drawn = {table.name: chart(table, out_dir / "charts" / f"{table.name}.png") for table in tables}
     page = out_dir / "report.html"
-    write_text_atomic(page, html_report(tables, charts, results, folders, loaded.problems + dropped))
+    write_text_atomic(page, html_report(tables, drawn, results, folders, loaded.problems + dropped))
     return page
+
+
+def default_out(folders: list[Path]) -> Path:
+    """A run folder's own place, or a new folder under results/ for a merge of several."""
+    if len(folders) == 1:
+        return folders[0]
+    return REPO_ROOT / "results" / f"merged-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python harness/report.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_folder_arguments(parser, "where to write (default: <first folder>/report)")
+    parser.add_argument("folders", nargs="+", type=Path, help="folders holding cell result JSON files")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where to write (default: the folder itself when there is one, "
+                             "results/merged-<UTC time>/ for several)")
+    parser.add_argument("--no-charts", action="store_true", help="write the tables alone: no charts, no HTML page")
+    parser.add_argument("--mixed-bench", action="store_true",
+                        help="compare results measured by different bench code (by default only the "
+                             "newest result's bench hash is shown; the others are listed)")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="leave the published reference numbers (harness/reference/) out of the tables")
     args = parser.parse_args(argv)
-    problem = missing_folder(args.folders)
-    if problem:
-        print(problem, file=sys.stderr)
-        return 2
-    page = report(args.folders, args.out or args.folders[0] / "report", args.mixed_bench, not args.no_reference)
-    print(page)
+    for folder in args.folders:
+        if not folder.is_dir():
+            print(f"error: {folder}: no such results folder; pass a folder of cell results", file=sys.stderr)
+            return 2
+    out = args.out or default_out(args.folders)
+    page = report(args.folders, out, args.mixed_bench, not args.no_reference, charts=not args.no_charts)
+    print((out / "tables" / "README.md").read_text(encoding="utf-8"))
+    print(f"tables: {out / 'tables'}" + (f"; report: {page}" if page else ""), file=sys.stderr)
     return 0
 
 

@@ -109,26 +109,6 @@ def headline_time(result: Result) -> Summary | None:
     return metrics and (metrics.seconds_per_1000 or metrics.step_time_s or metrics.train_time_s)
 
 
-def add_folder_arguments(parser, out_help: str) -> None:
-    """The arguments merge.py and report.py share: result folders, --out, --mixed-bench,
-    --no-reference."""
-    parser.add_argument("folders", nargs="+", type=Path, help="folders holding cell result JSON files")
-    parser.add_argument("--out", type=Path, default=None, help=out_help)
-    parser.add_argument("--mixed-bench", action="store_true",
-                        help="compare results measured by different bench code (by default only the "
-                             "newest result's bench hash is shown; the others are listed)")
-    parser.add_argument("--no-reference", action="store_true",
-                        help="leave the published reference numbers (harness/reference/) out of the tables")
-
-
-def missing_folder(folders: list[Path]) -> str | None:
-    """The one-line error for the first argument that is not a folder, or None."""
-    for folder in folders:
-        if not folder.is_dir():
-            return f"error: {folder}: no such results folder; pass a folder of cell results"
-    return None
-
-
 @dataclass
 class LoadedResults:
     results: list[tuple[Path, Result]] = field(default_factory=list)

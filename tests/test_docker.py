@@ -65,11 +65,11 @@ def test_cells_run_in_images_built_offline_and_merge_with_local_results(engine, 
     # The local backend's results of the same cells merge into the same tables, a column each.
     local = run_matrix(matrix, tmp_path / "local", "--backend", "local")
     assert local.returncode == 0, local.stderr[-3000:]
-    merged = subprocess.run([sys.executable, str(REPO / "harness" / "merge.py"), str(tmp_path / "docker"),
-                             str(tmp_path / "local"), "--out", str(tmp_path / "tables")],
+    merged = subprocess.run([sys.executable, str(REPO / "harness" / "report.py"), str(tmp_path / "docker"),
+                             str(tmp_path / "local"), "--out", str(tmp_path / "merged"), "--no-charts"],
                             capture_output=True, text=True, check=True)
     assert "docker backend" in merged.stdout and "local backend" in merged.stdout
-    cnn = (tmp_path / "tables" / "cnn_cifar10-throughput-synthetic-batch64-3x32x32.md").read_text()
+    cnn = (tmp_path / "merged" / "tables" / "cnn_cifar10-throughput-synthetic-batch64-3x32x32.md").read_text()
     for framework in FRAMEWORKS:
         row = next(line for line in cnn.splitlines() if line.startswith(f"| {framework} "))
         assert row.count(" ms [") == 2, row  # a number from each backend

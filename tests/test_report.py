@@ -119,3 +119,15 @@ def test_the_report_renders_in_chromium_with_the_numbers_and_fetches_nothing(tmp
     leaky = tmp_path / "leaky.html"
     leaky.write_text('<!doctype html><html><body><img src="http://example.invalid/x.png"></body></html>')
     assert render(leaky, tmp_path)[1] == ["http://example.invalid/x.png"]
+
+
+def test_several_folders_merge_into_a_new_folder_of_their_own(tmp_path, monkeypatch, capsys):
+    from harness import report as report_module
+
+    monkeypatch.setattr(report_module, "REPO_ROOT", tmp_path)
+    first, second = write_results(tmp_path / "a"), write_results(tmp_path / "b")
+    assert main([str(first), str(second)]) == 0
+    [merged] = (tmp_path / "results").iterdir()
+    assert merged.name.startswith("merged-") and (merged / "report.html").is_file()
+    assert not (first / "tables").exists()  # a run's own tables are left as they are
+    assert "| pytorch" in capsys.readouterr().out
