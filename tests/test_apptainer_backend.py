@@ -3,6 +3,7 @@ cell needs and the skip when it is missing, and the exec line a cell runs, run t
 stand-in ``apptainer`` that records what it was asked."""
 from __future__ import annotations
 
+import hashlib
 import json
 import stat
 import sys
@@ -11,7 +12,7 @@ import pytest
 
 from harness import backends
 from harness.backends import BackendError
-from harness.backends.apptainer import ApptainerBackend
+from harness.backends.apptainer import ApptainerBackend, image_id
 from harness.gpus import Gpu
 from harness.matrix import Cell, Settings
 
@@ -61,7 +62,13 @@ def test_a_cell_runs_with_a_clean_environment_its_own_folders_and_gpus(tmp_path,
     assert "--nv" not in argv
     assert f"{tmp_path}/staging:/dlbench/out" in argv and f"{tmp_path}/w:/dlbench/weights:ro" in argv
     image = json.loads(next(a for a in argv if a.startswith("DLBENCH_IMAGE=")).split("=", 1)[1])
-    assert image["tag"] == "pytorch-cpu.sif" and image["id"].startswith("sha256:")
+    assert image["tag"] == "pytorch-cpu.sif" and image["id"] == "sha256:" + hashlib.sha256(b"an image").hexdigest()
+    kept = tmp_path / "sif" / "pytorch-cpu.sif.sha256"
+    assert kept.read_text().splitlines()[1] == image["id"]  # the next cell (or job) reads it, not the image
+    kept.write_text(kept.read_text().replace(image["id"], "sha256:kept"))
+    assert image_id(tmp_path / "sif" / "pytorch-cpu.sif") == "sha256:kept"
+    (tmp_path / "sif" / "pytorch-cpu.sif").write_bytes(b"another image")  # changed: hashed again
+    assert image_id(tmp_path / "sif" / "pytorch-cpu.sif") == "sha256:" + hashlib.sha256(b"another image").hexdigest()
     assert argv[argv.index(str(tmp_path / "sif" / "pytorch-cpu.sif")) + 1:] == [
         "python", "-m", "bench", "--framework", "pytorch", "--out", "/dlbench/out/c.json",
         "--weights", "/dlbench/weights/resnet50.npz"]

@@ -15,6 +15,8 @@ import json
 import shutil
 from pathlib import Path
 
+from bench.result import write_text_atomic
+
 from ..images import Catalog, Variant, load_catalog
 from ..matrix import Cell
 from .base import BackendError, Exit, HostBackend, Launch, cell_environment, register, run_process
@@ -72,12 +74,8 @@ class ApptainerBackend(HostBackend):
     def prepare(self, cell: Cell) -> None:
         found = self.sif_path(cell)
         assert isinstance(found, Path), found  # cannot_run() said why before
-        if found not in self._image_ids:  # a SIF file is its image: its hash is its id
-            digest = hashlib.sha256()
-            with open(found, "rb") as image:
-                for block in iter(lambda: image.read(1 << 20), b""):
-                    digest.update(block)
-            self._image_ids[found] = f"sha256:{digest.hexdigest()}"
+        if found not in self._image_ids:
+            self._image_ids[found] = image_id(found)
 
     def command_line(self, launch: Launch) -> list[str]:
         """``apptainer exec`` for the cell: a clean environment, only its own folders, its GPUs."""
@@ -107,3 +105,24 @@ class ApptainerBackend(HostBackend):
         # --cleanenv: the container gets the variables command_line() passes, none of the host's.
         return run_process(self.command_line(launch), cell_environment(launch), launch.log_path, launch.timeout_s,
                            launch.interrupted)
+
+
+def image_id(sif: Path) -> str:
+    """A SIF file is its image, so its SHA-256 is its id; kept beside it (``<sif>.sha256``,
+    valid while the file's size and modification time are the same), so that the cells of a
+    cluster's jobs do not each read gigabytes again."""
+    stat = sif.stat()
+    stamp = f"{stat.st_size} {stat.st_mtime_ns}"
+    kept = sif.with_name(sif.name + ".sha256")
+    try:
+        known_stamp, known_id = kept.read_text(encoding="utf-8").split("\n")[:2]
+        if known_stamp == stamp:
+            return known_id
+    except (OSError, ValueError):
+        pass
+    digest = hashlib.sha256()
+    with open(sif, "rb") as image:
+        for block in iter(lambda: image.read(1 << 20), b""):
+            digest.update(block)
+    write_text_atomic(kept, f"{stamp}\nsha256:{digest.hexdigest()}\n")
+    return f"sha256:{digest.hexdigest()}"

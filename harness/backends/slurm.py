@@ -184,6 +184,11 @@ class JobRecord:
         write_json_atomic(self.path(jobs, self.cell_id), asdict(self))
 
 
+def time_limit_minutes(cell: Cell) -> int:
+    """The cell's timeout as Slurm's --time: whole minutes, at least one."""
+    return max(1, math.ceil(cell.settings.timeout_s / 60))
+
+
 def job_files(staging: Path, cell_id: str, job_id: str) -> tuple[Path, Path]:
     """Where a job writes the cell's result, and how its runtime saw the cell end."""
     return staging / f"{cell_id}.job-{job_id}.json", staging / f"{cell_id}.job-{job_id}.exit.json"
@@ -401,7 +406,7 @@ class SlurmBackend(Backend):
         """sbatch's options and command for the cell, and the GRES it asks for."""
         cell = launch.cell
         argv = [f"--job-name={cell.id}", f"--chdir={Path.cwd()}", f"--output={launch.log_path}",
-                "--open-mode=append", f"--time={max(1, math.ceil(cell.settings.timeout_s / 60))}",
+                "--open-mode=append", f"--time={time_limit_minutes(cell)}",
                 "--ntasks=1", "--export=ALL"]
         gres = None
         if cell.device == "gpu":
@@ -461,7 +466,7 @@ class SlurmBackend(Backend):
             "COMPLETED": None,
             "FAILED": f"{job} failed (exit code {state.exit_code})",
             "OUT_OF_MEMORY": f"{job} ran out of memory (killed at its memory limit)",
-            "TIMEOUT": f"{job} passed its time limit of {max(1, math.ceil(launch.cell.settings.timeout_s / 60))} min "
+            "TIMEOUT": f"{job} passed its time limit of {time_limit_minutes(launch.cell)} min "
                        f"(timeout_s {launch.cell.settings.timeout_s:g}) and was stopped",
             "CANCELLED": f"{job} was cancelled (scancel, or an administrator), not by this harness",
             "DEADLINE": f"{job} reached its deadline and was stopped",
