@@ -1,10 +1,15 @@
-"""python -m bench --framework pytorch --task cnn_cifar10 --device cpu --out cell.json"""
+"""python -m bench --framework pytorch --task cnn_cifar10 --device cpu --out cell.json
+python -m bench --request cell.request.json --out cell.json   (what the harness runs)
+
+Runs one cell and writes its result. A request file (bench/request.py) and flags say the same
+things; flags given beside a request file replace its fields (a launcher passes the paths as
+its container sees them)."""
 import argparse
-import hashlib
 import itertools
 import os
 import sys
 import traceback
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -12,7 +17,8 @@ from . import data as datasets
 from . import environment, flops, frameworks, memory, precision
 from .host import GPU_STAND_IN, compute_device, utc_now
 from .protocol import infer_full, measure_throughput, train_full
-from .result import Cell, Metrics, Model, Result, Settings, write_json_atomic
+from .request import DATA, DEFAULTS, DEVICES, MODES, Request, RequestError, read_fields
+from .result import Metrics, Model, Result, ResultSettings, write_json_atomic
 from .specs import FRAMEWORKS, INFER, TASKS, RunOptions, TaskSpec, Unsupported
 
 # Throughput mode cycles over this many distinct batches: enough to defeat caches, small
@@ -21,81 +27,69 @@ THROUGHPUT_BATCHES = 16
 # Synthetic data for full mode holds at most this much (the seed's data sets, at most).
 SYNTHETIC_BYTES = 2 << 30
 
+# The flag of each request field: its choices, and what it means (the default is the request's).
+FLAG_CHOICES = {"framework": FRAMEWORKS, "task": sorted(TASKS), "device": DEVICES, "mode": MODES,
+                "data": DATA, "precision": precision.PRECISIONS}
+FLAG_HELP = {
+    "device": "gpu = the visible GPUs (the launcher sets CUDA_VISIBLE_DEVICES)",
+    "devices": "data-parallel replicas, for data-parallel tasks: GPUs, or CPU devices",
+    "precision": "fp32 (TF32 off), tf32, or mixed precision fp16 / bf16 (bench/precision.py)",
+    "threads": "intra- and inter-op threads of the framework (default: its own choice)",
+    "data": "synthetic: seeded random data of the real shapes; real: the data set",
+    "data_dir": "folder holding the data set, or where to fetch it (default: {})".format(datasets.default_data_dir()),
+    "steps": "timed steps per repeat (throughput mode)",
+    "epochs": "full mode (default: the task's)",
+    "batch_size": "per device (default: the task's, smaller on CPU for some tasks)",
+    "image_size": "input height and width, for tasks ending in global pooling (default: the task's, "
+                  "smaller on CPU for some tasks)",
+    "weights": "weights file in the canonical format (bench/weights.py); default: random",
+    "gpu_model": "GPU model the cell asked for (recorded)",
+    "cuda": "CUDA version the cell asked for (recorded)",
+    "launcher": "what started this process (recorded)",
+    "cells_at_once": "the most cells the harness runs at once on this host, one per GPU; 1: each cell alone (recorded)",
+}
 
-def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--framework", required=True, choices=FRAMEWORKS)
-    parser.add_argument("--task", required=True, choices=sorted(TASKS))
-    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
-                        help="gpu = the visible GPUs (the harness sets CUDA_VISIBLE_DEVICES)")
-    parser.add_argument("--devices", type=int, default=1,
-                        help="data-parallel replicas, for data-parallel tasks: GPUs, or CPU devices")
+
+def parse_args(argv: Optional[List[str]]) -> Tuple[Request, Path]:
+    """The request the flags (and the request file) make, and where its result goes."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--request", type=Path, help="a request file (JSON) written by the harness")
     parser.add_argument("--out", required=True, type=Path, help="result JSON file (written atomically)")
-    parser.add_argument("--mode", choices=("throughput", "full"), default="throughput")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--data-dir", type=Path, default=None,
-                        help="folder holding the data set, or where to fetch it "
-                             "(default: {})".format(datasets.default_data_dir()))
-    source.add_argument("--synthetic", action="store_true", help="seeded random data of the real shapes")
-    parser.add_argument("--warmup-steps", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per repeat (throughput mode)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=None, help="full mode (default: the task's)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="per device (default: the task's, smaller on CPU for some tasks)")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="input height and width, for tasks ending in global pooling "
-                             "(default: the task's, smaller on CPU for some tasks)")
-    parser.add_argument("--weights", type=Path, default=None,
-                        help="weights file in the canonical format (bench/weights.py); default: random")
-    parser.add_argument("--precision", choices=precision.PRECISIONS, default="fp32",
-                        help="fp32 (TF32 off), tf32, or mixed precision fp16 / bf16 (bench/precision.py)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="intra- and inter-op threads of the framework (default: its own choice)")
-    parser.add_argument("--cell-id", default=None)
-    parser.add_argument("--gpu-model", default=None, help="GPU model the cell asked for (recorded)")
-    parser.add_argument("--cuda", default=None, help="CUDA version the cell asked for (recorded)")
-    parser.add_argument("--backend", default="direct", help="what launched this process (recorded)")
-    parser.add_argument("--cells-at-once", type=int, default=1,
-                        help="the most cells the harness runs at once on this host, one per GPU; "
-                             "1: each cell alone (recorded)")
-    args = parser.parse_args(argv)
-    for name in ("steps", "repeats", "epochs", "batch_size", "threads", "devices", "image_size", "cells_at_once"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error("--{} must be at least 1".format(name.replace("_", "-")))
-    if args.warmup_steps < 0:
-        parser.error("--warmup-steps must be at least 0")
-    spec = TASKS[args.task]
-    if args.devices > 1 and not spec.data_parallel:
-        parser.error("--devices: {} runs on one device; only data-parallel tasks ({}) take more".format(
-            spec.name, ", ".join(t.name for t in TASKS.values() if t.data_parallel)))
-    if spec.dataset is None and not args.synthetic:
-        parser.error("{} times random inputs (the seed's protocol): pass --synthetic".format(spec.name))
+    for field in fields(Request):
+        default = getattr(DEFAULTS, field.name) if field.name not in ("framework", "task") else None
+        help_text = FLAG_HELP.get(field.name, "")
+        if default is not None:
+            help_text = "{}{}default: {}".format(help_text, "; " if help_text else "", default)
+        parser.add_argument("--" + field.name.replace("_", "-"), default=argparse.SUPPRESS,
+                            type=int if field.type in (int, Optional[int]) else str,
+                            choices=FLAG_CHOICES.get(field.name), help=help_text or None)
+    args = vars(parser.parse_args(argv))
+    source, out = args.pop("request"), args.pop("out")
     try:
-        spec.input_shape_at(args.image_size)
-    except ValueError as error:
-        parser.error("--image-size: {}".format(error))
-    if args.weights is not None and spec.kind != INFER:
-        parser.error("--weights: only {} loads a weights file".format(
-            ", ".join(t.name for t in TASKS.values() if t.kind == INFER)))
-    return args
+        values = read_fields(source) if source else {}
+        for name in ("framework", "task"):
+            if name not in values and name not in args:
+                raise RequestError("--{} is required (or a --request file that has it)".format(name))
+        request = Request.from_dict(dict(values, **args), str(source or "the flags")).checked()
+    except RequestError as error:
+        parser.error(str(error))
+    return request, out
 
 
-def load_data(args: argparse.Namespace, spec: TaskSpec, run: RunOptions) -> datasets.Data:
-    if args.synthetic:
-        if args.mode == "throughput":
+def load_data(request: Request, spec: TaskSpec, run: RunOptions) -> datasets.Data:
+    if request.data == "synthetic":
+        if request.mode == "throughput":
             examples = run.global_batch_size * THROUGHPUT_BATCHES
-            return datasets.synthetic(spec, run.input_shape, examples, 0, args.seed)
+            return datasets.synthetic(spec, run.input_shape, examples, 0, request.seed)
         if spec.kind == INFER:
-            return datasets.synthetic(spec, run.input_shape, run.batch_size * spec.timed_batches, 0, args.seed)
+            return datasets.synthetic(spec, run.input_shape, run.batch_size * spec.timed_batches, 0, request.seed)
         # The real set's size where it fits in memory; fewer examples (recorded) where not.
         example_bytes = 4 * _product(run.input_shape)
         limit = max(SYNTHETIC_BYTES // example_bytes, run.global_batch_size)
         return datasets.synthetic(spec, run.input_shape, min(spec.train_examples, limit),
-                                  min(spec.test_examples, limit // 4), args.seed)
-    data_dir = args.data_dir or datasets.default_data_dir()
+                                  min(spec.test_examples, limit // 4), request.seed)
+    data_dir = Path(request.data_dir) if request.data_dir else datasets.default_data_dir()
     if spec.dataset == "cifar10":
         return datasets.load_cifar10(datasets.fetch(datasets.CIFAR10_ARCHIVE, data_dir))
     if spec.dataset == "imdb":
@@ -120,10 +114,10 @@ def _train_examples(data: datasets.Data) -> int:
     return len(data.x_train)
 
 
-def run(args: argparse.Namespace, spec: TaskSpec, settings: Settings, options: RunOptions,
+def run(request: Request, spec: TaskSpec, settings: ResultSettings, options: RunOptions,
         facts: Dict[str, Any]) -> Tuple[Model, Metrics]:
-    if args.threads:
-        environment.limit_threads(args.threads)  # before the framework starts its thread pools
+    if request.threads:
+        environment.limit_threads(request.threads)  # before the framework starts its thread pools
     if options.device == "cpu" and options.devices > 1:
         environment.expose_cpu_devices(options.devices)
     nvml, gpu = None, {}  # type: Any, Dict[str, Any]
@@ -131,26 +125,25 @@ def run(args: argparse.Namespace, spec: TaskSpec, settings: Settings, options: R
         precision.set_tf32_override(options.precision)  # before the framework loads cuBLAS and cuDNN
         nvml = environment.import_nvml()
         gpu = environment.gpu_info(nvml, os.environ.get("CUDA_VISIBLE_DEVICES")) or {}
-    framework = frameworks.load(args.framework)
-    precision.check(args.framework, framework.PRECISIONS, options.precision, options.device,
-                    gpu.get("compute_capability"))
+        precision.check_tensor_cores(options.precision, gpu.get("compute_capability"))
+    framework = frameworks.load(request.framework)
     framework.configure(options)  # first: TensorFlow's device options only apply before use
     facts.update(framework.describe(options))
     implementation = framework.TASKS.get(spec.name)
     if implementation is None:
-        raise NotImplementedError("{} has no implementation of {}".format(args.framework, spec.name))
-    data = load_data(args, spec, options)
+        raise NotImplementedError("{} has no implementation of {}".format(request.framework, spec.name))
+    data = load_data(request, spec, options)
     if spec.kind != INFER:
         settings.train_examples = _train_examples(data)
 
     model = implementation(spec, options)
     described = Model(parameters=model.parameter_count(), expected_parameters=spec.expected_parameters,
                       layout=model.layout, note=getattr(model, "parameter_note", None),
-                      weights=_sha256(args.weights) if args.weights else None,
+                      weights=_sha256(Path(request.weights)) if request.weights else None,
                       flops_per_example=flops.step_flops_per_example(spec, options.input_shape))
     more = (implementation(spec, options) for _ in range(settings.repeats - 1))  # a fresh model per repeat
     with memory.NvmlPeakSampler(nvml, os.environ.get("CUDA_VISIBLE_DEVICES")) as sampler:
-        if args.mode == "throughput":
+        if request.mode == "throughput":
             metrics = measure_throughput(model, spec, data, settings, options)
         elif spec.kind == INFER:
             metrics = infer_full(itertools.chain([model], more), spec, data, options)
@@ -172,44 +165,31 @@ def _sha256(path: Path) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
-    spec = TASKS[args.task]
-    options = RunOptions(
-        device=compute_device(args.device), devices=args.devices, seed=args.seed, threads=args.threads,
-        batch_size=args.batch_size or spec.default_batch_size(args.device),
-        input_shape=spec.input_shape_at(args.image_size or spec.default_image_size(args.device)),
-        learning_rate=spec.learning_rate * (args.devices if spec.data_parallel else 1),
-        weights=str(args.weights) if args.weights else None, precision=args.precision)
-    cell = Cell(
-        id=args.cell_id or "{}-{}-{}-{}".format(args.task, args.framework, args.device, args.precision),
-        framework=args.framework, task=args.task, device=args.device,
-        gpu=args.gpu_model if args.device == "gpu" else None,
-        cuda=args.cuda if args.device == "gpu" else None, threads=args.threads,
-        precision=args.precision, batch_size=options.batch_size, devices=options.devices,
-        input_shape=list(options.input_shape), mode=args.mode,
-        data="synthetic" if args.synthetic else "real",
-    )
-    settings = Settings(warmup_steps=args.warmup_steps, steps=args.steps, repeats=args.repeats,
-                        epochs=args.epochs or spec.epochs, seed=args.seed)
+    request, out = parse_args(argv)
+    spec = TASKS[request.task]
+    options = request.run_options(compute_device(request.device))
+    cell, settings = request.cell(), request.settings()
     started = utc_now()
-    facts = {"framework": args.framework}  # type: Dict[str, Any]
+    facts = {"framework": request.framework}  # type: Dict[str, Any]
     result = Result(cell=cell, status="ok", settings=settings)
     try:
-        result.model, result.metrics = run(args, spec, settings, options, facts)
+        refused = request.cannot_run(environment.mpi_workers())
+        if refused:
+            raise Unsupported(refused)
+        result.model, result.metrics = run(request, spec, settings, options, facts)
     except Unsupported as error:
         result.status, result.error = "skipped", str(error)
     except Exception as error:  # recorded in the result: the matrix goes on
         traceback.print_exc()
         result.status, result.error = "failed", "{}: {}".format(type(error).__name__, error)
-    result.env = dict(environment.collect(options.device, facts), backend=args.backend,
-                      cells_at_once=args.cells_at_once,
-                      started_utc=started, finished_utc=utc_now())
-    if args.device == "gpu":  # which GPUs the launcher (the harness, Slurm) gave the cell
+    result.env = dict(environment.collect(options.device, facts), launcher=request.launcher,
+                      cells_at_once=request.cells_at_once, started_utc=started, finished_utc=utc_now())
+    if request.device == "gpu":  # which GPUs the launcher (the harness, Slurm) gave the cell
         result.env["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if options.device != args.device:
+    if options.device != request.device:
         result.env["gpu_stand_in"] = "computed on the CPU ({}=cpu): not a GPU measurement".format(GPU_STAND_IN)
     if environment.mpi_rank() == 0:  # the other MPI workers ran the same cell: one result
-        write_json_atomic(args.out, result.to_dict())
+        write_json_atomic(out, result.to_dict())
     print("{}: {}".format(cell.id, result.status) + (" ({})".format(result.error) if result.error else ""))
     return 0 if result.status == "ok" else 1
 

@@ -148,7 +148,7 @@ def _download(download: Download, target: Path) -> None:
         extra = " or the extracted {} folder".format(download.folder) if download.folder else ""
         raise DataUnavailable(
             "{} is not in {} and {} could not be downloaded ({}); put {}{} in {} (or pass "
-            "--data-dir), or run with --synthetic".format(
+            "--data-dir), or run with --data synthetic".format(
                 name, target.parent, url, error, download.filename, extra, target.parent)) from error
     try:
         _verify(download, partial, shown_as=target)  # only a checked file takes the real name
@@ -275,7 +275,7 @@ def chestxray14_folder(data_dir: Path) -> Path:
             return folder
     raise DataUnavailable(
         "ChestX-ray14 is not in {}: download it from NIH (https://nihcc.app.box.com/v/ChestXray-NIHCC), "
-        "extract the images into {}/images/ next to {} and {}, or run with --synthetic".format(
+        "extract the images into {}/images/ next to {} and {}, or run with --data synthetic".format(
             data_dir, data_dir / CHESTXRAY14_FOLDER, CHESTXRAY14_ENTRIES, " and ".join(CHESTXRAY14_SPLITS)))
 
 

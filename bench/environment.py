@@ -44,6 +44,19 @@ def _add_xla_flags(*flags: str) -> None:
 MPI_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
 
 
+# ... and to the number of processes it started.
+MPI_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def mpi_workers(environ: Optional[Dict[str, str]] = None) -> int:
+    """How many processes the MPI launcher that started this one started in all; 1 without one."""
+    environ = os.environ if environ is None else environ
+    for name in MPI_SIZE_VARIABLES:
+        if environ.get(name, "").isdigit():
+            return int(environ[name])
+    return 1
+
+
 def mpi_rank(environ: Optional[Dict[str, str]] = None) -> int:
     """This process's rank when an MPI launcher started it (CNTK's data-parallel cells run one
     process per device under mpiexec), 0 otherwise. Rank 0 alone writes the cell's result."""

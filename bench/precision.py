@@ -13,7 +13,7 @@ matrix products, XLA (JAX) and TensorFlow use it for both. Each framework module
 its own switches from the cell's precision, and reports what is in force with ``math_modes``.
 """
 import os
-from typing import Any, Dict, MutableMapping, Optional, Sequence
+from typing import Any, Dict, MutableMapping, Optional
 
 from .specs import Unsupported
 
@@ -23,24 +23,18 @@ COMPUTE_DTYPES = {"fp32": "float32", "tf32": "float32", "fp16": "float16", "bf16
 # Tensor-core formats that need compute capability 8.0 (Ampere) or newer.
 AMPERE_FORMATS = ("tf32", "bf16")
 # Why a precision no framework offers on a CPU is missing there.
-_NOT_ON_CPU = {"tf32": "TF32 is a tensor-core format of NVIDIA GPUs",
-               "fp16": "float16 arithmetic is a GPU format; CPUs take bf16"}
+NOT_ON_CPU = {"tf32": "TF32 is a tensor-core format of NVIDIA GPUs",
+              "fp16": "float16 arithmetic is a GPU format; CPUs take bf16"}
 
 
 def is_mixed(precision: str) -> bool:
     return COMPUTE_DTYPES[precision] != "float32"
 
 
-def check(framework: str, supported: Dict[str, Sequence[str]], precision: str, device: str,
-          compute_capability: Optional[str]) -> None:
-    """Raise Unsupported (the cell is skipped, saying why) when ``framework`` has no
-    ``precision`` on ``device`` (``supported``: its module's PRECISIONS), or when the GPU
-    predates the tensor cores the precision needs."""
-    if precision not in supported[device]:
-        why = _NOT_ON_CPU.get(precision) if device == "cpu" else None
-        raise Unsupported("{} does not run {} on {}{} (it runs {} there)".format(
-            framework, precision, device, ": " + why if why else "", ", ".join(supported[device])))
-    if device == "gpu" and precision in AMPERE_FORMATS and compute_capability:
+def check_tensor_cores(precision: str, compute_capability: Optional[str]) -> None:
+    """Raise Unsupported (the cell is skipped, saying why) when the GPU predates the tensor
+    cores the precision needs. What each framework offers is checked before (specs.FRAMEWORK_SPECS)."""
+    if precision in AMPERE_FORMATS and compute_capability:
         major, minor = (int(part) for part in compute_capability.split(".")[:2])
         if (major, minor) < (8, 0):
             raise Unsupported("{} needs the tensor cores of compute capability 8.0 (Ampere) or newer; "

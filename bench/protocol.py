@@ -31,7 +31,7 @@ from typing import Any, Iterable, Iterator, List, Optional, Tuple
 import numpy as np
 
 from .data import Data, Dataset, ImageFolderDataset, to_layout
-from .result import Metrics, Settings, Summary
+from .result import Metrics, ResultSettings, Summary
 from .specs import CLASSIFY, INFER, RunOptions, TaskSpec
 
 Batch = Tuple[Any, Any]
@@ -61,7 +61,7 @@ def _endless(model: Any, data: Data, run: RunOptions) -> Iterator[Batch]:
     return itertools.cycle(batches)
 
 
-def measure_throughput(model: Any, spec: TaskSpec, data: Data, settings: Settings,
+def measure_throughput(model: Any, spec: TaskSpec, data: Data, settings: ResultSettings,
                        run: RunOptions) -> Metrics:
     batches = _endless(model, data, run)
     outputs = []  # type: List[np.ndarray]
@@ -121,7 +121,7 @@ def infer_full(models: Iterable[Any], spec: TaskSpec, data: Dataset, run: RunOpt
                    output_mean=mean, output_std=std)
 
 
-def train_full(models: Iterable[Any], spec: TaskSpec, data: Data, settings: Settings,
+def train_full(models: Iterable[Any], spec: TaskSpec, data: Data, settings: ResultSettings,
                run: RunOptions) -> Metrics:
     """``epochs`` epochs of training per repeat (a fresh model each), then the test score."""
     train_times, epoch_times, scores = [], [], []  # type: List[float], List[float], List[float]

@@ -17,14 +17,16 @@ from typing import Any, Dict, List, Optional
 from .flops import step_flops_per_example
 from .specs import TASKS
 
-SCHEMA_VERSION = 3  # 3: summaries carry mean, coefficient of variation and a 95% interval
+# 3: summaries carry mean, coefficient of variation and a 95% interval; 4: env.launcher (was
+# env.backend), env.published for published numbers.
+SCHEMA_VERSION = 4
 SCHEMA_PATH = Path(__file__).with_name("result.schema.json")
 BENCH_DIR = Path(__file__).resolve().parent
 
 
 @dataclass
-class Cell:
-    """What was asked for: one point of the matrix."""
+class ResultCell:
+    """What was asked for: one point of the matrix (bench/request.py makes it from a request)."""
 
     id: str
     framework: str
@@ -42,7 +44,9 @@ class Cell:
 
 
 @dataclass
-class Settings:
+class ResultSettings:
+    """How the cell was measured (bench/protocol.py)."""
+
     warmup_steps: int
     steps: int
     repeats: int
@@ -146,9 +150,9 @@ class Model:
 
 @dataclass
 class Result:
-    cell: Cell
+    cell: ResultCell
     status: str
-    settings: Optional[Settings] = None
+    settings: Optional[ResultSettings] = None
     error: Optional[str] = None
     metrics: Optional[Metrics] = None
     model: Optional[Model] = None
@@ -170,14 +174,17 @@ class Result:
                 for key, value in metrics.items()
             })
         settings, model = data.get("settings"), data.get("model")
+        env = dict(data.get("env") or {})
+        if "backend" in env:  # schema 3 and before: what launched the bench
+            env["launcher"] = env.pop("backend")
         result = cls(
-            cell=Cell(**data["cell"]),
+            cell=ResultCell(**data["cell"]),
             status=data["status"],
-            settings=Settings(**settings) if settings else None,
+            settings=ResultSettings(**settings) if settings else None,
             error=data.get("error"),
             metrics=metrics,
             model=Model(**model) if model else None,
-            env=data.get("env") or {},
+            env=env,
             schema_version=data["schema_version"],
         )
         result.add_work_if_missing()

@@ -7,11 +7,6 @@ imports nothing beyond the standard library. Like every module of the bench outs
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
-# Matrix names. Keras 3 runs on three backends; each is its own framework environment.
-FRAMEWORKS = ("pytorch", "tensorflow", "keras-tensorflow", "keras-jax", "keras-torch", "jax",
-              "mxnet", "chainer", "cntk")
-# Names that stand for several frameworks in matrix.yml.
-FRAMEWORK_GROUPS = {"keras": ("keras-tensorflow", "keras-jax", "keras-torch")}
 
 # What a task measures, which decides the protocol (bench/protocol.py):
 CLASSIFY = "classify"  # train with softmax cross-entropy; test accuracy
@@ -153,6 +148,61 @@ DENSENET121_XRAY = TaskSpec(
 
 TASKS = {spec.name: spec for spec in (CNN_CIFAR10, RESNET50_INFERENCE, GRU_IMDB,
                                       DENSENET121_XRAY)}  # type: Dict[str, TaskSpec]
+
+
+@dataclass(frozen=True)
+class FrameworkSpec:
+    """What one framework can run, as data: the bench refuses the rest (the cell is skipped,
+    saying why) and the harness's dry run shows the same skips before anything runs."""
+
+    name: str  # the matrix's name
+    # Precisions (bench/precision.py) on "cpu" and on "gpu", fp32 first.
+    precisions: Dict[str, Tuple[str, ...]]
+    # How it trains one model on several devices; None: it has no way to.
+    data_parallel: Optional[str]
+    # Why it has no data parallelism, when it has none.
+    no_data_parallel: Optional[str] = None
+    # Its data parallelism runs one process per device under an MPI launcher (mpiexec).
+    data_parallel_under_mpi: bool = False
+    # Why it installs only in its own image, not in an environment beside the others; None: anywhere.
+    image_only: Optional[str] = None
+
+
+# PyTorch's autocast, TensorFlow's and Keras's mixed_bfloat16 policy, and Flax's mixed precision
+# run bfloat16 on CPUs (oneDNN, Eigen, XLA) and both 16-bit types on GPUs; float16 is a GPU format.
+_EVERY_PRECISION = {"cpu": ("fp32", "bf16"), "gpu": ("fp32", "tf32", "fp16", "bf16")}
+
+# Matrix names, in the tables' order. Keras 3 runs on three backends; each is its own
+# framework environment.
+FRAMEWORK_SPECS = {spec.name: spec for spec in (
+    FrameworkSpec("pytorch", _EVERY_PRECISION, "DistributedDataParallel, one process per device"),
+    FrameworkSpec("tensorflow", _EVERY_PRECISION, "tf.distribute.MirroredStrategy"),
+    FrameworkSpec("keras-tensorflow", _EVERY_PRECISION, "tf.distribute.MirroredStrategy"),
+    FrameworkSpec("keras-jax", _EVERY_PRECISION, "keras.distribution.DataParallel"),
+    # Keras's PyTorch multi-GPU guide drives torch's DistributedDataParallel from a hand-written
+    # torch loop, outside compile() and Keras's training loop: PyTorch's mechanism, not Keras's.
+    FrameworkSpec("keras-torch", _EVERY_PRECISION, None, no_data_parallel=(
+        "Keras 3 has no data-parallel mechanism for the torch backend (its distribution API is JAX-only)")),
+    FrameworkSpec("jax", _EVERY_PRECISION, "a one-axis device mesh (jax.sharding)"),
+    # MXNet's AMP computes in float16 on NVIDIA GPUs; its bfloat16 is oneDNN's, for CPUs with
+    # AVX-512 only (elsewhere it cannot create its convolutions): CPUs run fp32 alone.
+    FrameworkSpec("mxnet", {"cpu": ("fp32",), "gpu": ("fp32", "tf32", "fp16")},
+                  "a kvstore over the devices (gluon.utils.split_and_load)"),
+    # Chainer's fp16 is mixed16, in float16 kernels of cuDNN and cuBLAS; numpy has no fast float16
+    # (no BLAS for it) and neither numpy nor CuPy a bfloat16 type.
+    FrameworkSpec("chainer", {"cpu": ("fp32",), "gpu": ("fp32", "tf32", "fp16")},
+                  "replicas updated as training.updaters.ParallelUpdater does"),
+    # CNTK 2.7 is built for CUDA 10.0 and cuDNN 7, which predate TF32 and bfloat16, and its float16
+    # builds whole networks, weights included, in float16: not the mixed precision of fp16 cells.
+    FrameworkSpec("cntk", {"cpu": ("fp32",), "gpu": ("fp32",)},
+                  "the data-parallel distributed learner, one MPI process per device",
+                  data_parallel_under_mpi=True,
+                  image_only="CNTK 2.7 installs only on Python 3.5/3.6 and links OpenMPI 1.10: it runs in its "
+                             "own image (Python 3.6, CUDA 10.0, cuDNN 7)"),
+)}  # type: Dict[str, FrameworkSpec]
+FRAMEWORKS = tuple(FRAMEWORK_SPECS)
+# Names that stand for several frameworks in matrix.yml.
+FRAMEWORK_GROUPS = {"keras": ("keras-tensorflow", "keras-jax", "keras-torch")}
 
 
 class Unsupported(Exception):

@@ -6,7 +6,7 @@
 A and B are results folders or the names of runs under results/. Cells are matched on what
 was measured (framework, task, mode, data, batch size, input, devices) and on every axis the
 two sets do not differ in; the axes they do differ in (GPU, CUDA, cuDNN, driver, framework
-version, precision, math modes, backend, threads, image, bench code, host) are what is being
+version, precision, math modes, launcher, threads, image, bench code, host) are what is being
 compared, and are named at the top. For each pair: the medians, the ratio B/A of the times with its 95%
 bootstrap interval, and a verdict: slower or faster when the interval excludes 1, else no
 significant difference.
@@ -29,47 +29,42 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from tabulate import tabulate  # noqa: E402
 
-from bench.result import Result  # noqa: E402
 from harness.backends.base import REPO_ROOT  # noqa: E402
-from harness.results import describe_math_modes, headline_time, load_results  # noqa: E402
+from harness.results import load_results  # noqa: E402
+from harness.rows import ResultRow, rows_of  # noqa: E402
 
 RESAMPLES = 10_000
 SEED = 0
 
 
-def _device(result: Result) -> str:
-    gpu = result.env.get("gpu") or {}
-    return gpu.get("name") or f"CPU {result.env.get('cpu_model', '?')}"
-
-
-# The axes two result sets may differ in, each read off a result.
-AXES: dict[str, Callable[[Result], object]] = {
-    "device": _device,
-    "cuda": lambda r: r.env.get("cuda"),
-    "cudnn": lambda r: r.env.get("cudnn"),
-    "driver": lambda r: (r.env.get("gpu") or {}).get("driver"),
-    "framework version": lambda r: r.env.get("framework_version"),
+# The axes two result sets may differ in, each read off a result's row.
+AXES: dict[str, Callable[[ResultRow], object]] = {
+    "device": lambda r: r.device,
+    "cuda": lambda r: r.cuda,
+    "cudnn": lambda r: r.cudnn,
+    "driver": lambda r: r.gpu_driver,
+    "framework version": lambda r: r.framework_version,
     "precision": lambda r: r.cell.precision,
-    "math modes": lambda r: describe_math_modes(r.env.get("math_modes")) or None,
-    "backend": lambda r: r.env.get("backend"),
+    "math modes": lambda r: r.math_modes or None,
+    "launcher": lambda r: r.launcher,
     "threads": lambda r: r.cell.threads,
-    "image": lambda r: (r.env.get("image") or {}).get("tag"),
-    "bench code": lambda r: (r.env.get("bench_hash") or "")[:12] or None,
-    "host": lambda r: r.env.get("hostname"),
+    "image": lambda r: r.image,
+    "bench code": lambda r: (r.bench_hash or "")[:12] or None,
+    "host": lambda r: r.host,
 }
 
 
-def measured(result: Result) -> tuple:
+def measured(row: ResultRow) -> tuple:
     """What a cell measured, whatever it ran on."""
-    cell = result.cell
+    cell = row.cell
     return (cell.task, cell.framework, cell.mode, cell.data, cell.batch_size, tuple(cell.input_shape),
             cell.devices)
 
 
 @dataclass
 class Pair:
-    a: Result
-    b: Result
+    a: ResultRow
+    b: ResultRow
     ratio: float  # median time of B / median time of A
     interval: tuple[float, float] | None  # 95% bootstrap interval of the ratio; None with one run a side
 
@@ -106,15 +101,15 @@ def ratio_interval(a: list[float], b: list[float], level: float = 0.95) -> tuple
     return float(low), float(high)
 
 
-def _newest_ok(results: list[Result], key: Callable[[Result], tuple]) -> dict[tuple, Result]:
-    chosen: dict[tuple, Result] = {}
-    for result in sorted(results, key=lambda r: r.env.get("finished_utc", "")):
-        if result.status == "ok" and headline_time(result):
-            chosen[key(result)] = result  # the newest of reruns wins
+def _newest_ok(rows: list[ResultRow], key: Callable[[ResultRow], tuple]) -> dict[tuple, ResultRow]:
+    chosen: dict[tuple, ResultRow] = {}
+    for row in sorted(rows, key=lambda r: r.finished_utc):
+        if row.ok and row.headline:
+            chosen[key(row)] = row  # the newest of reruns wins
     return chosen
 
 
-def compare(a: list[Result], b: list[Result]) -> Comparison:
+def compare(a: list[ResultRow], b: list[ResultRow]) -> Comparison:
     differing = {}
     for axis, read in AXES.items():
         in_a = sorted({str(read(r)) for r in a})
@@ -123,28 +118,16 @@ def compare(a: list[Result], b: list[Result]) -> Comparison:
             differing[axis] = (in_a, in_b)
     same_axes = [read for axis, read in AXES.items() if axis not in differing]
 
-    def key(result: Result) -> tuple:
-        return measured(result) + tuple(str(read(result)) for read in same_axes)
+    def key(row: ResultRow) -> tuple:
+        return measured(row) + tuple(str(read(row)) for read in same_axes)
 
     chosen_a, chosen_b = _newest_ok(a, key), _newest_ok(b, key)
     pairs = []
     for matched in sorted(chosen_a.keys() & chosen_b.keys(), key=str):
         first, second = chosen_a[matched], chosen_b[matched]
-        a_times, b_times = headline_time(first).values, headline_time(second).values
-        pairs.append(Pair(first, second, headline_time(second).median / headline_time(first).median,
-                          ratio_interval(a_times, b_times)))
+        pairs.append(Pair(first, second, second.headline.median / first.headline.median,
+                          ratio_interval(first.headline.values, second.headline.values)))
     return Comparison(differing, pairs, len(chosen_a.keys() - chosen_b.keys()), len(chosen_b.keys() - chosen_a.keys()))
-
-
-def _time(result: Result) -> str:
-    """The headline time in its unit: per 1,000 items (inference), per step, or for training."""
-    value = headline_time(result).median
-    if result.metrics.seconds_per_1000:
-        return f"{value:.3g} s per 1,000"
-    if result.cell.mode == "throughput":
-        ms = value * 1e3
-        return f"{ms:.3g} ms per step" if ms < 100 else f"{ms:,.0f} ms per step"
-    return f"{value:.3g} s" if value < 100 else f"{value:,.0f} s"
 
 
 def render(comparison: Comparison, a_name: str, b_name: str) -> str:
@@ -157,8 +140,8 @@ def render(comparison: Comparison, a_name: str, b_name: str) -> str:
     rows = []
     for pair in comparison.pairs:
         interval = f" [{pair.interval[0]:.3f}–{pair.interval[1]:.3f}]" if pair.interval else ""
-        rows.append([pair.a.cell.task, pair.a.cell.framework, pair.a.cell.mode, _device(pair.a),
-                     _time(pair.a), _time(pair.b), f"{pair.ratio:.3f}{interval}",
+        rows.append([pair.a.cell.task, pair.a.cell.framework, pair.a.cell.mode, pair.a.device,
+                     pair.a.headline_text(), pair.b.headline_text(), f"{pair.ratio:.3f}{interval}",
                      pair.verdict()])
     lines += ["", tabulate(rows, headers=["task", "framework", "mode", "device (A)", f"A: {a_name}",
                                          f"B: {b_name}", "B/A time [95% CI]", "verdict"])]
@@ -201,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_results(folder)
         for problem in loaded.problems:
             print(f"note: {problem}", file=sys.stderr)
-        sets.append([result for _, result in loaded.results])
+        sets.append(rows_of([result for _, result in loaded.results]))
     comparison = compare(*sets)
     if not comparison.pairs:
         print(f"error: {args.a} and {args.b} have no successful cell in common (same task, framework, mode, "

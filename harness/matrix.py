@@ -21,6 +21,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError
 
 from bench.precision import PRECISIONS
+from bench.request import DEFAULTS, Request
 from bench.specs import FRAMEWORK_GROUPS, FRAMEWORKS, INFER, TASKS
 
 from .gpus import names_model
@@ -56,12 +57,13 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    mode: Literal["throughput", "full"] = "throughput"
-    data: Literal["synthetic", "real"] = "synthetic"
+    # The bench's request defaults (bench/request.py), but for the timeout, the harness's own.
+    mode: Literal["throughput", "full"] = DEFAULTS.mode
+    data: Literal["synthetic", "real"] = DEFAULTS.data
     data_dir: Optional[str] = None  # extracted data sets; default: the bench's cache folder
-    warmup_steps: int = Field(5, ge=0)
-    steps: int = Field(20, ge=1)
-    repeats: int = Field(5, ge=1)
+    warmup_steps: int = Field(DEFAULTS.warmup_steps, ge=0)
+    steps: int = Field(DEFAULTS.steps, ge=1)
+    repeats: int = Field(DEFAULTS.repeats, ge=1)
     epochs: Optional[int] = Field(None, ge=1)  # None: the task's (full mode)
     batch_size: Optional[int] = Field(None, ge=1)  # per device; None: the task's
     # Input height and width of tasks that end in global pooling (resnet50_inference,
@@ -71,7 +73,7 @@ class Settings(BaseModel):
     # relative to the matrix file; None: random weights (timing does not depend on them).
     weights: Optional[str] = None
     timeout_s: float = Field(1800, gt=0)
-    seed: int = 0
+    seed: int = DEFAULTS.seed
 
     def merged(self, override: "Settings | None") -> "Settings":
         if override is None:
@@ -142,17 +144,28 @@ class Cell:
     def device(self) -> str:
         return "cpu" if self.gpu == "cpu" else "gpu"
 
-    @property
-    def batch_size(self) -> int:
-        return self.settings.batch_size or TASKS[self.task].default_batch_size(self.device)
+    def request(self, launcher: str = "direct", cells_at_once: int = 1, weights: Path | None = None,
+                data_dir: Path | None = None) -> Request:
+        """What the bench is asked to run for this cell, with the defaults it fills in; paths are
+        as the bench will see them (a container's, where it runs in one)."""
+        s = self.settings
+        return Request(
+            framework=self.framework, task=self.task, device=self.device, devices=self.devices,
+            precision=self.precision, threads=None if self.threads == "auto" else self.threads, mode=s.mode,
+            data=s.data, data_dir=str(data_dir) if data_dir and s.data == "real" else None,
+            warmup_steps=s.warmup_steps, steps=s.steps, repeats=s.repeats, epochs=s.epochs,
+            batch_size=s.batch_size, image_size=s.image_size, weights=str(weights) if weights else None, seed=s.seed,
+            cell_id=self.id, gpu_model=self.gpu if self.device == "gpu" else None,
+            cuda=self.cuda if self.device == "gpu" else None, launcher=launcher, cells_at_once=cells_at_once,
+        ).resolved()
 
     @property
-    def image_size(self) -> int | None:
-        return self.settings.image_size or TASKS[self.task].default_image_size(self.device)
+    def batch_size(self) -> int:
+        return self.request().batch_size
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return TASKS[self.task].input_shape_at(self.image_size)
+        return self.request().input_shape
 
     @property
     def id(self) -> str:

@@ -27,17 +27,16 @@ from sklearn.model_selection import train_test_split  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from bench.result import write_text_atomic  # noqa: E402
-from bench.specs import FRAMEWORKS  # noqa: E402
+from bench.specs import FRAMEWORK_SPECS, FRAMEWORKS  # noqa: E402
 from harness import backends, run_matrix  # noqa: E402
 from harness.backends.base import REPO_ROOT  # noqa: E402
 from harness.cifar_format import write_batches  # noqa: E402
 from harness.results import load_results  # noqa: E402
-from harness.backends.local import IMAGE_ONLY  # noqa: E402
 
 TRAIN_BATCHES = 5
 UPSAMPLE = 4  # 8x8 digits -> 32x32, CIFAR-10's size
 # Frameworks that run in local environments (CNTK needs its own image).
-LOCAL_FRAMEWORKS = tuple(f for f in FRAMEWORKS if f not in IMAGE_ONLY)
+LOCAL_FRAMEWORKS = tuple(name for name, spec in FRAMEWORK_SPECS.items() if not spec.image_only)
 
 
 def write_digits_as_cifar10(folder: Path, seed: int = 0) -> tuple[int, int]:

@@ -8,13 +8,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from bench.result import Cell, Metrics, Result, Settings, Summary
+from bench.result import Metrics, Result, ResultCell, ResultSettings, Summary
 from bench.specs import FRAMEWORKS, INFER, TASKS
 
 from .matrix import load_yaml
 
 REFERENCE_DIR = Path(__file__).with_name("reference")
-PUBLISHED = "published"  # the backend a reference result names: it ran nowhere here
 SECONDS = {"s": 1.0, "min": 60.0, "s per 1,000 images": 1.0}
 
 
@@ -69,15 +68,15 @@ def results_of(reference: ReferenceSet, name: str) -> list[Result]:
                 else:
                     metrics = Metrics(train_time_s=seconds,
                                       throughput_per_s=spec.train_examples * spec.epochs / seconds.median)
-                cell = Cell(id=f"{name}.{timing.task}.{framework}.{device_name}.{timing.data}", framework=framework,
+                cell = ResultCell(id=f"{name}.{timing.task}.{framework}.{device_name}.{timing.data}", framework=framework,
                             task=timing.task, device="gpu", gpu=device.gpu, cuda=device.cuda, threads=None,
                             precision="fp32", batch_size=spec.batch_size, devices=device.count,
                             input_shape=list(spec.input_shape), mode="full", data=timing.data)
                 results.append(Result(
                     cell=cell, status="ok", metrics=metrics,
-                    settings=Settings(warmup_steps=0, steps=0, repeats=1, epochs=spec.epochs, seed=0,
+                    settings=ResultSettings(warmup_steps=0, steps=0, repeats=1, epochs=spec.epochs, seed=0,
                                       train_examples=None if spec.kind == INFER else spec.train_examples),
-                    env={"backend": PUBLISHED, "source": reference.source, "year": reference.year,
+                    env={"published": {"source": reference.source, "year": reference.year},
                          "gpu": {"name": device.gpu}, "cuda": device.cuda, "cudnn": device.cudnn,
                          "finished_utc": f"{reference.year}-01-01T00:00:00+00:00"}))
     return results
@@ -90,8 +89,3 @@ def published_results(folder: Path = REFERENCE_DIR) -> tuple[Result, ...]:
     for path in sorted(folder.glob("*.yml")):
         found += results_of(load_yaml(path, ReferenceSet)[0], path.stem)
     return tuple(found)
-
-
-def is_published(result: Result) -> bool:
-    return result.env.get("backend") == PUBLISHED
-

@@ -33,8 +33,9 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from bench.result import Result, write_text_atomic  # noqa: E402
 from harness.images import REPO_ROOT  # noqa: E402
-from harness.reference import is_published, published_results  # noqa: E402
-from harness.results import describe_math_modes, load_results  # noqa: E402
+from harness.reference import published_results  # noqa: E402
+from harness.results import load_results  # noqa: E402
+from harness.rows import rows_of  # noqa: E402
 from harness.tables import Table, build_tables, write_tables  # noqa: E402
 
 # Marks the tables put on a cell's text: the class the HTML gives such a cell, and the heading
@@ -91,19 +92,12 @@ def _table_html(table: Table) -> str:
 
 def _environment(results: list[Result]) -> pd.DataFrame:
     """One row per place results ran: host, devices, drivers and versions, per framework."""
-    rows = []
-    for result in results:
-        if is_published(result):
-            continue
-        env, gpu = result.env, result.env.get("gpu") or {}
-        image = env.get("image") or {}
-        rows.append({"host": env.get("hostname"), "backend": env.get("backend"),
-                     "device": gpu.get("name") or f"CPU: {env.get('cpu_model')}, {env.get('cpu_cores')} cores",
-                     "driver": gpu.get("driver"), "CUDA": env.get("cuda"), "cuDNN": env.get("cudnn"),
-                     "framework": f"{result.cell.framework} {env.get('framework_version') or ''}".strip(),
-                     "precision": result.cell.precision, "math modes": describe_math_modes(env.get("math_modes")),
-                     "Python": env.get("python"), "image": image.get("tag"),
-                     "bench": (env.get("bench_hash") or "")[:12]})
+    rows = [{"host": row.host, "launcher": row.launcher, "device": row.device, "driver": row.gpu_driver,
+             "CUDA": row.cuda, "cuDNN": row.cudnn,
+             "framework": f"{row.cell.framework} {row.framework_version or ''}".strip(),
+             "precision": row.cell.precision, "math modes": row.math_modes, "Python": row.python,
+             "image": row.image, "bench": (row.bench_hash or "")[:12]}
+            for row in rows_of(results) if not row.published]
     frame = pd.DataFrame(rows)
     return frame.drop_duplicates().sort_values(["host", "device", "framework", "precision"]) if not frame.empty else frame
 
@@ -143,7 +137,7 @@ def html_report(tables: list[Table], charts: dict[str, Path], results: list[Resu
         'style-src \'unsafe-inline\'">',
         "<title>dlbench report</title>", f"<style>{STYLE}</style></head><body>",
         "<h1>dlbench report</h1>",
-        f"<p>{len([r for r in results if not is_published(r)])} results from "
+        f"<p>{len(results)} results from "
         f"{html.escape(', '.join(str(s) for s in sources))}; made "
         f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}. Columns marked "
         "<em>published</em> are the seed's numbers, measured elsewhere and not reproduced here.</p>",

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import jsonschema
 
-from bench.result import SCHEMA_PATH, Result, Summary
+from bench.result import SCHEMA_PATH, Result
 
 
 class FolderInUse(Exception):
@@ -102,13 +102,6 @@ def read_result(path: Path) -> Result:
     return Result.from_dict(payload)
 
 
-def headline_time(result: Result) -> Summary | None:
-    """The time a result is compared by (lower is better): seconds per 1,000 items for
-    inference, the step time in throughput mode, the training time in full mode."""
-    metrics = result.metrics
-    return metrics and (metrics.seconds_per_1000 or metrics.step_time_s or metrics.train_time_s)
-
-
 @dataclass
 class LoadedResults:
     results: list[tuple[Path, Result]] = field(default_factory=list)
@@ -129,28 +122,3 @@ def load_results(*folders: Path) -> LoadedResults:
             except ValueError as error:
                 loaded.problems.append(f"{path}: skipped, {error}")
     return loaded
-
-
-def describe_math_modes(modes: dict | None) -> str:
-    """env.math_modes in a few words ("bfloat16 compute, TF32 off, autotuner on, XLA"); empty
-    for results that predate it."""
-    if not modes:
-        return ""
-    parts = [f"{modes['compute_dtype']} compute"]
-    tf32 = {name: modes[f"tf32_{name}"] for name in ("matmul", "convolutions") if modes[f"tf32_{name}"] is not None}
-    if len(set(tf32.values())) == 1:
-        parts.append(f"TF32 {_on(next(iter(tf32.values())))}")
-    elif tf32:
-        parts.append(", ".join(f"TF32 {name} {_on(value)}" for name, value in tf32.items()))
-    if modes["loss_scaling"]:
-        parts.append(f"{modes['loss_scaling']} loss scaling")
-    if modes["autotuner"] is not None:
-        parts.append(f"autotuner {_on(modes['autotuner'])}")
-    if modes["xla"]:
-        parts.append("XLA")
-    return ", ".join(parts)
-
-
-def _on(value: bool) -> str:
-    return "on" if value else "off"
-

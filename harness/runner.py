@@ -36,27 +36,6 @@ class CellOutcome:
     reused: bool = False
 
 
-def bench_args(cell: Cell, backend: Backend, cells_at_once: int = 1) -> list[str]:
-    """The bench's options for ``cell``, but for the paths (Launch adds those)."""
-    s = cell.settings
-    args = ["--framework", cell.framework, "--task", cell.task, "--device", cell.device,
-            "--mode", s.mode, "--warmup-steps", str(s.warmup_steps),
-            "--steps", str(s.steps), "--repeats", str(s.repeats), "--batch-size", str(cell.batch_size),
-            "--seed", str(s.seed), "--cell-id", cell.id, "--backend", backend.name,
-            "--devices", str(cell.devices), "--precision", cell.precision, "--cells-at-once", str(cells_at_once)]
-    if cell.image_size:
-        args += ["--image-size", str(cell.image_size)]
-    if s.epochs:
-        args += ["--epochs", str(s.epochs)]
-    if s.data == "synthetic":
-        args.append("--synthetic")
-    if cell.device == "gpu":
-        args += ["--gpu-model", cell.gpu, "--cuda", cell.cuda]
-    if cell.threads != "auto":
-        args += ["--threads", str(cell.threads)]
-    return args
-
-
 def _settings_path(value: str | None, matrix_dir: Path) -> Path | None:
     """A path from matrix.yml's settings, relative to the matrix file."""
     return (matrix_dir / os.path.expanduser(value)).resolve() if value else None
@@ -75,14 +54,8 @@ def record(folder: RunFolder, cell: Cell, status: str, error: str, backend: Back
            started: str, more_env: dict | None = None) -> None:
     """Write the result of a cell that produced none itself (skipped, crashed, timed out)."""
     result = contract.Result(
-        cell=contract.Cell(
-            id=cell.id, framework=cell.framework, task=cell.task, device=cell.device,
-            gpu=None if cell.device == "cpu" else cell.gpu, cuda=None if cell.device == "cpu" else cell.cuda,
-            threads=None if cell.threads == "auto" else cell.threads,
-            precision=cell.precision, batch_size=cell.batch_size, devices=cell.devices,
-            input_shape=list(cell.input_shape), mode=cell.settings.mode, data=cell.settings.data),
-        status=status, error=error,
-        env={**host_facts(), "backend": backend.name, "bench_hash": current_bench_hash(),
+        cell=cell.request().cell(), status=status, error=error,
+        env={**host_facts(), "launcher": backend.name, "bench_hash": current_bench_hash(),
              "started_utc": started, "finished_utc": utc_now(), **(more_env or {})},
     )
     contract.write_json_atomic(folder.result_path(cell.id), result.to_dict())
@@ -137,17 +110,22 @@ def launch_cell(cell: Cell, folder: RunFolder, backend: Backend, gpus: list[Gpu]
     folder.staging.mkdir(parents=True, exist_ok=True)
     staged = folder.staging / f"{cell.id}.json"
     staged.unlink(missing_ok=True)  # left by a run that was killed
-    launch = Launch(cell, bench_args(cell, backend, cells_at_once), staged, log_path, cell.settings.timeout_s, gpus,
-                    weights=_settings_path(cell.settings.weights, matrix_dir),
-                    data_dir=_settings_path(cell.settings.data_dir, matrix_dir) if cell.settings.data == "real" else None,
-                    interrupted=interrupted or threading.Event(), folder=folder)
+    weights = _settings_path(cell.settings.weights, matrix_dir)
+    data_dir = _settings_path(cell.settings.data_dir, matrix_dir) if cell.settings.data == "real" else None
+    request_path = folder.staging / f"{cell.id}.request.json"
+    contract.write_json_atomic(request_path, cell.request(backend.name, cells_at_once, weights, data_dir).to_dict())
+    launch = Launch(cell, request_path, staged, log_path, cell.settings.timeout_s, gpus, weights=weights,
+                    data_dir=data_dir, interrupted=interrupted or threading.Event(), folder=folder)
     try:
         ended = backend.run(launch)
     except Exception as error:  # the engine went away, say: this cell fails, the matrix goes on
         message = f"the {backend.name} backend could not run the cell: {type(error).__name__}: {error}"
         record(folder, cell, "failed", message, backend, started)
         return CellOutcome(cell, "failed", message)
-    if ended.interrupted or ended.pending:
+    if ended.pending:  # the job reads its request when it starts
+        return None
+    request_path.unlink(missing_ok=True)
+    if ended.interrupted:
         staged.unlink(missing_ok=True)
         return None
     if not ended.timed_out:

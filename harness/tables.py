@@ -14,9 +14,7 @@ from bench.precision import PRECISIONS
 from bench.result import Result, write_text_atomic
 from bench.specs import FRAMEWORKS, INFER, MULTILABEL, TASKS
 
-from .peaks import load_peaks
-from .reference import PUBLISHED
-from .results import describe_math_modes, headline_time
+from .rows import ResultRow, rows_of
 
 # A result whose timings' coefficient of variation is above this is marked unstable: its
 # median is not a number to compare at the precision the tables print.
@@ -42,33 +40,30 @@ class Table:
         return "\n".join(parts).rstrip() + "\n"
 
 
-def _device_key(result: Result) -> tuple[str, str, int, str]:
-    """Where a result ran, as (device kind, name, devices, backend): one column each."""
-    devices, backend = result.cell.devices, result.env.get("backend", "?")
-    if result.cell.device == "cpu":
-        # Without a thread count each framework picks its own (not always one per core).
-        threads = f", {result.cell.threads} threads" if result.cell.threads else ""
-        name = f"{result.env.get('cpu_model', 'unknown CPU')}, {result.env.get('cpu_cores', '?')} cores{threads}"
-        return ("cpu", name, devices, backend)
-    gpu = (result.env.get("gpu") or {}).get("name") or result.cell.gpu or "GPU"
-    return ("gpu", f"{gpu}|{result.cell.cuda}", devices, backend)
+def _device_key(row: ResultRow) -> tuple[str, str, int, str]:
+    """Where a result ran, as (device kind, device, devices, launcher): one column each."""
+    where = "published" if row.published else (row.launcher or "?")
+    device = row.device_label(threads=True)
+    if row.cell.device == "gpu":
+        device = f"{device}|{row.cell.cuda}"
+    return (row.cell.device, device, row.cell.devices, where)
 
 
 def _column_labels(rows: pd.DataFrame) -> dict[tuple[str, str, int, str], str]:
     """CPU columns read "CPU (model, N cores[, M threads])"; GPU columns "GPU / CUDA x / cuDNN y" when all
     frameworks in the column report the same versions, else "GPU / CUDA <asked>". Results of more
-    than one backend (docker images, local environments) get a column each, named so."""
+    than one launcher (docker images, local environments) get a column each, named so."""
     labels = {}
-    measured_here = rows[rows["backend"] != PUBLISHED]
-    several_backends = measured_here["device_key"].map(lambda key: key[3]).nunique() > 1
+    measured_here = rows[rows["published_year"].isna()]
+    several_launchers = measured_here["device_key"].map(lambda key: key[3]).nunique() > 1
     for key, group in rows.groupby("device_key", sort=False):
-        kind, name, devices, backend = key
-        where = f", {backend} backend" if several_backends else ""
-        if backend == PUBLISHED:
-            where = f" (published {int(group['year'].iloc[0])}, {group['published_data'].iloc[0]} data)"
+        kind, name, devices, launcher = key
+        where = f", {launcher} backend" if several_launchers else ""
+        if not pd.isna(group["published_year"].iloc[0]):
+            where = f" (published {int(group['published_year'].iloc[0])}, {group['published_data'].iloc[0]} data)"
         if kind == "cpu":
             split = f" split in {devices} devices" if devices > 1 else ""
-            labels[key] = f"CPU ({name}){split}{where}"
+            labels[key] = f"{name}{split}{where}"
             continue
         gpu, asked = name.split("|", 1)
         count = f"{devices} × " if devices > 1 else ""
@@ -84,57 +79,44 @@ def _column_labels(rows: pd.DataFrame) -> dict[tuple[str, str, int, str], str]:
 def results_frame(results: list[Result]) -> pd.DataFrame:
     """One row per result with the numbers the tables need (times in seconds)."""
     rows = []
-    for result in results:
-        metrics, model = result.metrics, result.model
-        summary = headline_time(result)  # inference: the seed's unit, seconds per 1,000 images
+    for row in rows_of(results):
+        result, cell, summary = row.result, row.cell, row.headline  # inference: seconds per 1,000 images
+        metrics, model, settings = result.metrics, result.model, result.settings
         score = metrics and (metrics.test_accuracy or metrics.test_roc_auc)
         rows.append({
-            "task": result.cell.task, "mode": result.cell.mode, "data": result.cell.data,
-            "batch_size": result.cell.batch_size, "devices": result.cell.devices,
-            "input_shape": "×".join(str(n) for n in result.cell.input_shape),
-            "framework": result.cell.framework,
-            "device_key": _device_key(result), "status": result.status, "error": result.error,
+            "task": cell.task, "mode": cell.mode, "data": cell.data, "batch_size": cell.batch_size,
+            "devices": cell.devices, "input_shape": "×".join(str(n) for n in cell.input_shape),
+            "framework": cell.framework, "precision": cell.precision,
+            "device_key": _device_key(row), "status": result.status, "error": result.error,
             "median_s": summary.median if summary else None, "q1_s": summary.q1 if summary else None,
             "q3_s": summary.q3 if summary else None, "min_s": summary.min if summary else None,
             "max_s": summary.max if summary else None, "samples": len(summary.values) if summary else 0,
             "ci95_low_s": summary.ci95[0] if summary and summary.ci95 else None,
             "ci95_high_s": summary.ci95[1] if summary and summary.ci95 else None,
             "cv": summary.cv if summary else None,
-            "throughput_per_s": metrics.throughput_per_s if metrics else None,
-            "tflops_per_s": metrics.tflops_per_s if metrics else None,
-            "device_memory_peak_bytes": metrics.device_memory_peak_bytes if metrics else None,
-            "device_memory_source": metrics.device_memory_source if metrics else None,
-            "host_peak_rss_bytes": metrics.host_peak_rss_bytes if metrics else None,
-            "precision": result.cell.precision,
-            "math_modes": describe_math_modes(result.env.get("math_modes")),
-            "peak_tflops_per_s": _peak(result),
+            **_fields(metrics, "throughput_per_s", "tflops_per_s", "device_memory_peak_bytes",
+                      "device_memory_source", "host_peak_rss_bytes"),
+            **_fields(model, "parameters", "expected_parameters"),
+            "parameter_note": model.note if model else None,
+            **_fields(settings, "steps", "repeats", "warmup_steps", "epochs", "train_examples"),
+            "math_modes": row.math_modes,
+            "peak_tflops_per_s": row.peak_tflops_per_s,
             "score": score.median if score else None,
             "score_name": "acc" if metrics and metrics.test_accuracy else "ROC-AUC",
-            "parameters": model.parameters if model else None,
-            "expected_parameters": model.expected_parameters if model else None,
-            "parameter_note": model.note if model else None,
-            "steps": result.settings.steps if result.settings else None,
-            "repeats": result.settings.repeats if result.settings else None,
-            "warmup_steps": result.settings.warmup_steps if result.settings else None,
-            "epochs": result.settings.epochs if result.settings else None,
-            "train_examples": result.settings.train_examples if result.settings else None,
-            "cuda": result.env.get("cuda"), "cudnn": result.env.get("cudnn"),
-            "framework_version": result.env.get("framework_version"),
-            "backend": result.env.get("backend"), "bench_hash": result.env.get("bench_hash"),
-            "cells_at_once": result.env.get("cells_at_once", 1),
-            "host": result.env.get("hostname"),  # the node, for results gathered from a cluster
-            "year": result.env.get("year"),  # published results only
-            "published_data": result.cell.data,
-            "cell_id": result.cell.id,
-            "finished_utc": result.env.get("finished_utc", ""),
+            "cuda": row.cuda, "cudnn": row.cudnn, "framework_version": row.framework_version,
+            "launcher": row.launcher, "bench_hash": row.bench_hash, "cells_at_once": row.cells_at_once,
+            "host": row.host,
+            "published_year": row.published.year if row.published else None,
+            "published_data": cell.data,  # the data the numbers were published for
+            "cell_id": cell.id,
+            "finished_utc": row.finished_utc,
         })
     return pd.DataFrame(rows)
 
 
-def _peak(result: Result) -> float | None:
-    """The peak TFLOP/s of the cell's GPU at its precision (harness/gpu_peaks.yml), if known."""
-    gpu = result.env.get("gpu") or {}
-    return load_peaks().peak(gpu["name"], result.cell.precision) if gpu.get("name") else None
+def _fields(part: object | None, *names: str) -> dict[str, object]:
+    """The named fields of a result's part (metrics, model, settings); None each without it."""
+    return {name: getattr(part, name) if part is not None else None for name in names}
 
 
 def _work(row: pd.Series) -> str:
@@ -206,10 +188,34 @@ def build_tables(results: list[Result], mixed_bench: bool = False,
     """Tables, plus notes about results that were left out: duplicates, and results measured
     by other bench code than the newest result's (compared only when ``mixed_bench``).
     ``reference`` results (published numbers) join the tables of the same task, mode, batch
-    and input that fresh results make, a column per published device."""
-    frame = results_frame(results)
+    and input that fresh results make, a column per published device. The steps: filter,
+    join, then per table annotate and pivot."""
+    frame, dropped = comparable(results_frame(results), mixed_bench)
     if frame.empty:
-        return [], []
+        return [], dropped
+    if reference:
+        frame = with_published(frame, results_frame(list(reference)))
+    labels = _column_labels(frame)
+    tables = []
+    for (task, mode, data, batch_size, input_shape), group in frame.groupby(
+            ["task", "mode", "data", "batch_size", "input_shape"], sort=True):
+        spec = TASKS.get(task)
+        group = group.assign(row=_row_labels(group))
+        display, notes = annotate(group, labels, spec.item if spec else "items")
+        shown, numbers, q1, q3 = pivot(group.assign(display=display), labels)
+        title = f"{task}: {spec.title if spec else task} ({mode} mode)"
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{task}-{mode}-{data}-batch{batch_size}-{input_shape.replace('×', 'x')}")
+        tables.append(Table(name, title, _describe(task, mode, data, batch_size, input_shape, group),
+                            shown.fillna("–"), numbers, notes, q1, q3, _unit(task, mode)))
+    return tables, dropped
+
+
+def comparable(frame: pd.DataFrame, mixed_bench: bool = False) -> tuple[pd.DataFrame, list[str]]:
+    """Filter: the results to compare, newest first wins, and why each other one was left out:
+    measured by other bench code than the newest result's (kept when ``mixed_bench``), or an
+    older result of the same framework and precision on the same device."""
+    if frame.empty:
+        return frame, []
     dropped = []
     frame = frame.sort_values("finished_utc")
     measured = frame[frame["status"] == "ok"]
@@ -220,61 +226,80 @@ def build_tables(results: list[Result], mixed_bench: bool = False,
                     f"result's is {str(newest_bench)[:12]}), not compared; pass --mixed-bench to compare anyway"
                     for row in frame[other].itertuples()]
         frame = frame[~other]
-    # Two results for the same framework and precision on the same device: the newest one is shown.
     place = ["task", "mode", "data", "batch_size", "input_shape", "framework", "precision", "device_key"]
     duplicated = frame.duplicated(place, keep="last")
     dropped += [f"{row.cell_id}: an older duplicate, not shown" for row in frame[duplicated].itertuples()]
-    frame = frame[~duplicated]
-    if reference:
-        frame = pd.concat([frame, _published_beside(frame, results_frame(list(reference)))], ignore_index=True)
-    labels = _column_labels(frame)
-    tables = []
-    for (task, mode, data, batch_size, input_shape), group in frame.groupby(
-            ["task", "mode", "data", "batch_size", "input_shape"], sort=True):
-        spec = TASKS.get(task)
-        notes: list[str] = []
-        group = group.assign(row=_row_labels(group))
-        display = group.apply(lambda row: _format(row, spec.item if spec else "items"), axis=1)
-        for index, row in group.iterrows():
-            if row.status != "ok":
-                notes.append(f"{row.row}, {labels[row.device_key]}: {row.status}: "
-                             f"{str(row.error).splitlines()[0]}")
-            elif not pd.isna(row.parameters) and row.parameters != row.expected_parameters:
-                reason = f": {row.parameter_note}" if row.parameter_note else ""
-                notes.append(f"† {row.row}: {int(row.parameters):,} trainable parameters, "
-                             f"the task specifies {int(row.expected_parameters):,}{reason}")
-                display[index] += " †"
-            if row.status == "ok" and row.cv is not None and row.cv > UNSTABLE_CV:
-                notes.append(f"⚠ {row.row}, {labels[row.device_key]}: unstable: the {int(row.samples)} "
-                             f"timings vary by {row.cv:.0%} (coefficient of variation; above {UNSTABLE_CV:.0%}), "
-                             f"95% interval of the median {row.ci95_low_s / row.median_s - 1:+.0%} to "
-                             f"{row.ci95_high_s / row.median_s - 1:+.0%}")
-                display[index] += " ⚠"
-            if row.status == "ok" and row.cells_at_once > 1:
-                notes.append(f"‡ {row.row}, {labels[row.device_key]}: ran with up to "
-                             f"{int(row.cells_at_once)} cells at once on its host, one per GPU, sharing "
-                             f"its CPUs (--serial runs one at a time)")
-                display[index] += " ‡"
-        ran = group[(group["status"] == "ok") & group["host"].notna()]
-        if ran["host"].nunique() > 1:  # results of a cluster's nodes, or of several hosts merged
-            notes.append("ran on " + "; ".join(f"{labels[key]}: {', '.join(sorted(set(hosts)))}"
-                                               for key, hosts in ran.groupby("device_key", sort=False)["host"]))
-        columns = [labels[key] for key in dict.fromkeys(group["device_key"])]
-        layout = group.assign(display=display, column=group["device_key"].map(labels))
-        # Rows in the order frameworks and precisions are listed in the specs, not alphabetically.
-        ordered = group.assign(order=group["framework"].map(_framework_order),
-                               precision_order=group["precision"].map(PRECISIONS.index))
-        rows = list(dict.fromkeys(ordered.sort_values(["order", "framework", "precision_order"])["row"]))
-        pivot = layout.pivot(index="row", columns="column", values="display").reindex(index=rows, columns=columns)
-        numbers, q1, q3 = (layout.pivot(index="row", columns="column", values=value).reindex(
-            index=rows, columns=columns) for value in ("median_s", "q1_s", "q3_s"))
-        for frame_ in (pivot, numbers, q1, q3):
-            frame_.index.name, frame_.columns.name = "framework", None
-        title = f"{task}: {spec.title if spec else task} ({mode} mode)"
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{task}-{mode}-{data}-batch{batch_size}-{input_shape.replace('×', 'x')}")
-        tables.append(Table(name, title, _describe(task, mode, data, batch_size, input_shape, group),
-                            pivot.fillna("–"), numbers, notes, q1, q3, _unit(task, mode)))
-    return tables, dropped
+    return frame[~duplicated], dropped
+
+
+def with_published(fresh: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:
+    """Join: the fresh rows and, for each table they make, the published rows of the same task,
+    mode, batch and input and the same work (epochs over as many training examples). Where
+    numbers were published for the table's kind of data they are used, else those of real data
+    (held in memory, as synthetic data is); each keeps its own data in its column's label."""
+    chosen = []
+    keys = ["task", "mode", "data", "batch_size", "input_shape", "epochs", "train_examples"]
+    # None (inference has no training examples) must equal None.
+    matching, candidates = (frame.assign(train_examples=frame["train_examples"].fillna(-1))
+                            for frame in (fresh, published))
+    for key in matching[matching["status"] == "ok"][keys].drop_duplicates().itertuples(index=False):
+        same = published[(candidates["task"] == key.task) & (candidates["mode"] == key.mode)
+                         & (candidates["batch_size"] == key.batch_size)
+                         & (candidates["input_shape"] == key.input_shape) & (candidates["epochs"] == key.epochs)
+                         & (candidates["train_examples"] == key.train_examples)]
+        same_data = same[same["data"] == key.data]
+        rows = same_data if not same_data.empty else same[same["data"] == "real"]
+        chosen.append(rows.assign(data=key.data))
+    return pd.concat([fresh, *chosen], ignore_index=True)
+
+
+def annotate(group: pd.DataFrame, labels: dict, item: str) -> tuple[pd.Series, list[str]]:
+    """Annotate: each row's text (median, spread, rate) with its marks, and the table's notes:
+    cells that did not run, † a parameter count other than the task's, ⚠ unstable timings,
+    ‡ a host shared with other cells, and the hosts when results come from several."""
+    notes: list[str] = []
+    display = group.apply(lambda row: _format(row, item), axis=1)
+    for index, row in group.iterrows():
+        where = labels[row.device_key]
+        if row.status != "ok":
+            notes.append(f"{row.row}, {where}: {row.status}: {str(row.error).splitlines()[0]}")
+            continue
+        if not pd.isna(row.parameters) and row.parameters != row.expected_parameters:
+            reason = f": {row.parameter_note}" if row.parameter_note else ""
+            notes.append(f"† {row.row}: {int(row.parameters):,} trainable parameters, "
+                         f"the task specifies {int(row.expected_parameters):,}{reason}")
+            display[index] += " †"
+        if row.cv is not None and row.cv > UNSTABLE_CV:
+            notes.append(f"⚠ {row.row}, {where}: unstable: the {int(row.samples)} "
+                         f"timings vary by {row.cv:.0%} (coefficient of variation; above {UNSTABLE_CV:.0%}), "
+                         f"95% interval of the median {row.ci95_low_s / row.median_s - 1:+.0%} to "
+                         f"{row.ci95_high_s / row.median_s - 1:+.0%}")
+            display[index] += " ⚠"
+        if row.cells_at_once > 1:
+            notes.append(f"‡ {row.row}, {where}: ran with up to {int(row.cells_at_once)} cells at once on its "
+                         f"host, one per GPU, sharing its CPUs (--serial runs one at a time)")
+            display[index] += " ‡"
+    ran = group[(group["status"] == "ok") & group["host"].notna()]
+    if ran["host"].nunique() > 1:  # results of a cluster's nodes, or of several hosts merged
+        notes.append("ran on " + "; ".join(f"{labels[key]}: {', '.join(sorted(set(hosts)))}"
+                                           for key, hosts in ran.groupby("device_key", sort=False)["host"]))
+    return display, notes
+
+
+def pivot(group: pd.DataFrame, labels: dict) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Pivot: framework rows by device columns, of the ``display`` text and of the median, first
+    and third quartile (seconds). Rows in the order frameworks and precisions are listed in
+    the specs, not alphabetically; columns in the order the results came."""
+    columns = [labels[key] for key in dict.fromkeys(group["device_key"])]
+    layout = group.assign(column=group["device_key"].map(labels))
+    ordered = group.assign(order=group["framework"].map(_framework_order),
+                           precision_order=group["precision"].map(PRECISIONS.index))
+    rows = list(dict.fromkeys(ordered.sort_values(["order", "framework", "precision_order"])["row"]))
+    frames = tuple(layout.pivot(index="row", columns="column", values=value).reindex(index=rows, columns=columns)
+                   for value in ("display", "median_s", "q1_s", "q3_s"))
+    for frame in frames:
+        frame.index.name, frame.columns.name = "framework", None
+    return frames
 
 
 def _framework_order(framework: str) -> int:
@@ -287,25 +312,6 @@ def _row_labels(group: pd.DataFrame) -> pd.Series:
     if set(group["precision"]) == {"fp32"}:
         return group["framework"]
     return group["framework"] + ", " + group["precision"]
-
-
-def _published_beside(fresh: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:
-    """The published rows for each table the fresh results make: same task, mode, batch and
-    input, and the same work (epochs over as many training examples). Where numbers were
-    published for the table's kind of data they are used, else those of real data (held in
-    memory, as synthetic data is); each keeps its own data in its label."""
-    chosen = []
-    keys = ["task", "mode", "data", "batch_size", "input_shape", "epochs", "train_examples"]
-    # None (inference has no training examples) must equal None.
-    fresh, published = (frame.assign(train_examples=frame["train_examples"].fillna(-1)) for frame in (fresh, published))
-    for key in fresh[fresh["status"] == "ok"][keys].drop_duplicates().itertuples(index=False):
-        same = published[(published["task"] == key.task) & (published["mode"] == key.mode)
-                         & (published["batch_size"] == key.batch_size) & (published["input_shape"] == key.input_shape)
-                         & (published["epochs"] == key.epochs) & (published["train_examples"] == key.train_examples)]
-        same_data = same[same["data"] == key.data]
-        rows = same_data if not same_data.empty else same[same["data"] == "real"]
-        chosen.append(rows.assign(data=key.data))
-    return pd.concat(chosen) if chosen else published.iloc[0:0]
 
 
 def write_tables(tables: list[Table], results: list[Result], folder: Path) -> Path:

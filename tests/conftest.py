@@ -142,17 +142,17 @@ def result_payload(framework: str = "pytorch", status: str = "ok", error: str | 
                    cell_id: str | None = None, precision: str = "fp32") -> dict:
     """A schema-valid result as the bench writes it (the harness's view of a cell)."""
     from bench.precision import math_modes
-    from bench.result import Cell, Metrics, Model, Result, Settings, Summary
+    from bench.result import Metrics, Model, Result, ResultCell, ResultSettings, Summary
 
-    cell = Cell(id=cell_id or f"cnn_cifar10.{framework}.{device}", framework=framework, task="cnn_cifar10",
+    cell = ResultCell(id=cell_id or f"cnn_cifar10.{framework}.{device}", framework=framework, task="cnn_cifar10",
                 device=device, gpu=gpu_name if device == "gpu" else None,
                 cuda="auto" if device == "gpu" else None, threads=None, precision=precision, batch_size=64,
                 devices=1, input_shape=[3, 32, 32], mode=mode, data="synthetic")
     result = Result(cell=cell, status=status, error=error)
     result.env = {"hostname": "host", "os": "Linux", "cpu_model": cpu_model, "cpu_cores": 2,
-                  "started_utc": "2026-11-25T09:59:00+00:00", "finished_utc": finished, "backend": "local"}
+                  "started_utc": "2026-11-25T09:59:00+00:00", "finished_utc": finished, "launcher": "local"}
     if status == "ok":
-        result.settings = Settings(warmup_steps=5, steps=20, repeats=len(step_times), epochs=10, seed=0)
+        result.settings = ResultSettings(warmup_steps=5, steps=20, repeats=len(step_times), epochs=10, seed=0)
         summary = Summary.of(list(step_times))
         if mode == "throughput":
             result.metrics = Metrics(step_time_s=summary, throughput_per_s=64 / summary.median,

@@ -53,7 +53,7 @@ def test_a_cell_runs_with_a_clean_environment_its_own_folders_and_gpus(tmp_path,
     assert backend.skip_reason(cell()) is None
     backend.prepare(cell())
     weights = tmp_path / "w" / "resnet50.npz"
-    launch = backends.Launch(cell(), ["--framework", "pytorch"], tmp_path / "staging" / "c.json",
+    launch = backends.Launch(cell(), tmp_path / "staging" / "c.request.json", tmp_path / "staging" / "c.json",
                              tmp_path / "logs" / "c.log", 60, weights=weights)
     ended = backend.run(launch)
     assert ended.returncode == 0
@@ -70,10 +70,10 @@ def test_a_cell_runs_with_a_clean_environment_its_own_folders_and_gpus(tmp_path,
     (tmp_path / "sif" / "pytorch-cpu.sif").write_bytes(b"another image")  # changed: hashed again
     assert image_id(tmp_path / "sif" / "pytorch-cpu.sif") == "sha256:" + hashlib.sha256(b"another image").hexdigest()
     assert argv[argv.index(str(tmp_path / "sif" / "pytorch-cpu.sif")) + 1:] == [
-        "python", "-m", "bench", "--framework", "pytorch", "--out", "/dlbench/out/c.json",
+        "python", "-m", "bench", "--request", "/dlbench/out/c.request.json", "--out", "/dlbench/out/c.json",
         "--weights", "/dlbench/weights/resnet50.npz"]
 
-    gpu_launch = backends.Launch(cell("H100"), [], launch.result_path, launch.log_path, 60,
+    gpu_launch = backends.Launch(cell("H100"), launch.request_path, launch.result_path, launch.log_path, 60,
                                  gpus=[Gpu(0, "GPU-aaaa", "NVIDIA H100", 1)])
     backend._image_ids[backend.sif_path(cell("H100"))] = "sha256:gpu"
     gpu_argv = backend.command_line(gpu_launch)

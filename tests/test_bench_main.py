@@ -24,7 +24,7 @@ def test_the_mpi_rank_comes_from_the_launchers_variables(environ, rank):
 
 
 def arguments(out):
-    return ["--framework", "cntk", "--task", "cnn_cifar10", "--synthetic", "--steps", "1",
+    return ["--framework", "cntk", "--task", "cnn_cifar10", "--steps", "1",
             "--repeats", "1", "--warmup-steps", "1", "--out", str(out)]
 
 

@@ -11,6 +11,7 @@ import pytest
 from bench.result import Result
 from conftest import REPO, result_payload, write_matrix
 from harness.compare import compare, main, ratio_interval
+from harness.rows import ResultRow
 
 
 def gpu_result(framework="pytorch", cuda="12.8", gpu="NVIDIA H100 80GB HBM3", times=(0.010, 0.0101, 0.0099, 0.0100, 0.0102),
@@ -18,6 +19,10 @@ def gpu_result(framework="pytorch", cuda="12.8", gpu="NVIDIA H100 80GB HBM3", ti
     payload = result_payload(framework, device="gpu", gpu_name=gpu, cuda=cuda, cudnn="9", step_times=times,
                              cell_id=f"cnn_cifar10.{framework}.cuda-{cuda}.{precision}", precision=precision)
     return payload
+
+
+def row(payload):
+    return ResultRow.of(Result.from_dict(payload))
 
 
 def write_set(folder, *payloads):
@@ -28,9 +33,9 @@ def write_set(folder, *payloads):
 
 
 def test_a_cuda_upgrade_that_costs_20_percent_is_a_significant_slowdown():
-    a = [Result.from_dict(gpu_result("pytorch", "12.8")), Result.from_dict(gpu_result("jax", "12.8"))]
-    b = [Result.from_dict(gpu_result("pytorch", "13.0", times=(0.0120, 0.0121, 0.0119, 0.0122, 0.0120))),
-         Result.from_dict(gpu_result("jax", "13.0", times=(0.0101, 0.0099, 0.0100, 0.0102, 0.0100)))]
+    a = [row(gpu_result("pytorch", "12.8")), row(gpu_result("jax", "12.8"))]
+    b = [row(gpu_result("pytorch", "13.0", times=(0.0120, 0.0121, 0.0119, 0.0122, 0.0120))),
+         row(gpu_result("jax", "13.0", times=(0.0101, 0.0099, 0.0100, 0.0102, 0.0100)))]
     comparison = compare(a, b)
     assert comparison.differing == {"cuda": (["12.8"], ["13.0"])}
     by_framework = {pair.a.cell.framework: pair for pair in comparison.pairs}
@@ -42,24 +47,24 @@ def test_a_cuda_upgrade_that_costs_20_percent_is_a_significant_slowdown():
 
 def test_sets_with_several_gpus_match_gpu_to_gpu_when_cuda_is_what_differs():
     h100, a100 = "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"
-    a = [Result.from_dict(gpu_result(cuda="12.8", gpu=h100)), Result.from_dict(gpu_result(cuda="12.8", gpu=a100, times=(0.02,) * 5))]
-    b = [Result.from_dict(gpu_result(cuda="13.0", gpu=h100)), Result.from_dict(gpu_result(cuda="13.0", gpu=a100, times=(0.02,) * 5))]
+    a = [row(gpu_result(cuda="12.8", gpu=h100)), row(gpu_result(cuda="12.8", gpu=a100, times=(0.02,) * 5))]
+    b = [row(gpu_result(cuda="13.0", gpu=h100)), row(gpu_result(cuda="13.0", gpu=a100, times=(0.02,) * 5))]
     comparison = compare(a, b)
     assert list(comparison.differing) == ["cuda"]
     assert sorted(p.ratio for p in comparison.pairs) == pytest.approx([1.0, 1.0])
 
 
 def test_comparing_two_gpus_matches_the_same_cells_on_each():
-    comparison = compare([Result.from_dict(gpu_result(gpu="NVIDIA A100-SXM4-80GB", times=(0.02,) * 5))],
-                         [Result.from_dict(gpu_result(gpu="NVIDIA H100 80GB HBM3"))])
+    comparison = compare([row(gpu_result(gpu="NVIDIA A100-SXM4-80GB", times=(0.02,) * 5))],
+                         [row(gpu_result(gpu="NVIDIA H100 80GB HBM3"))])
     assert list(comparison.differing) == ["device"]
     (pair,) = comparison.pairs
     assert pair.ratio == pytest.approx(0.5, rel=0.01) and pair.verdict().startswith("faster by 50")
 
 
 def test_a_mixed_precision_set_is_compared_with_an_fp32_set_framework_by_framework():
-    a = [Result.from_dict(gpu_result(f)) for f in ("pytorch", "jax")]
-    b = [Result.from_dict(gpu_result(f, precision="bf16", times=(0.005, 0.0051, 0.0049, 0.005, 0.0052)))
+    a = [row(gpu_result(f)) for f in ("pytorch", "jax")]
+    b = [row(gpu_result(f, precision="bf16", times=(0.005, 0.0051, 0.0049, 0.005, 0.0052)))
          for f in ("pytorch", "jax")]
     comparison = compare(a, b)
     assert comparison.differing == {"precision": (["fp32"], ["bf16"]),

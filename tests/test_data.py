@@ -59,7 +59,7 @@ def test_missing_data_says_where_to_put_it_and_offers_synthetic(tmp_path):
     with pytest.raises(data.DataUnavailable) as error:
         data.fetch(archive, tmp_path / "cache")
     message = str(error.value)
-    assert str(tmp_path / "cache") in message and "--synthetic" in message and "--data-dir" in message
+    assert str(tmp_path / "cache") in message and "--data synthetic" in message and "--data-dir" in message
     assert not list((tmp_path / "cache").glob("*"))
 
 
@@ -152,7 +152,7 @@ def test_chestxray14_lists_the_official_split_with_multi_hot_labels(tmp_path):
 
 
 def test_chestxray14_problems_name_the_file_and_the_fix(tmp_path):
-    with pytest.raises(data.DataUnavailable, match="ChestX-ray14 is not in .*--synthetic"):
+    with pytest.raises(data.DataUnavailable, match="ChestX-ray14 is not in .*--data synthetic"):
         data.chestxray14_folder(tmp_path)
     folder = write_chestxray14(tmp_path / "chestxray14", train=4, test=2)
     (folder / "images" / "00000002_000.png").unlink()

@@ -38,7 +38,7 @@ def test_cells_run_in_images_built_offline_and_merge_with_local_results(engine, 
         assert result.status == "ok", result.error
         framework = result.cell.framework
         image = result.env["image"]
-        assert result.env["backend"] == "docker" and image["tag"].startswith(f"dlbench/{framework}:cpu-")
+        assert result.env["launcher"] == "docker" and image["tag"].startswith(f"dlbench/{framework}:cpu-")
         assert engine.images.get(image["tag"]).id == image["id"]
         assert image["base"] == BASE_IMAGE and image["base_digest"] == engine.images.get(BASE_IMAGE).id
         labels = engine.images.get(image["tag"]).labels

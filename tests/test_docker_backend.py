@@ -71,7 +71,7 @@ def launch(tmp_path, gpus=(), timeout_s=60.0, devices=1):
     gpu = "H100" if gpus else "cpu"
     task = "densenet121_xray" if devices > 1 else "cnn_cifar10"
     cell = Cell("pytorch", task, gpu, "auto", "auto", devices, "fp32", Settings())
-    return Launch(cell, ["--framework", "pytorch", "--cells-at-once", "2"], tmp_path / "staging" / "cell.json",
+    return Launch(cell, tmp_path / "staging" / "cell.request.json", tmp_path / "staging" / "cell.json",
                   tmp_path / "logs" / "cell.log", timeout_s, list(gpus))
 
 
@@ -97,7 +97,7 @@ def test_a_gpu_cell_gets_its_own_gpus_by_uuid_and_nothing_else(tmp_path):
     assert options["security_opt"] == ["no-new-privileges"] and options["user"] == f"{os.getuid()}:{os.getgid()}"
     (out,) = options["mounts"]
     assert out["Target"] == "/dlbench/out" and out["Source"] == str(cell_launch.result_path.parent)
-    assert container.argv[-2:] == ["--out", "/dlbench/out/cell.json"] and "--cells-at-once" in container.argv
+    assert container.argv[-4:] == ["--request", "/dlbench/out/cell.request.json", "--out", "/dlbench/out/cell.json"]
     image = json.loads(options["environment"]["DLBENCH_IMAGE"])
     assert image["id"] == "sha256:image" and image["tag"].startswith("dlbench/pytorch:cuda13.0-")
     assert image["base_digest"] == "nvidia/cuda@sha256:base"

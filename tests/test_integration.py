@@ -52,7 +52,7 @@ def test_real_data_that_is_missing_fails_the_cell_with_a_clear_message(tmp_path)
     (result,) = by_framework(tmp_path / "results").values()
     assert result.status == "failed"
     assert result.error.startswith("DataUnavailable: cifar-10-batches-py is not in ")
-    assert "--synthetic" in result.error
+    assert "--data synthetic" in result.error
     assert "failed" in done.stdout and "DataUnavailable" in done.stderr
 
 
@@ -91,7 +91,7 @@ def test_every_framework_runs_every_task(tmp_path):
         where = f"{framework} {task}"
         assert result.status == "ok", f"{where}: {result.error}"
         assert result.env["framework"] == framework and result.env["framework_version"], where
-        assert result.env["backend"] == "local" and result.env["bench_hash"] and result.env["gpu"] is None, where
+        assert result.env["launcher"] == "local" and result.env["bench_hash"] and result.env["gpu"] is None, where
         assert result.env["cells_at_once"] == 1, where  # no GPUs: one cell at a time
         assert result.env["math_modes"]["compute_dtype"] == "float32" and result.cell.precision == "fp32", where
         step = result.metrics.step_time_s

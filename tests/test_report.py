@@ -71,7 +71,7 @@ def test_the_report_holds_tables_charts_flags_and_the_environment(tmp_path):
     row = next(r for r in parsed.rows if r[0] == "pytorch")
     assert row[1].startswith("300.0 ms [299.0–301.0], 213 images/s") and row[2].startswith("10.0 ms")
     assert 'class="unstable"' in text and 'class="mismatch"' in text and 'class="not-run"' in text
-    assert "Flagged cells" in text and "No module named" in text and "CPU: Test CPU, 2 cores" in text
+    assert "Flagged cells" in text and "No module named" in text and "CPU (Test CPU, 2 cores)" in text
     assert all(link.startswith(("#", "data:image/png;base64,")) for link in parsed.links)
     charts = list((tmp_path / "out" / "charts").glob("*.png"))
     assert len(charts) == 1 and matplotlib.image.imread(charts[0]).shape[2] in (3, 4)

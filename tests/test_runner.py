@@ -199,7 +199,7 @@ class NotingBackend(ScriptBackend):
     def run(self, launch):
         self.runs += 1
         argv = [sys.executable, "-c", self.script, str(launch.result_path), launch.cell.id,
-                launch.bench_args[launch.bench_args.index("--cells-at-once") + 1]]
+                str(json.loads(launch.request_path.read_text())["cells_at_once"])]
         return run_process(argv, cell_environment(launch), launch.log_path, launch.timeout_s, launch.interrupted)
 
 

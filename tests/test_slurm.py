@@ -129,7 +129,7 @@ matrix:
         assert slurm["job_id"] == submitted[result.cell.id] and slurm["state"] == "COMPLETED"
         assert slurm["gres"] == gres and slurm["node"] == cluster == node and slurm["runtime"] == "local"
         assert result.env["cuda_visible_devices"] in visible  # set by Slurm for the job's GRES
-        assert result.env["backend"] == "slurm" and "computed on the CPU" in result.env["gpu_stand_in"]
+        assert result.env["launcher"] == "slurm" and "computed on the CPU" in result.env["gpu_stand_in"]
         assert result.metrics.step_time_s.median > 0
     tables = (folder.tables / "README.md").read_text()
     assert "h100" in tables.lower() and "a100" in tables.lower()

@@ -113,7 +113,7 @@ def test_sbatch_is_asked_for_the_cells_gres_time_name_and_the_cluster_options(tm
     backend = slurm_backend(FakeSlurm(), partition="gpu", account="ml", qos="high", constraint="nvlink",
                             sbatch_args=["--mem=64G"], cpus_per_gpu=8)
     cell = gpu_cell("H100", devices=2, task="densenet121_xray")
-    launch = backends.Launch(cell, [], tmp_path / "staged.json", tmp_path / "logs" / "cell.log", 150)
+    launch = backends.Launch(cell, tmp_path / "staged.request.json", tmp_path / "staged.json", tmp_path / "logs" / "cell.log", 150)
     argv, gres = backend.sbatch_argv(launch, tmp_path / "spec.json")
     assert gres == "gpu:h100:2"
     assert {f"--job-name={cell.id}", "--gres=gpu:h100:2", "--time=3", "--cpus-per-gpu=8", "--partition=gpu",
@@ -121,7 +121,7 @@ def test_sbatch_is_asked_for_the_cells_gres_time_name_and_the_cluster_options(tm
             "--open-mode=append"} <= set(argv)
     assert argv[-2] == "--wrap" and "-m harness.backends.slurm_job" in argv[-1] and "spec.json" in argv[-1]
     cpu_argv, cpu_gres = backend.sbatch_argv(
-        backends.Launch(gpu_cell("cpu"), [], launch.result_path, launch.log_path, 150), tmp_path / "spec.json")
+        backends.Launch(gpu_cell("cpu"), launch.request_path, launch.result_path, launch.log_path, 150), tmp_path / "spec.json")
     assert cpu_gres is None and "--exclusive" in cpu_argv and not any(a.startswith("--gres") for a in cpu_argv)
 
 
@@ -199,7 +199,7 @@ def test_an_interrupted_run_cancels_its_jobs_and_records_none(tmp_path):
     fake = JobWritingSlurm(folder, write_result=False)
     fake.live = {"101"}
     backend = SlurmBackend(SlurmOptions(poll_s=0.05), CurrentInterpreterBackend(), [], cli=fake)
-    launch = backends.Launch(gpu_cell(), [], folder.staging / "c.json", folder.logs / "c.log", 150, folder=folder)
+    launch = backends.Launch(gpu_cell(), folder.staging / "c.request.json", folder.staging / "c.json", folder.logs / "c.log", 150, folder=folder)
     threading.Timer(0.5, launch.interrupted.set).start()
     ended = backend.run(launch)
     backend.release()

@@ -10,8 +10,10 @@ import pandas as pd
 from bench.precision import math_modes
 from bench.result import Result, write_json_atomic
 from conftest import REPO, result_payload
-from harness.results import describe_math_modes, load_results
-from harness.tables import build_tables, write_tables
+from harness.results import load_results
+from harness.rows import describe_math_modes
+from harness.reference import published_results
+from harness.tables import annotate, build_tables, comparable, pivot, results_frame, with_published, write_tables
 
 
 def results(*payloads):
@@ -142,7 +144,7 @@ def test_results_of_other_bench_code_are_not_compared_unless_asked():
 def test_results_of_two_backends_get_a_column_each():
     local = result_payload("pytorch", step_times=(0.5,), cell_id="a")
     docker = result_payload("pytorch", step_times=(0.4,), cell_id="b")
-    docker["env"]["backend"] = "docker"
+    docker["env"]["launcher"] = "docker"
     tables, dropped = build_tables(results(local, docker))
     assert list(tables[0].display.columns) == ["CPU (Test CPU, 2 cores), local backend",
                                                "CPU (Test CPU, 2 cores), docker backend"]
@@ -202,3 +204,47 @@ def test_results_gathered_from_several_nodes_say_which_node_ran_what():
     assert f"ran on {h100}: gpu01, gpu02; {a100}: gpu07" in table.notes
     [alone], _ = build_tables(results(result_payload("pytorch")))
     assert not any(note.startswith("ran on") for note in alone.notes)
+
+
+def frame_of(*payloads):
+    return results_frame(results(*payloads))
+
+
+def test_filter_keeps_the_newest_result_of_each_place_and_says_why_others_left():
+    older = result_payload("pytorch", step_times=(0.5,) * 3, finished="2026-11-25T09:00:00+00:00", cell_id="old")
+    other_code = result_payload("jax", finished="2026-11-25T08:00:00+00:00", cell_id="jax-old")
+    other_code["env"]["bench_hash"] = "1" * 64
+    kept, dropped = comparable(frame_of(older, result_payload("pytorch"), other_code))
+    assert list(kept["framework"]) == ["pytorch"] and kept["median_s"].iloc[0] == 0.3
+    assert dropped[0].startswith("jax-old: measured by other bench code") and dropped[1] == "old: an older duplicate, not shown"
+    assert len(comparable(frame_of(other_code, result_payload("pytorch")), mixed_bench=True)[0]) == 2
+
+
+def test_join_adds_the_published_rows_of_the_same_protocol_only():
+    full = result_payload("pytorch", mode="full")
+    full["settings"]["train_examples"] = 50_000  # the seed's work: 10 epochs of CIFAR-10
+    fresh = frame_of(full)
+    published = results_frame(list(published_results()))
+    joined = with_published(fresh, published)
+    added = joined[joined["published_year"].notna()]
+    assert len(added) and set(added["task"]) == {"cnn_cifar10"} and set(added["batch_size"]) == {64}
+    assert len(with_published(frame_of(result_payload("pytorch")), published)) == 1  # none in throughput mode
+
+
+def test_annotate_marks_each_flag_and_writes_its_note():
+    unstable = result_payload("jax", step_times=(0.1, 0.3, 0.2, 0.25, 0.15))
+    shared = result_payload("tensorflow")
+    shared["env"]["cells_at_once"] = 2
+    group = frame_of(unstable, shared).assign(row=lambda f: f["framework"])
+    labels = {key: "CPU" for key in group["device_key"]}
+    display, notes = annotate(group, labels, "images")
+    assert display.iloc[0].endswith(" ⚠") and display.iloc[1].endswith(" ‡")
+    assert notes[0].startswith("⚠ jax, CPU: unstable") and notes[1].startswith("‡ tensorflow, CPU: ran with up to 2")
+
+
+def test_pivot_orders_rows_as_the_specs_list_frameworks_and_precisions():
+    group = frame_of(result_payload("jax"), result_payload("pytorch", precision="bf16"), result_payload("pytorch"))
+    group = group.assign(row=group["framework"] + ", " + group["precision"], display="text")
+    shown, numbers, q1, q3 = pivot(group, {key: "CPU" for key in group["device_key"]})
+    assert list(shown.index) == ["pytorch, fp32", "pytorch, bf16", "jax, fp32"] and list(shown.columns) == ["CPU"]
+    assert numbers.loc["jax, fp32", "CPU"] == 0.3 and q1.loc["jax, fp32", "CPU"] <= q3.loc["jax, fp32", "CPU"]

@@ -16,9 +16,6 @@ from .. import precision
 from .. import weights as canonical
 from ..specs import RunOptions, TaskSpec
 
-# fp16 is Chainer's mixed16, in float16 kernels of cuDNN and cuBLAS on GPUs. numpy has no fast
-# float16 (no BLAS for it): CPUs run fp32 alone. Neither numpy nor CuPy has a bfloat16 type: no bf16.
-PRECISIONS = {"cpu": ("fp32",), "gpu": ("fp32", "tf32", "fp16")}
 
 
 def describe(run: RunOptions) -> dict:

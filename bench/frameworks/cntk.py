@@ -32,10 +32,6 @@ DENSENET121_BLOCKS = (6, 12, 24, 16)
 DENSENET_GROWTH = 32
 DENSENET_BOTTLENECK = 4
 DENSENET_STEM = 64
-# fp32 only: CNTK 2.7 is built for CUDA 10.0 and cuDNN 7, which predate TF32 and bfloat16, and its
-# float16 builds whole networks, weights included, in float16 (default_options(dtype=float16)):
-# not the mixed precision of fp16 cells.
-PRECISIONS = {"cpu": ("fp32",), "gpu": ("fp32",)}
 
 
 def describe(run: RunOptions) -> dict:

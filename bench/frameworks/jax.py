@@ -28,9 +28,6 @@ from ..specs import RunOptions, TaskSpec
 if TYPE_CHECKING:  # for annotations only: the bench's data module is not imported at run time
     from ..data import ImageFiles
 
-# Flax's mixed precision runs wherever XLA compiles the compute dtype: bfloat16 on CPUs, both
-# 16-bit types on GPUs.
-PRECISIONS = {"cpu": ("fp32", "bf16"), "gpu": ("fp32", "tf32", "fp16", "bf16")}
 
 
 def _cuda_versions() -> tuple[str | None, str | None]:

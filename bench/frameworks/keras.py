@@ -20,20 +20,13 @@ import numpy as np
 from .. import precision
 from .. import weights as canonical
 from ..data import ImageFiles
-from ..specs import RunOptions, TaskSpec, Unsupported
+from ..specs import FRAMEWORK_SPECS, RunOptions, TaskSpec
 
 BACKEND = keras.backend.backend()  # "tensorflow", "jax" or "torch"
 # Each backend's CPU layout. TensorFlow's CPU convolutions (oneDNN) only take NHWC (NCHW
 # fails in the backward pass unless XLA compiles it, and XLA was 2.5x slower here); JAX and
 # torch measured the same in both layouts (2-core EPYC), so Keras's default, channels_last.
 CPU_LAYOUTS = {"tensorflow": "NHWC", "jax": "NHWC", "torch": "NHWC"}
-# keras.distribution (DataParallel) only has a JAX implementation; Keras's PyTorch
-# multi-GPU guide drives torch's DistributedDataParallel from a hand-written torch loop,
-# outside compile()/train_on_batch(), so it is PyTorch's mechanism, not Keras's.
-TORCH_DATA_PARALLEL = ("Keras 3 has no data-parallel mechanism for the torch backend "
-                       "(its distribution API is JAX-only)")
-# Keras's mixed_bfloat16 policy runs on the CPU on every backend; float16 is a GPU format.
-PRECISIONS = {"cpu": ("fp32", "bf16"), "gpu": ("fp32", "tf32", "fp16", "bf16")}
 # Float32 variables, layers computing in the 16-bit type; other precisions keep "float32".
 DTYPE_POLICIES = {"fp16": "mixed_float16", "bf16": "mixed_bfloat16"}
 
@@ -57,8 +50,8 @@ def describe(run: RunOptions) -> dict:
             xla=_jit_compile(run)),
         "framework_settings": {
             "keras_version": keras.__version__,
-            "backend": BACKEND,
-            "backend_version": _backend_module().__version__,
+            "keras_backend": BACKEND,
+            "keras_backend_version": _backend_module().__version__,
             "data_parallel": _data_parallel_mechanism(run),
         },
     }
@@ -216,7 +209,7 @@ def _jit_compile(run: RunOptions) -> bool:
 
 
 def _data_parallel_mechanism(run: RunOptions) -> str | None:
-    mechanism = {"tensorflow": "tf.distribute.MirroredStrategy", "jax": "keras.distribution.DataParallel"}.get(BACKEND)
+    mechanism = FRAMEWORK_SPECS["keras-" + BACKEND].data_parallel
     if run.devices == 1 or mechanism is None:
         return None
     return f"{mechanism}, {run.devices} {run.device} devices"
@@ -553,8 +546,6 @@ class Densenet121Xray:
         self.crop_size = run.input_shape[-1]
         self.strategy = None  # TensorFlow's MirroredStrategy when data-parallel
         if run.devices > 1:
-            if BACKEND == "torch":
-                raise Unsupported(TORCH_DATA_PARALLEL)
             if BACKEND == "jax":
                 # Data parallelism the Keras way: a one-axis device mesh; variables replicated,
                 # each train_on_batch splits the global batch along it, and XLA all-reduces

@@ -20,9 +20,6 @@ from ..specs import RunOptions, TaskSpec
 
 # Runtime features worth recording: the CPU kernels (oneDNN, still called MKLDNN) and the GPU stack.
 _FEATURES = ("MKLDNN", "OPENMP", "CUDA", "CUDNN", "NCCL", "TENSORRT")
-# AMP computes in float16 on NVIDIA GPUs. Its bfloat16 is oneDNN's, for CPUs only, and needs
-# AVX-512: on other CPUs it cannot create its bfloat16 convolutions, so CPUs run fp32 alone.
-PRECISIONS = {"cpu": ("fp32",), "gpu": ("fp32", "tf32", "fp16")}
 
 
 def describe(run: RunOptions) -> dict:

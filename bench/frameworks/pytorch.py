@@ -24,8 +24,6 @@ from .. import weights as canonical
 from ..data import ImageFiles
 from ..specs import RunOptions, TaskSpec
 
-# Autocast runs bfloat16 on CPUs (oneDNN) and both 16-bit types on CUDA GPUs.
-PRECISIONS = {"cpu": ("fp32", "bf16"), "gpu": ("fp32", "tf32", "fp16", "bf16")}
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 

@@ -19,8 +19,6 @@ GRU_UNITS = 100
 # torchvision's batch-norm epsilon (Keras's default is 1e-3).
 BATCH_NORM_EPSILON = 1e-5
 
-# Keras's mixed_bfloat16 policy runs on CPUs too (oneDNN, Eigen); float16 is a GPU format.
-PRECISIONS = {"cpu": ("fp32", "bf16"), "gpu": ("fp32", "tf32", "fp16", "bf16")}
 # Float32 variables, layers computing in the 16-bit type; other precisions keep "float32".
 DTYPE_POLICIES = {"fp16": "mixed_float16", "bf16": "mixed_bfloat16"}
 

@@ -92,11 +92,12 @@ def host_inventory(gpus: list[Gpu]) -> Inventory:
 
 @dataclass
 class Launch:
-    """One cell, ready to start: ``python -m bench`` + ``bench_args`` + the path options
-    (``--out result_path``, ``--weights``, ``--data-dir``, as the backend sees those files)."""
+    """One cell, ready to start: ``python -m bench --request R --out O`` with the paths as the
+    backend sees them (``bench_args``), the request file written by the harness beside the
+    result file it asks for."""
 
     cell: Cell
-    bench_args: list[str]
+    request_path: Path
     result_path: Path
     log_path: Path
     timeout_s: float
@@ -107,8 +108,13 @@ class Launch:
     interrupted: threading.Event = field(default_factory=threading.Event)
     folder: RunFolder | None = None  # the run's folder, for backends that keep state there (jobs/)
 
-    def path_args(self, out: Path, weights: Path | None, data_dir: Path | None) -> list[str]:
-        args = ["--out", str(out)]
+    def __post_init__(self) -> None:
+        assert self.request_path.parent == self.result_path.parent, "a container mounts one folder for both"
+
+    def bench_args(self, out: Path, weights: Path | None, data_dir: Path | None) -> list[str]:
+        """The bench's arguments where ``out`` is the result file (the request file is beside
+        it) and the weights and data are at ``weights`` and ``data_dir``."""
+        args = ["--request", str(out.with_name(self.request_path.name)), "--out", str(out)]
         if weights:
             args += ["--weights", str(weights)]
         if data_dir:
@@ -117,7 +123,7 @@ class Launch:
 
     def host_argv(self) -> list[str]:
         """The bench's arguments for a process on this host, which sees the files where they are."""
-        return self.bench_args + self.path_args(self.result_path, self.weights, self.data_dir)
+        return self.bench_args(self.result_path, self.weights, self.data_dir)
 
 
 @dataclass
@@ -231,6 +237,9 @@ class Backend(ABC):
         """Why this backend cannot run ``cell`` (the cell is then skipped), or None."""
         if cell.device == "cpu" and cell.cuda != "auto":
             return f"a CPU cell has no CUDA version (cuda: {cell.cuda}); use cuda: auto with gpu: cpu"
+        refused = cell.request().cannot_run()  # what the bench would skip
+        if refused:
+            return refused
         if cell.device == "gpu":
             problem = self.inventory().gpu_problem(cell)
             if problem:

@@ -12,22 +12,18 @@ import sys
 from pathlib import Path
 
 from bench.host import compute_device
+from bench.specs import FRAMEWORK_SPECS
 
 from ..matrix import Cell
 from .base import (BackendError, Exit, HostBackend, Launch, build_constraints_file, cell_environment, register,
                    requirements_file, run_process)
 
-# Frameworks that cannot be installed next to the others, and why.
-IMAGE_ONLY = {
-    "cntk": ("CNTK 2.7 installs only on Python 3.5/3.6 and links OpenMPI 1.10: it runs in its own "
-             "image (Python 3.6, CUDA 10.0, cuDNN 7; --backend docker), not in a {backend} environment"),
-}
-
 
 def local_skip_reason(cell: Cell, backend: str) -> str | None:
     """What the host's own Python cannot run: image-only frameworks, a pinned CUDA version."""
-    if cell.framework in IMAGE_ONLY:
-        return IMAGE_ONLY[cell.framework].format(backend=backend)
+    image_only = FRAMEWORK_SPECS[cell.framework].image_only
+    if image_only:
+        return f"{image_only}; use --backend docker, not a {backend} environment"
     if cell.device == "gpu" and cell.cuda != "auto":
         return (f"the {backend} backend runs the CUDA its framework build brings and cannot "
                 f"pick CUDA {cell.cuda}; use cuda: auto, or --backend docker (one image per CUDA version)")

@@ -433,7 +433,7 @@ class SlurmBackend(Backend):
         spec = folder.jobs / f"{launch.cell.id}.launch.json"
         write_json_atomic(spec, {
             "runtime": self.runtime.name, "runtime_argv": self.runtime_argv,
-            "cell": launch.cell.to_dict(), "bench_args": launch.bench_args,
+            "cell": launch.cell.to_dict(), "request_path": str(launch.request_path),
             "staging": str(folder.staging), "log_path": str(launch.log_path),
             "weights": str(launch.weights) if launch.weights else None,
             "data_dir": str(launch.data_dir) if launch.data_dir else None})

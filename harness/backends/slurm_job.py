@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
     result_path, exit_path = job_files(Path(spec["staging"]), cell.id, os.environ["SLURM_JOB_ID"])
     options = backends.options(spec["runtime_argv"])
     runtime = backends.BACKENDS[spec["runtime"]].from_args(options)
-    launch = backends.Launch(cell, spec["bench_args"], result_path, Path(spec["log_path"]), math.inf,
+    launch = backends.Launch(cell, Path(spec["request_path"]), result_path, Path(spec["log_path"]), math.inf,
                              allocated_gpus(cell, os.environ.get("CUDA_VISIBLE_DEVICES")),
                              weights=Path(spec["weights"]) if spec["weights"] else None,
                              data_dir=Path(spec["data_dir"]) if spec["data_dir"] else None)
