@@ -12,6 +12,7 @@ class Gpu:
     uuid: str
     name: str  # e.g. "NVIDIA H100 80GB HBM3"
     memory_total_bytes: int
+    compute_capability: str | None = None  # "9.0"; None where NVML does not say
 
 
 def _text(value: str | bytes) -> str:
@@ -35,10 +36,18 @@ def detect_gpus(nvml: ModuleType | None = None) -> list[Gpu]:
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
             gpus.append(Gpu(index=index, uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
                             name=_text(nvml.nvmlDeviceGetName(handle)),
-                            memory_total_bytes=int(nvml.nvmlDeviceGetMemoryInfo(handle).total)))
+                            memory_total_bytes=int(nvml.nvmlDeviceGetMemoryInfo(handle).total),
+                            compute_capability=_compute_capability(nvml, handle)))
         return gpus
     finally:
         nvml.nvmlShutdown()
+
+
+def _compute_capability(nvml: ModuleType, handle: object) -> str | None:
+    try:
+        return "{}.{}".format(*nvml.nvmlDeviceGetCudaComputeCapability(handle))
+    except nvml.NVMLError:  # drivers before CUDA 11's NVML
+        return None
 
 
 def _words(name: str) -> list[str]:

@@ -78,8 +78,8 @@ DEVICES = [("NVIDIA H100 80GB HBM3", "GPU-1", 80 << 30), ("NVIDIA A100-SXM4-40GB
 def test_detect_gpus_lists_every_device():
     nvml = FakeNvml(DEVICES)
     gpus = detect_gpus(nvml)
-    assert gpus == [Gpu(0, "GPU-1", "NVIDIA H100 80GB HBM3", 80 << 30),
-                    Gpu(1, "GPU-2", "NVIDIA A100-SXM4-40GB", 40 << 30)]
+    assert gpus == [Gpu(0, "GPU-1", "NVIDIA H100 80GB HBM3", 80 << 30, "9.0"),
+                    Gpu(1, "GPU-2", "NVIDIA A100-SXM4-40GB", 40 << 30, "9.0")]
     assert nvml.shutdowns == 1
 
 
@@ -137,3 +137,22 @@ def test_gpu_auto_expands_to_the_models_of_the_inventory():
     assert local_backend(detect_gpus(FakeNvml(DEVICES))).inventory().names() == [
         "NVIDIA A100-SXM4-40GB", "NVIDIA H100 80GB HBM3"]
     assert local_backend([]).inventory().names() == ["cpu"]
+
+
+def test_a_gpu_older_than_ampere_is_skipped_for_tf32_and_bf16_before_anything_runs():
+    v100 = Gpu(0, "GPU-v", "Tesla V100-SXM2-16GB", 16 << 30, "7.0")
+    local = local_backend([v100])
+    bf16 = dataclasses.replace(_cell("V100"), precision="bf16")
+    assert local.skip_reason(bf16) == ("bf16 needs the tensor cores of compute capability 8.0 (Ampere) or newer; "
+                                       "this GPU's is 7.0")
+    assert local.skip_reason(dataclasses.replace(_cell("V100"), precision="fp16")) is None
+    unknown = local_backend([dataclasses.replace(v100, compute_capability=None)])
+    assert unknown.skip_reason(bf16) is None  # the bench checks on the GPU itself
+
+
+def test_a_driver_without_compute_capability_leaves_it_unknown():
+    class OldNvml(FakeNvml):
+        def nvmlDeviceGetCudaComputeCapability(self, handle):
+            raise self.NVMLError("function not found")
+
+    assert [gpu.compute_capability for gpu in detect_gpus(OldNvml(DEVICES))] == [None, None]

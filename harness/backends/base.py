@@ -18,6 +18,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Mapping
 
+from bench.precision import check_tensor_cores
+from bench.specs import Unsupported
+
 from ..gpus import Gpu, detect_gpus, names_model
 from ..images import IMAGES_DIR, REPO_ROOT  # noqa: F401  (REPO_ROOT: the cells' working directory)
 from ..matrix import Cell
@@ -40,6 +43,7 @@ class BackendError(Exception):
 class GpuModel:
     name: str  # as the backend knows it: NVML's name ("NVIDIA H100 80GB HBM3"), a GRES type ("h100")
     most_per_cell: int  # the most of them one cell can get: on this host, or on one node
+    compute_capability: str | None = None  # "9.0"; None where the backend cannot tell (a cluster's GRES)
 
 
 @dataclass(frozen=True)
@@ -84,9 +88,12 @@ class Inventory:
 
 def host_inventory(gpus: list[Gpu]) -> Inventory:
     counts: dict[str, int] = {}
+    capabilities: dict[str, str | None] = {}
     for gpu in gpus:
         counts[gpu.name] = counts.get(gpu.name, 0) + 1
-    return Inventory("this host", tuple(GpuModel(name, count) for name, count in sorted(counts.items())),
+        capabilities[gpu.name] = gpu.compute_capability
+    return Inventory("this host", tuple(GpuModel(name, count, capabilities[name])
+                                        for name, count in sorted(counts.items())),
                      cpu_cores=os.cpu_count() or 1)
 
 
@@ -244,6 +251,10 @@ class Backend(ABC):
             problem = self.inventory().gpu_problem(cell)
             if problem:
                 return problem
+            try:  # what the bench would find on the GPU itself
+                check_tensor_cores(cell.precision, self.inventory().model_for(cell.gpu).compute_capability)
+            except Unsupported as error:
+                return str(error)
         return self.cannot_run(cell)
 
     def cannot_run(self, cell: Cell) -> str | None:
