@@ -119,6 +119,7 @@ def launch_cell(cell: Cell, folder: RunFolder, backend: Backend, gpus: list[Gpu]
     try:
         ended = backend.run(launch)
     except Exception as error:  # the engine went away, say: this cell fails, the matrix goes on
+        request_path.unlink(missing_ok=True)
         message = f"the {backend.name} backend could not run the cell: {type(error).__name__}: {error}"
         record(folder, cell, "failed", message, backend, started)
         return CellOutcome(cell, "failed", message)
