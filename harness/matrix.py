@@ -239,9 +239,9 @@ class Matrix:
                             f"{self.place('matrix', 'include', number)}: "
                             f"matrix.include[{number}]: it matches no cell, so it adds one, and a new "
                             f"cell needs both 'framework' and 'task'; add them")
-                    combos.append(_Combo({"gpu": "auto", "cuda": "auto", "threads": "auto", "devices": 1,
-                                          "precision": "fp32"},
-                                         added, include.settings, included=True))
+                    defaults = {axis: Axes.model_fields[axis].default[0] for axis in AXES
+                                if axis not in ("framework", "task")}
+                    combos.append(_Combo(defaults, added, include.settings, included=True))
         return combos
 
     def place(self, *loc: str | int) -> str:

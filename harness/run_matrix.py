@@ -30,7 +30,7 @@ from tabulate import tabulate  # noqa: E402
 
 from harness import backends  # noqa: E402
 from harness.backends.base import REPO_ROOT  # noqa: E402
-from harness.matrix import Cell, MatrixError, load, only  # noqa: E402
+from harness.matrix import AXES, Cell, MatrixError, load, only  # noqa: E402
 from harness.report import report  # noqa: E402
 from harness.results import FolderInUse, RunFolder  # noqa: E402
 from harness.runner import is_done, run_cells  # noqa: E402
@@ -48,10 +48,9 @@ def print_plan(cells: list[Cell], folder: RunFolder, backend: backends.Backend, 
         reason = backend.skip_reason(cell)
         plan = f"skip: {reason}" if reason else ("done" if is_done(folder.result_path(cell.id)) else "run")
         s = cell.settings
-        rows.append([cell.framework, cell.task, cell.gpu, cell.cuda, cell.threads, cell.devices, cell.precision,
-                     s.mode, s.data, cell.batch_size, "×".join(map(str, cell.input_shape)), plan])
-    print(tabulate(rows, headers=["framework", "task", "gpu", "cuda", "threads", "devices", "precision", "mode",
-                                  "data", "batch", "input", "plan"]))
+        rows.append([getattr(cell, axis) for axis in AXES]
+                    + [s.mode, s.data, cell.batch_size, "×".join(map(str, cell.input_shape)), plan])
+    print(tabulate(rows, headers=[*AXES, "mode", "data", "batch", "input", "plan"]))
     selected = f" (of {expanded}, chosen by --only)" if expanded != len(cells) else ""
     print(f"\n{len(cells)} cells{selected} on {backend.inventory().describe()}; "
           f"{backend.name} runs up to {backend.placement(serial=False).at_once} at once; results go to {folder.root}")
