@@ -22,6 +22,7 @@ from .backends import Backend, BackendError, Exit, Launch
 from .gpus import Gpu
 from .matrix import Cell
 from .results import RunFolder, read_result
+from .rows import ResultRow
 
 LOG_TAIL_LINES = 12
 # The bench sources do not change while a matrix runs: hash them once.
@@ -47,7 +48,7 @@ def is_done(path: Path) -> bool:
         result = read_result(path)
     except ValueError:
         return False
-    return result.status == "ok" and result.env.get("bench_hash") == current_bench_hash()
+    return result.status == "ok" and ResultRow.of(result).bench_hash == current_bench_hash()
 
 
 def record(folder: RunFolder, cell: Cell, status: str, error: str, backend: Backend,
