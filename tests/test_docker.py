@@ -46,7 +46,8 @@ def test_cells_run_in_images_built_offline_and_merge_with_local_results(engine, 
         assert labels["org.dlbench.framework"] == framework
         assert result.env["python"].startswith("3.11.")  # the base image's own Python
         log = (tmp_path / "docker" / "logs" / f"{result.cell.id}.log").read_text()
-        assert log.startswith(f"$ docker run {image['tag']} python -m bench --framework {framework}")
+        assert log.startswith(f"$ docker run {image['tag']} python -m bench "
+                              f"--request /dlbench/out/{result.cell.id}.request.json")
     assert not engine.containers.list(all=True, filters={"label": "org.dlbench.run"})  # all removed
 
     # The extra CA certificate is in the image's trust store, which pip is told to use.

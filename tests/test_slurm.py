@@ -160,7 +160,7 @@ slurm: {poll_s: 1}
     subprocess.run(["scancel", cancelled], check=True)
     wait_for(lambda: squeue_states().get(crashing) == "RUNNING", 180, "the crashing job to run")
     # The bench process dies as a crash or the kernel's OOM killer would end it.
-    wait_for(lambda: subprocess.run(["pkill", "-KILL", "-f", f"bench .*--cell-id {crashing_cell}"]).returncode == 0,
+    wait_for(lambda: subprocess.run(["pkill", "-KILL", "-f", f"bench --request .*/{crashing_cell}.request.json"]).returncode == 0,
              60, "the crashing cell's bench process")
     out, err = running.communicate(timeout=600)
     assert running.returncode == 1, err
