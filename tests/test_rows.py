@@ -46,3 +46,16 @@ def test_the_committed_h200_set_reads_and_its_matrices_find_its_cells():
     expanded = {cell.id for name in ("throughput", "full", "keras") for cell in load(folder / f"{name}.yml").cells(h200)}
     assert {path.stem for path, _ in loaded.results} <= expanded
     assert all(ResultRow.of(result).launcher == "current" for _, result in loaded.results)
+
+
+def test_every_env_key_the_view_reads_is_one_the_schema_documents():
+    import json
+    import re
+
+    from bench.result import SCHEMA_PATH
+    from conftest import REPO
+    env = json.loads(SCHEMA_PATH.read_text())["properties"]["env"]["properties"]
+    source = (REPO / "harness" / "rows.py").read_text()
+    read = set(re.findall(r'\benv\.get\("([a-z_0-9]+)"', source))
+    assert read and read <= set(env)
+    assert set(re.findall(r'\bgpu\.get\("([a-z_0-9]+)"', source)) <= set(env["gpu"]["properties"])
