@@ -10,6 +10,7 @@ data of the same shapes. Standard library and numpy only.
 """
 import csv
 import hashlib
+import io
 import os
 import pickle
 import shutil
@@ -17,6 +18,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
@@ -28,6 +30,27 @@ from .specs import CHESTXRAY14_LABELS, TaskSpec
 
 class DataUnavailable(Exception):
     """The data set is neither on disk nor downloadable; the message says what to do."""
+
+
+# numpy 2 pickles its arrays through ``numpy._core``, numpy 1 through ``numpy.core``; numpy
+# before 1.26 has no ``numpy._core`` at all (MXNet's environment), and numpy 2 warns on
+# ``numpy.core``. Pickled data names this numpy's own module, whichever numpy wrote it.
+_NUMPY_CORE = "numpy._core" if int(np.__version__.split(".")[0]) >= 2 else "numpy.core"
+
+
+def local_numpy_module(module: str) -> str:
+    """A module a pickle names, as this numpy calls it."""
+    for core in ("numpy._core", "numpy.core"):
+        if module == core or module.startswith(core + "."):
+            return _NUMPY_CORE + module[len(core):]
+    return module
+
+
+class NumpyPickles(pickle.Unpickler):
+    """Unpickles data written by numpy 1 or numpy 2 with either."""
+
+    def find_class(self, module: str, name: str):
+        return super().find_class(local_numpy_module(module), name)
 
 
 @dataclass(frozen=True)
@@ -211,7 +234,7 @@ def _read_cifar10_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     # The official batches are Python 2 pickles with byte-string keys; the archive's MD5
     # is what makes unpickling it acceptable.
     with open(str(path), "rb") as handle:
-        batch = pickle.load(handle, encoding="bytes")
+        batch = NumpyPickles(handle, encoding="bytes").load()
     data, labels = batch.get(b"data"), batch.get(b"labels")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise DataUnavailable("{}: 'data' must be a uint8 array of shape (N, 3072)".format(path))
@@ -226,6 +249,19 @@ def _scale(images: np.ndarray) -> np.ndarray:
 
 # IMDB -------------------------------------------------------------------------------------
 
+def _read_npy(handle) -> np.ndarray:
+    """One .npy member as np.load reads it, but object arrays through NumpyPickles (np.load
+    takes no unpickler of ours)."""
+    buffer = io.BytesIO(handle.read())
+    version = np.lib.format.read_magic(buffer)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    _, _, dtype = read_header(buffer)
+    if dtype.hasobject:
+        return NumpyPickles(buffer, encoding="latin1").load()
+    buffer.seek(0)
+    return np.lib.format.read_array(buffer, allow_pickle=False)
+
+
 def load_imdb(path: Path, vocabulary: int, length: int) -> Dataset:
     """Keras's ``imdb.load_data(num_words=vocabulary)`` followed by ``pad_sequences(maxlen=
     length)``: shuffled with seed 113, start token 1, ids shifted by 3, ids at or above the
@@ -234,12 +270,16 @@ def load_imdb(path: Path, vocabulary: int, length: int) -> Dataset:
     try:
         # The sequences are object arrays of lists, so the file holds pickles; it is the
         # checksummed official file or one the user put there.
-        with np.load(str(path), allow_pickle=True) as archive:
-            missing = [key for key in keys if key not in archive.files]
+        with zipfile.ZipFile(str(path)) as archive:
+            members = {name[:-len(".npy")]: name for name in archive.namelist() if name.endswith(".npy")}
+            missing = [key for key in keys if key not in members]
             if missing:
                 raise DataUnavailable("{}: '{}' is missing; not a Keras imdb.npz file".format(path, missing[0]))
-            parts = {key: archive[key] for key in keys}
-    except (OSError, ValueError) as error:
+            parts = {}
+            for key in keys:
+                with archive.open(members[key]) as member:
+                    parts[key] = _read_npy(member)
+    except (OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as error:
         raise DataUnavailable("{}: not a readable imdb.npz ({})".format(path, error)) from None
     shuffle = np.random.RandomState(IMDB_SHUFFLE_SEED)
     split = []

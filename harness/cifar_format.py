@@ -3,7 +3,6 @@ parity check and the tests: pickled dicts with byte-string keys, ``data`` a uint
 array with the red, green and blue planes one after another, ``labels`` a list of ints."""
 from __future__ import annotations
 
-import io
 import pickle
 from pathlib import Path
 
@@ -13,24 +12,10 @@ import numpy as np
 LABEL_NAMES = [f"class{i}".encode() for i in range(10)]
 
 
-class PortablePickler(pickle.Pickler):
-    """Pickles arrays through ``numpy.ndarray`` itself: numpy 2 would otherwise name its
-    private ``numpy._core`` module, which the numpy 1.x of MXNet and Chainer cannot load (the
-    official files, written by numpy 1, load everywhere). Object arrays (Keras's imdb.npz)
-    are rebuilt from their list of items, as numpy's own pickles do."""
-
-    def reducer_override(self, obj):
-        if isinstance(obj, np.ndarray) and obj.dtype.hasobject:
-            return np.ndarray, ((0,), object), (1, obj.shape, np.dtype(object), False, list(obj.ravel()))
-        if isinstance(obj, np.ndarray):
-            return np.ndarray, (obj.shape, obj.dtype.str, np.ascontiguousarray(obj).tobytes())
-        return NotImplemented
-
-
 def _dump(path: Path, payload: dict) -> None:
-    buffer = io.BytesIO()
-    PortablePickler(buffer, protocol=2).dump(payload)  # protocol 2, like the official Python 2 files
-    path.write_bytes(buffer.getvalue())
+    # Protocol 2, like the official Python 2 files; arrays as this numpy pickles them (numpy 2:
+    # through numpy._core), which the bench reads under numpy 1 too (bench.data.NumpyPickles).
+    path.write_bytes(pickle.dumps(payload, protocol=2))
 
 
 def write_batches(folder: Path, train: list[tuple[np.ndarray, np.ndarray]],

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.cifar_format import PortablePickler, write_batches
+from harness.cifar_format import write_batches
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("DLBENCH_CACHE", Path.home() / ".cache" / "dlbench"))
@@ -77,13 +77,10 @@ def write_imdb_npz(path: Path, train: int = 64, test: int = 32, seed: int = 0) -
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
-    """One .npy member as np.save writes it, its pickle readable by numpy 1 and 2 alike."""
+    """One .npy member as this numpy's np.save writes it (object arrays pickled by numpy 2
+    name numpy._core, which the numpy 1 environments must read as well)."""
     buffer = io.BytesIO()
-    if not array.dtype.hasobject:  # raw bytes, no pickle
-        np.lib.format.write_array(buffer, array)
-        return buffer.getvalue()
-    np.lib.format.write_array_header_1_0(buffer, np.lib.format.header_data_from_array_1_0(array))
-    PortablePickler(buffer, protocol=2).dump(array)
+    np.save(buffer, array, allow_pickle=True)
     return buffer.getvalue()
 
 

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import pickle
+import zipfile
 
 import numpy as np
 import pytest
@@ -174,3 +176,53 @@ def test_synthetic_multilabel_and_token_data():
     assert images.x_train.shape == (8, 3, 32, 32) and images.y_train.shape == (8, 14)
     assert images.y_train.dtype == np.float32 and set(np.unique(images.y_train)) <= {0.0, 1.0}
     assert data.to_layout(tokens.x_train, "TNC") is tokens.x_train  # ids are transposed by the model
+
+
+def _renamed(pickled: bytes, core: str) -> bytes:
+    """A protocol-2 pickle whose numpy module names say ``core`` (the GLOBAL opcode names
+    modules as text lines, so the bytes can be replaced)."""
+    return pickled.replace(b"numpy._core.", core.encode() + b".").replace(b"numpy.core.", core.encode() + b".")
+
+
+@pytest.mark.parametrize("core", ["numpy._core", "numpy.core"])
+def test_cifar_batches_pickled_by_numpy_1_or_2_load(tmp_path, core):
+    folder = write_cifar10_batches(tmp_path / "cifar-10-batches-py", per_batch=4)
+    for batch in folder.iterdir():
+        batch.write_bytes(_renamed(batch.read_bytes(), core))
+    assert core.encode() + b".multiarray" in (folder / "test_batch").read_bytes()
+    dataset = data.load_cifar10(folder)
+    assert dataset.x_train.shape == (20, 3, 32, 32) and dataset.y_test.shape == (4,)
+
+
+def test_an_older_numpy_reads_numpy_2s_module_names_as_its_own(monkeypatch):
+    monkeypatch.setattr(data, "_NUMPY_CORE", "numpy.core")  # as under MXNet's numpy 1.23
+    assert data.local_numpy_module("numpy._core.multiarray") == "numpy.core.multiarray"
+    assert data.local_numpy_module("numpy.core") == "numpy.core"
+    monkeypatch.setattr(data, "_NUMPY_CORE", "numpy._core")  # numpy 2
+    assert data.local_numpy_module("numpy.core.multiarray") == "numpy._core.multiarray"
+    assert data.local_numpy_module("numpy") == "numpy" and data.local_numpy_module("numpy.core_x") == "numpy.core_x"
+
+
+def _numpy_1_npy(member: bytes) -> bytes:
+    """A .npy member rewritten as numpy 1 writes it: object arrays pickled with protocol 2,
+    naming numpy.core."""
+    array = np.load(io.BytesIO(member), allow_pickle=True)
+    if not array.dtype.hasobject:
+        return member
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, np.lib.format.header_data_from_array_1_0(array))
+    buffer.write(_renamed(pickle.dumps(array, protocol=2), "numpy.core"))
+    return buffer.getvalue()
+
+
+def test_imdb_object_arrays_pickled_by_numpy_1_or_2_load(tmp_path):
+    numpy_2 = write_imdb_npz(tmp_path / "imdb.npz", train=8, test=4)  # as this numpy 2 writes it
+    numpy_1 = tmp_path / "numpy-1.npz"
+    with zipfile.ZipFile(numpy_2) as source, zipfile.ZipFile(numpy_1, "w") as target:
+        for name in source.namelist():
+            target.writestr(name, _numpy_1_npy(source.read(name)))
+    with zipfile.ZipFile(numpy_1) as written:
+        assert b"cnumpy.core.multiarray" in written.read("x_train.npy")
+    for path in (numpy_2, numpy_1):
+        dataset = data.load_imdb(path, 30000, 150)
+        assert dataset.x_train.shape == (8, 150) and dataset.x_test.shape == (4, 150)
