@@ -149,6 +149,8 @@ def run(request: Request, spec: TaskSpec, settings: ResultSettings, options: Run
             metrics = infer_full(itertools.chain([model], more), spec, data, options)
         else:
             metrics = train_full(itertools.chain([model], more), spec, data, settings, options)
+    if hasattr(model, "math_modes"):  # what the framework chose while it ran, where it may differ
+        facts["math_modes"].update(model.math_modes())
     allocator_peak = framework.device_memory_peak(options)
     if allocator_peak:
         metrics.device_memory_peak_bytes, metrics.device_memory_source = allocator_peak, "allocator"

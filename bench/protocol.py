@@ -11,6 +11,9 @@ An implementation (one class per task in each ``bench/frameworks/<name>.py``) of
     loss()                  the last step's loss, after the device has finished (the barrier)
     predict(x)              outputs for one batch in inference mode, as a numpy array: logits,
                             label probabilities or features
+    math_modes()            optional: the math modes (bench/precision.py) the framework chose for
+                            this model while it ran, where they may differ from describe()'s
+                            (Keras's compile() drops XLA for a model with a layer XLA cannot compile)
     input_pipeline(files, stored_size, batch_size, training, seed)
                             image-folder data only: global batches (x, y) from the framework's
                             own loader: decode, resize to stored_size, random crop to the input

@@ -46,7 +46,7 @@ def describe(run: RunOptions) -> dict:
             run.precision, tf32_matmul=tf32_matmul, tf32_convolutions=tf32_convolutions,
             # compile() wraps the optimizer of a mixed_float16 model in a LossScaleOptimizer.
             loss_scaling="dynamic" if keras.mixed_precision.global_policy().name == "mixed_float16" else None,
-            autotuner=_autotuner(run) if on_gpu else None,
+            autotuner=_autotuner(_jit_compile(run)) if on_gpu else None,
             xla=_jit_compile(run)),
         "framework_settings": {
             "keras_version": keras.__version__,
@@ -185,14 +185,14 @@ def _tf32_in_force() -> tuple[bool, bool]:
     return enabled, enabled
 
 
-def _autotuner(run: RunOptions) -> bool:
+def _autotuner(xla: bool) -> bool:
     """Whether convolution algorithms are picked by timing them on the GPU: torch's cuDNN
     benchmark flag; for a model XLA compiles, XLA's autotuner (on unless XLA_FLAGS sets
     --xla_gpu_autotune_level=0); otherwise TensorFlow's cuDNN autotuner (on unless
     TF_CUDNN_USE_AUTOTUNE=0)."""
     if BACKEND == "torch":
         return _backend_module().backends.cudnn.benchmark
-    if _jit_compile(run):
+    if xla:
         found = re.search(r"--xla_gpu_autotune_level=(\d+)", os.environ.get("XLA_FLAGS", ""))
         return found is None or int(found.group(1)) > 0
     return os.environ.get("TF_CUDNN_USE_AUTOTUNE", "1").lower() not in ("0", "false")
@@ -206,6 +206,19 @@ def _jit_compile(run: RunOptions) -> bool:
     if BACKEND == "tensorflow":
         return run.device == "gpu" and run.devices == 1
     return BACKEND == "jax"
+
+
+class _Compiled:
+    """A task whose compiled Keras model says after the run what compile() really chose
+    (protocol.py: math_modes): Keras turns jit_compile off for a model with a layer XLA cannot
+    compile (on TensorFlow, a GRU that runs cuDNN's kernel), whatever was asked."""
+
+    model: keras.Model
+    on_gpu: bool
+
+    def math_modes(self) -> dict:
+        xla = bool(self.model.jit_compile)
+        return {"xla": xla, "autotuner": _autotuner(xla) if self.on_gpu else None}
 
 
 def _data_parallel_mechanism(run: RunOptions) -> str | None:
@@ -281,7 +294,7 @@ def build_cnn_cifar10(spec: TaskSpec, data_format: str) -> keras.Sequential:
     ])
 
 
-class _SoftmaxClassifier:
+class _SoftmaxClassifier(_Compiled):
     """The CNN and the GRU: one compiled Keras model trained batch by batch with
     train_on_batch and softmax cross-entropy on logits."""
     parameter_note = None
@@ -396,11 +409,12 @@ def _load_canonical(model: keras.Model, arrays: dict[str, np.ndarray]) -> None:
         raise ValueError(f"the model has no layer for {', '.join(unused)}")
 
 
-class Resnet50Inference:
+class Resnet50Inference(_Compiled):
     parameter_note = None
 
     def __init__(self, spec: TaskSpec, run: RunOptions):
         keras.utils.set_random_seed(run.seed)
+        self.on_gpu = run.device == "gpu"
         self.device = _keras_device(run.device)
         self.layout = _image_layout(run.device)
         with keras.device(self.device):
@@ -533,7 +547,7 @@ def _replica_devices(run: RunOptions) -> list[str]:
     return devices[:run.devices]
 
 
-class Densenet121Xray:
+class Densenet121Xray(_Compiled):
     parameter_note = None
 
     def __init__(self, spec: TaskSpec, run: RunOptions):
