@@ -110,10 +110,18 @@ def _nchw(images: np.ndarray | torch.Tensor, layout: str) -> torch.Tensor:
     return tensor.permute(0, 3, 1, 2) if layout == "NHWC" else tensor
 
 
+def _host_to_device(tensor: torch.Tensor, device: torch.device, **options) -> torch.Tensor:
+    """Copy a batch to the device without waiting for it: to a GPU from pinned memory (pinned
+    here unless the input pipeline pinned it), since a copy from pageable memory first waits
+    for the work queued on the GPU, every step."""
+    if device.type == "cuda" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True, **options)
+
+
 def _to_device(images: np.ndarray | torch.Tensor, layout: str, device: torch.device,
                memory_format: torch.memory_format) -> torch.Tensor:
-    # non_blocking: a copy from pinned memory (the GPU input pipeline) overlaps with compute.
-    return _nchw(images, layout).to(device, memory_format=memory_format, non_blocking=True)
+    return _host_to_device(_nchw(images, layout), device, memory_format=memory_format)
 
 
 def _parameter_count(model: nn.Module) -> int:
@@ -193,7 +201,8 @@ class _SoftmaxClassifier:
     def train_step(self, inputs: np.ndarray, labels: np.ndarray) -> None:
         self.model.train()
         # The numpy batch is copied to the device here, inside the timed step.
-        x, y = self._inputs(inputs), _as_tensor(labels).long().to(self.device)
+        # int64 on the device: converting on the host would add a copy there.
+        x, y = self._inputs(inputs), _host_to_device(_as_tensor(labels), self.device).long()
         self.optimizer.zero_grad(set_to_none=True)
         with self.mixed.autocast():
             loss = self.criterion(self.model(x), y)
@@ -325,7 +334,7 @@ class GruImdb(_SoftmaxClassifier):
                          run)
 
     def _inputs(self, tokens: np.ndarray) -> torch.Tensor:
-        return _as_tensor(tokens).long().to(self.device)
+        return _host_to_device(_as_tensor(tokens), self.device).long()
 
 
 class DenseLayer(nn.Module):
@@ -470,7 +479,7 @@ class DensenetReplica:
     def train_step(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> None:
         self.replica.train()
         x = _to_device(images, self.layout, self.device, self.memory_format)
-        y = _as_tensor(labels).to(self.device, non_blocking=True)
+        y = _host_to_device(_as_tensor(labels), self.device)
         self.optimizer.zero_grad(set_to_none=True)
         with self.mixed.autocast():
             loss = self.criterion(self.replica(x), y)
