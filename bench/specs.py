@@ -4,6 +4,7 @@ Shared by the bench (inside a framework environment) and the harness (on the hos
 imports nothing beyond the standard library. Like every module of the bench outside
 ``frameworks/``, it stays valid Python 3.6: the CNTK 2.7 image has no newer interpreter.
 """
+import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -145,6 +146,28 @@ DENSENET121_XRAY = TaskSpec(
     cpu_batch_size=8,
     cpu_image_size=64,
 )
+
+@dataclass(frozen=True)
+class BatchNormSpec:
+    """Batch normalisation in PyTorch's convention (the seed's): ``momentum`` is the weight of a
+    batch's statistics in the running averages, running = (1 - momentum) running + momentum batch."""
+
+    momentum: float
+    epsilon: float
+
+    @property
+    def decay(self) -> float:
+        """The weight of the old running average: Keras's, Flax's, Gluon's momentum, Chainer's decay."""
+        return 1.0 - self.momentum
+
+    def time_constant(self, batch_size: int) -> float:
+        """CNTK's normalization_time_constant (in samples), which weighs a batch of batch_size
+        samples by 1 - exp(-batch_size / time constant): that weight is ``momentum``."""
+        return -batch_size / math.log(1.0 - self.momentum)
+
+
+# Every batch norm of every network (ResNet-50, DenseNet-121), in every framework.
+BATCH_NORM = BatchNormSpec(momentum=0.1, epsilon=1e-5)
 
 TASKS = {spec.name: spec for spec in (CNN_CIFAR10, RESNET50_INFERENCE, GRU_IMDB,
                                       DENSENET121_XRAY)}  # type: Dict[str, TaskSpec]

@@ -14,7 +14,7 @@ from PIL import Image
 
 from .. import precision
 from .. import weights as canonical
-from ..specs import RunOptions, TaskSpec
+from ..specs import BATCH_NORM, RunOptions, TaskSpec
 
 
 
@@ -154,8 +154,8 @@ def _conv(channels: int, filters: int, ksize: int, stride: int = 1, pad: int = 0
 
 
 def _batch_norm(channels: int) -> L.BatchNormalization:
-    # torchvision's epsilon (Chainer's default is 2e-5); decay 0.9 is PyTorch's momentum 0.1.
-    return L.BatchNormalization(channels, eps=1e-5, decay=0.9)
+    # Chainer's decay is the weight of the old average (its default epsilon, 2e-5, is not the task's).
+    return L.BatchNormalization(channels, eps=BATCH_NORM.epsilon, decay=BATCH_NORM.decay)
 
 
 def _max_pool(x: chainer.Variable) -> chainer.Variable:

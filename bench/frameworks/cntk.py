@@ -19,10 +19,8 @@ import cntk as C
 from .. import precision
 from .. import weights as canonical
 from ..data import ImageFiles
-from ..specs import RunOptions, TaskSpec, Unsupported
+from ..specs import BATCH_NORM, RunOptions, TaskSpec, Unsupported
 
-# Batch-norm epsilon of torchvision's ResNet-50 and DenseNet-121 (also CNTK's default).
-BATCH_NORM_EPSILON = 1e-5
 # The seed's GRU classifier.
 EMBEDDING = 125
 HIDDEN = 100
@@ -208,7 +206,7 @@ def _resnet50(features: Any, weights: Dict[str, np.ndarray]) -> Any:
             x, C.Parameter(init=weights[bn + ".weight"], name=bn + ".weight"),
             C.Parameter(init=weights[bn + ".bias"], name=bn + ".bias"),
             C.Constant(weights[bn + ".running_mean"]), C.Constant(weights[bn + ".running_var"]),
-            spatial=True, epsilon=BATCH_NORM_EPSILON, use_cudnn_engine=True, running_count=C.Constant(1.0))
+            spatial=True, epsilon=BATCH_NORM.epsilon, use_cudnn_engine=True, running_count=C.Constant(1.0))
 
     x = C.relu(conv_bn(features, "conv1", "bn1", stride=2))
     x, _ = _symmetric_padding(x, 3, 2)
@@ -311,13 +309,17 @@ def _conv(x: Any, filters: int, size: int, stride: int = 1) -> Any:
                                   init=C.he_normal())(x)
 
 
-def _bn_relu(x: Any) -> Any:
-    return C.relu(C.layers.BatchNormalization(map_rank=1, epsilon=BATCH_NORM_EPSILON)(x))  # per channel
-
-
-def _densenet121(features: Any, num_labels: int) -> Any:
+def _densenet121(features: Any, num_labels: int, batch_size: int) -> Any:
     """torchvision's DenseNet-121: BN-ReLU-conv1×1-BN-ReLU-conv3×3 dense layers concatenated
-    along the channels, BN-ReLU-conv1×1-avgpool transitions halving the channels."""
+    along the channels, BN-ReLU-conv1×1-avgpool transitions halving the channels. CNTK's batch
+    norm averages its running statistics over a time constant in samples: the one that weighs
+    each batch of ``batch_size`` (a worker's) as the task's momentum does."""
+    time_constant = BATCH_NORM.time_constant(batch_size)
+
+    def _bn_relu(x: Any) -> Any:
+        return C.relu(C.layers.BatchNormalization(map_rank=1, normalization_time_constant=time_constant,
+                                                  epsilon=BATCH_NORM.epsilon)(x))  # per channel
+
     x = _bn_relu(_conv(features, DENSENET_STEM, 7, stride=2))
     x, _ = _symmetric_padding(x, 3, 2)
     x = C.layers.MaxPooling((3, 3), strides=2)(x)
@@ -356,7 +358,7 @@ class Densenet121Xray:
         self.num_labels = spec.num_classes
         self.features = C.input_variable(run.input_shape)
         self.labels = C.input_variable(spec.num_classes)
-        self.model = _densenet121(self.features, spec.num_classes)
+        self.model = _densenet121(self.features, spec.num_classes, run.batch_size)
         self.probabilities = C.sigmoid(self.model)
         # Sigmoid cross-entropy on the logits (softplus(z) - y z, stable), averaged over the
         # labels here and over the batch by the trainer.

@@ -23,7 +23,7 @@ from PIL import Image
 
 from .. import precision
 from .. import weights as canonical
-from ..specs import RunOptions, TaskSpec
+from ..specs import BATCH_NORM, RunOptions, TaskSpec
 
 if TYPE_CHECKING:  # for annotations only: the bench's data module is not imported at run time
     from ..data import ImageFiles
@@ -313,10 +313,10 @@ def _conv(in_features: int, out_features: int, kernel: int, stride: int = 1, *,
 
 
 def _batch_norm(features: int, dtype: jnp.dtype | None, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    # PyTorch's momentum 0.1 (weight of the new batch) is Flax's 0.9 (weight of the old average).
+    # Flax's momentum is the weight of the old average: PyTorch's 1 - momentum.
     # Under mixed precision Flax computes the batch statistics in float32 and keeps the running
     # ones in float32; only the normalised output is in the compute dtype.
-    return nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs)
+    return nnx.BatchNorm(features, momentum=BATCH_NORM.decay, epsilon=BATCH_NORM.epsilon, dtype=dtype, rngs=rngs)
 
 
 def _max_pool(x: jax.Array) -> jax.Array:

@@ -20,7 +20,7 @@ import numpy as np
 from .. import precision
 from .. import weights as canonical
 from ..data import ImageFiles
-from ..specs import FRAMEWORK_SPECS, RunOptions, TaskSpec
+from ..specs import BATCH_NORM, FRAMEWORK_SPECS, RunOptions, TaskSpec
 
 BACKEND = keras.backend.backend()  # "tensorflow", "jax" or "torch"
 # Each backend's CPU layout. TensorFlow's CPU convolutions (oneDNN) only take NHWC (NCHW
@@ -353,8 +353,9 @@ def build_resnet50(input_shape: tuple[int, ...], data_format: str) -> keras.Mode
                              name=_keras_name(name))(x)
 
     def batch_norm(x, name: str):
-        # torchvision's epsilon; Keras's default is 1e-3.
-        return layers.BatchNormalization(axis=axis, epsilon=1e-5, name=_keras_name(name))(x)
+        # Keras's momentum is the weight of the old average (its default epsilon, 1e-3, is not the task's).
+        return layers.BatchNormalization(axis=axis, momentum=BATCH_NORM.decay, epsilon=BATCH_NORM.epsilon,
+                                         name=_keras_name(name))(x)
 
     inputs = keras.Input(shape=_image_shape(input_shape, data_format))
     x = layers.ReLU()(batch_norm(conv(inputs, 64, 7, 2, "conv1"), "bn1"))
@@ -462,6 +463,9 @@ def build_densenet121(input_shape: tuple[int, ...], num_classes: int, data_forma
     keras.config.set_image_data_format(data_format)
     features = keras.applications.DenseNet121(weights=None, include_top=False, pooling="avg",
                                               input_shape=_image_shape(input_shape, data_format))
+    for layer in features.layers:  # the zoo's are momentum 0.99, epsilon 1.001e-5: the task's instead
+        if isinstance(layer, keras.layers.BatchNormalization):  # read when the layer is called
+            layer.momentum, layer.epsilon = BATCH_NORM.decay, BATCH_NORM.epsilon
     logits = keras.layers.Dense(num_classes, name="logits")(features.output)  # the sigmoid lives in the loss
     return keras.Model(features.input, logits, name="densenet121")
 

@@ -16,7 +16,7 @@ from mxnet.gluon import nn
 
 from .. import precision
 from .. import weights as canonical
-from ..specs import RunOptions, TaskSpec
+from ..specs import BATCH_NORM, RunOptions, TaskSpec
 
 # Runtime features worth recording: the CPU kernels (oneDNN, still called MKLDNN) and the GPU stack.
 _FEATURES = ("MKLDNN", "OPENMP", "CUDA", "CUDNN", "NCCL", "TENSORRT")
@@ -279,8 +279,8 @@ def _conv(channels: int, out: int, kernel: int, stride: int = 1) -> nn.Conv2D:
 
 
 def _batch_norm(channels: int) -> nn.BatchNorm:
-    # torchvision's epsilon; Gluon's momentum 0.9 is PyTorch's 0.1 (the weight of the old value).
-    return nn.BatchNorm(epsilon=1e-5, momentum=0.9, in_channels=channels)
+    # Gluon's momentum is the weight of the old average: PyTorch's 1 - momentum.
+    return nn.BatchNorm(epsilon=BATCH_NORM.epsilon, momentum=BATCH_NORM.decay, in_channels=channels)
 
 
 class Resnet50(gluon.HybridBlock):
@@ -371,10 +371,21 @@ class GruImdb(_SoftmaxClassifier):
                          {"learning_rate": run.learning_rate, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8})
 
 
+def _set_batch_norms(block: gluon.Block) -> None:
+    """The task's momentum and epsilon in every batch norm of a zoo model (the zoo builds them
+    with Gluon's defaults, which are the task's today): the operator's arguments, which the
+    graph reads when it is built."""
+    if isinstance(block, nn.BatchNorm):
+        block._kwargs.update(eps=BATCH_NORM.epsilon, momentum=BATCH_NORM.decay)
+    for child in block._children.values():
+        _set_batch_norms(child)
+
+
 def build_densenet121(spec: TaskSpec) -> nn.HybridSequential:
     """gluon.model_zoo's DenseNet-121 (torchvision's architecture) with global average pooling
     in place of its fixed 7×7 pooling, which only pools globally at 224×224 inputs."""
     zoo = gluon.model_zoo.vision.densenet121(classes=spec.num_classes)
+    _set_batch_norms(zoo)
     net = nn.HybridSequential()
     # features[:-2] drops the 7×7 pooling and the flatten; Dense flattens its input itself.
     net.add(zoo.features[:-2], nn.GlobalAvgPool2D(), zoo.output)  # logits: the sigmoid lives in the loss

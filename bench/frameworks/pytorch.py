@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import precision
 from .. import weights as canonical
 from ..data import ImageFiles
-from ..specs import RunOptions, TaskSpec
+from ..specs import BATCH_NORM, RunOptions, TaskSpec
 
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -122,6 +122,10 @@ def _host_to_device(tensor: torch.Tensor, device: torch.device, **options) -> to
 def _to_device(images: np.ndarray | torch.Tensor, layout: str, device: torch.device,
                memory_format: torch.memory_format) -> torch.Tensor:
     return _host_to_device(_nchw(images, layout), device, memory_format=memory_format)
+
+
+def _batch_norm(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=BATCH_NORM.epsilon, momentum=BATCH_NORM.momentum)
 
 
 def _parameter_count(model: nn.Module) -> int:
@@ -237,15 +241,15 @@ class Bottleneck(nn.Module):
     def __init__(self, channels: int, width: int, stride: int):
         super().__init__()
         out = width * canonical.RESNET50_EXPANSION
-        self.conv1, self.bn1 = nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv1, self.bn1 = nn.Conv2d(channels, width, 1, bias=False), _batch_norm(width)
         self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3, self.bn3 = nn.Conv2d(width, out, 1, bias=False), nn.BatchNorm2d(out)
+        self.bn2 = _batch_norm(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, out, 1, bias=False), _batch_norm(out)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = None
         if stride != 1 or channels != out:
             self.downsample = nn.Sequential(nn.Conv2d(channels, out, 1, stride=stride, bias=False),
-                                            nn.BatchNorm2d(out))
+                                            _batch_norm(out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -261,7 +265,7 @@ class Resnet50(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.bn1 = _batch_norm(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         channels = 64
@@ -342,9 +346,9 @@ class DenseLayer(nn.Module):
 
     def __init__(self, channels: int, growth: int, bottleneck: int):
         super().__init__()
-        self.norm1, self.relu1 = nn.BatchNorm2d(channels), nn.ReLU(inplace=True)
+        self.norm1, self.relu1 = _batch_norm(channels), nn.ReLU(inplace=True)
         self.conv1 = nn.Conv2d(channels, bottleneck * growth, 1, bias=False)
-        self.norm2, self.relu2 = nn.BatchNorm2d(bottleneck * growth), nn.ReLU(inplace=True)
+        self.norm2, self.relu2 = _batch_norm(bottleneck * growth), nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(bottleneck * growth, growth, 3, padding=1, bias=False)
 
     def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
@@ -368,7 +372,7 @@ class DenseBlock(nn.ModuleDict):
 
 class Transition(nn.Sequential):
     def __init__(self, channels: int, out: int):
-        super().__init__(OrderedDict(norm=nn.BatchNorm2d(channels), relu=nn.ReLU(inplace=True),
+        super().__init__(OrderedDict(norm=_batch_norm(channels), relu=nn.ReLU(inplace=True),
                                      conv=nn.Conv2d(channels, out, 1, bias=False),
                                      pool=nn.AvgPool2d(2, stride=2)))
 
@@ -382,7 +386,7 @@ class DenseNet121(nn.Module):
         super().__init__()
         channels = self.STEM
         self.features = nn.Sequential(OrderedDict(
-            conv0=nn.Conv2d(3, channels, 7, stride=2, padding=3, bias=False), norm0=nn.BatchNorm2d(channels),
+            conv0=nn.Conv2d(3, channels, 7, stride=2, padding=3, bias=False), norm0=_batch_norm(channels),
             relu0=nn.ReLU(inplace=True), pool0=nn.MaxPool2d(3, stride=2, padding=1)))
         for index, layers in enumerate(self.BLOCKS, start=1):
             self.features.add_module(f"denseblock{index}", DenseBlock(layers, channels, self.GROWTH, self.BOTTLENECK))
@@ -390,7 +394,7 @@ class DenseNet121(nn.Module):
             if index < len(self.BLOCKS):
                 self.features.add_module(f"transition{index}", Transition(channels, channels // 2))
                 channels //= 2
-        self.features.add_module("norm5", nn.BatchNorm2d(channels))
+        self.features.add_module("norm5", _batch_norm(channels))
         self.classifier = nn.Linear(channels, num_classes)  # logits: the sigmoid lives in the loss
         for module in self.modules():
             if isinstance(module, nn.Conv2d):

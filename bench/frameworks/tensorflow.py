@@ -11,13 +11,11 @@ import tensorflow as tf
 
 from .. import precision
 from .. import weights as canonical
-from ..specs import RunOptions, TaskSpec, Unsupported
+from ..specs import BATCH_NORM, RunOptions, TaskSpec, Unsupported
 
 # The GRU classifier's sizes (the seed's).
 EMBEDDING_SIZE = 125
 GRU_UNITS = 100
-# torchvision's batch-norm epsilon (Keras's default is 1e-3).
-BATCH_NORM_EPSILON = 1e-5
 
 # Float32 variables, layers computing in the 16-bit type; other precisions keep "float32".
 DTYPE_POLICIES = {"fp16": "mixed_float16", "bf16": "mixed_bfloat16"}
@@ -241,7 +239,8 @@ def build_resnet50(input_shape: tuple, data_format: str) -> tf.keras.Model:
                              data_format=data_format, name=name)(x)
 
     def batch_norm(x: tf.Tensor, name: str) -> tf.Tensor:
-        return layers.BatchNormalization(axis=axis, epsilon=BATCH_NORM_EPSILON, name=name)(x)
+        return layers.BatchNormalization(axis=axis, momentum=BATCH_NORM.decay, epsilon=BATCH_NORM.epsilon,
+                                         name=name)(x)
 
     def bottleneck(x: tf.Tensor, width: int, stride: int, name: str) -> tf.Tensor:
         out = width * canonical.RESNET50_EXPANSION
@@ -326,10 +325,13 @@ class GruImdb(_SoftmaxClassifier):
 
 
 def build_densenet121(spec: TaskSpec, input_shape: tuple) -> tf.keras.Model:
-    """Keras's zoo DenseNet-121 (torchvision's architecture; batch-norm epsilon 1.001e-5) with
-    a 14-logit head; channels-last input."""
+    """Keras's zoo DenseNet-121 (torchvision's architecture) with a 14-logit head; channels-last
+    input; its batch norms set to the task's (the zoo's are momentum 0.99, epsilon 1.001e-5)."""
     features = tf.keras.applications.DenseNet121(weights=None, include_top=False, pooling="avg",
                                                  input_shape=input_shape)
+    for layer in features.layers:
+        if isinstance(layer, tf.keras.layers.BatchNormalization):  # read when the layer is called
+            layer.momentum, layer.epsilon = BATCH_NORM.decay, BATCH_NORM.epsilon
     logits = tf.keras.layers.Dense(spec.num_classes, name="logits")(features.output)  # sigmoid in the loss
     return tf.keras.Model(features.input, logits, name="densenet121")
 
