@@ -98,7 +98,9 @@ def test_every_framework_runs_every_task(tmp_path):
         assert step.min <= step.median <= step.max, where
         assert result.metrics.throughput_per_s == pytest.approx(4 / step.median), where
         spec = TASKS[task]
-        assert result.model.parameters == spec.expected_parameters or result.model.note, where
+        # The same network everywhere, to the parameter (CNTK, which alone may footnote a
+        # difference, runs in its own image only).
+        assert result.model.parameters == spec.expected_parameters and result.model.note is None, where
         assert result.cell.input_shape == list(spec.input_shape_at(32) if spec.resizable else spec.input_shape), where
         if spec.kind == "classify":
             assert abs(result.metrics.loss_first - math.log(spec.num_classes)) < 0.5, where
