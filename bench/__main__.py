@@ -47,6 +47,7 @@ FLAG_HELP = {
     "cuda": "CUDA version the cell asked for (recorded)",
     "launcher": "what started this process (recorded)",
     "cells_at_once": "the most cells the harness runs at once on this host, one per GPU; 1: each cell alone (recorded)",
+    "loader_workers": "workers of the framework's input pipeline over image files (default: one per CPU core)",
 }
 
 
@@ -137,6 +138,8 @@ def run(request: Request, spec: TaskSpec, settings: ResultSettings, options: Run
         settings.train_examples = _train_examples(data)
 
     model = implementation(spec, options)
+    if isinstance(data, datasets.ImageFolderDataset):
+        settings.loader_workers = model.loader_workers  # what its input pipeline runs
     described = Model(parameters=model.parameter_count(), expected_parameters=spec.expected_parameters,
                       layout=model.layout, note=getattr(model, "parameter_note", None),
                       weights=_sha256(Path(request.weights)) if request.weights else None,

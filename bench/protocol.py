@@ -14,6 +14,8 @@ An implementation (one class per task in each ``bench/frameworks/<name>.py``) of
     math_modes()            optional: the math modes (bench/precision.py) the framework chose for
                             this model while it ran, where they may differ from describe()'s
                             (Keras's compile() drops XLA for a model with a layer XLA cannot compile)
+    loader_workers          image-folder tasks: the workers its input_pipeline runs (the run's
+                            loader_workers), or None where the framework's reader picks its own
     input_pipeline(files, stored_size, batch_size, training, seed)
                             image-folder data only: global batches (x, y) from the framework's
                             own loader: decode, resize to stored_size, random crop to the input

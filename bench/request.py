@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from . import precision
+from .host import cpu_cores
 from .result import ResultCell, ResultSettings
 from .specs import FRAMEWORK_SPECS, INFER, TASKS, RunOptions
 
@@ -47,6 +48,9 @@ class Request:
     image_size: Optional[int] = None
     weights: Optional[str] = None  # a weights file in the canonical format (bench/weights.py); None: random
     seed: int = 0
+    # Workers (processes or threads) of the framework's input pipeline over image files, the same
+    # number in every framework; None: one per CPU core the cell may use.
+    loader_workers: Optional[int] = None
     cell_id: Optional[str] = None  # None: task-framework-device-precision
     gpu_model: Optional[str] = None  # the GPU model the cell asked for (recorded)
     cuda: Optional[str] = None  # the CUDA version the cell asked for (recorded)
@@ -85,7 +89,7 @@ class Request:
             if getattr(self, name) not in choices:
                 raise RequestError("{} {!r}: use one of {}".format(name, getattr(self, name), ", ".join(choices)))
         for name in ("steps", "repeats", "epochs", "batch_size", "threads", "devices", "image_size",
-                     "cells_at_once"):
+                     "cells_at_once", "loader_workers"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise RequestError("{} {}: must be at least 1".format(name, value))
@@ -163,7 +167,8 @@ class Request:
         return RunOptions(device=device, devices=asked.devices, seed=asked.seed, threads=asked.threads,
                           batch_size=asked.batch_size, input_shape=self.input_shape,
                           learning_rate=spec.learning_rate * (asked.devices if spec.data_parallel else 1),
-                          weights=asked.weights, precision=asked.precision)
+                          weights=asked.weights, precision=asked.precision,
+                          loader_workers=asked.loader_workers or cpu_cores())
 
 
 def read_fields(path: Path) -> Dict[str, Any]:

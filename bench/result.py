@@ -54,6 +54,8 @@ class ResultSettings:
     seed: int
     # Training examples per epoch (full mode) or in the pool cycled over (throughput mode).
     train_examples: Optional[int] = None
+    # Workers of the framework's input pipeline, where it read image files; None: arrays in memory.
+    loader_workers: Optional[int] = None
 
 
 # Bootstrap resamples for the median's confidence interval; seeded, so the same values always

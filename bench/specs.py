@@ -247,6 +247,7 @@ class RunOptions:
     learning_rate: float  # the task's, times the devices for data-parallel tasks
     weights: Optional[str] = None  # a weights file in the canonical format, or None: random
     precision: str = "fp32"  # bench/precision.py: fp32, tf32, fp16 or bf16
+    loader_workers: int = 1  # workers of the input pipeline over image files, in every framework
 
     @property
     def global_batch_size(self) -> int:

@@ -52,6 +52,11 @@ class MatrixError(Exception):
     """Bad matrix file; the message is one line: file:line: where: what, and the fix."""
 
 
+# Settings added after cell ids were first published: part of a cell's id only when set, so that
+# the ids of earlier results stay what they were.
+SETTINGS_ADDED_LATER = ("loader_workers",)
+
+
 class Settings(BaseModel):
     """How each cell is measured; the ``settings:`` block, overridable per ``include`` entry."""
 
@@ -74,6 +79,8 @@ class Settings(BaseModel):
     weights: Optional[str] = None
     timeout_s: float = Field(1800, gt=0)
     seed: int = DEFAULTS.seed
+    # Workers of every framework's input pipeline over image files; None: one per CPU core.
+    loader_workers: Optional[int] = Field(DEFAULTS.loader_workers, ge=1)
 
     def merged(self, override: "Settings | None") -> "Settings":
         if override is None:
@@ -155,6 +162,7 @@ class Cell:
             data=s.data, data_dir=str(data_dir) if data_dir and s.data == "real" else None,
             warmup_steps=s.warmup_steps, steps=s.steps, repeats=s.repeats, epochs=s.epochs,
             batch_size=s.batch_size, image_size=s.image_size, weights=str(weights) if weights else None, seed=s.seed,
+            loader_workers=s.loader_workers,
             cell_id=self.id, gpu_model=self.gpu if self.device == "gpu" else None,
             cuda=self.cuda if self.device == "gpu" else None, launcher=launcher, cells_at_once=cells_at_once,
         ).resolved()
@@ -170,7 +178,8 @@ class Cell:
     @property
     def id(self) -> str:
         """Readable and unique: the axes, then a hash of the settings that change results."""
-        measured = self.settings.model_dump(exclude={"timeout_s"})
+        unset_later = {name for name in SETTINGS_ADDED_LATER if getattr(self.settings, name) is None}
+        measured = self.settings.model_dump(exclude={"timeout_s", *unset_later})
         digest = hashlib.sha256(json.dumps(measured, sort_keys=True).encode()).hexdigest()[:8]
         gpu = re.sub(r"[^a-z0-9]+", "-", self.gpu.lower()).strip("-")
         return (f"{self.task}.{self.framework}.{gpu}.cuda-{self.cuda}.threads-{self.threads}"

@@ -144,7 +144,7 @@ def real_data_matrix(tmp_path, frameworks, devices_of) -> Path:
         f"matrix:\n  framework: [{', '.join(frameworks)}]\n  task: [gru_imdb, densenet121_xray]\n"
         f"  gpu: [cpu]\n  devices: [1, 2]\n  precision: [fp32, bf16]\n  exclude:\n{exclude}"
         f"settings:\n  mode: full\n  data: real\n  data_dir: {data_dir}\n  epochs: 1\n  repeats: 1\n"
-        f"  image_size: 32\n  batch_size: 4\n"))
+        f"  image_size: 32\n  batch_size: 4\n  loader_workers: 2\n"))
 
 
 def check_real_data_results(tmp_path, frameworks, devices_of) -> None:
@@ -163,8 +163,10 @@ def check_real_data_results(tmp_path, frameworks, devices_of) -> None:
         assert math.isfinite(result.metrics.loss_last)
         if task == "densenet121_xray":
             assert result.cell.devices == devices_of(framework) and result.settings.train_examples == 16
+            assert result.settings.loader_workers == 2  # the matrix's, in every framework's pipeline
             assert 0.0 <= result.metrics.test_roc_auc.median <= 1.0
         else:
+            assert result.settings.loader_workers is None  # arrays in memory: no loader
             assert 0.0 <= result.metrics.test_accuracy.median <= 1.0
 
 

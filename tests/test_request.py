@@ -168,3 +168,13 @@ def test_an_unreadable_request_file_is_one_line(tmp_path):
     path.write_text("[1, 2]")
     with pytest.raises(RequestError, match="a request is a JSON object of fields"):
         Request.read(path)
+
+
+def test_loader_workers_default_to_the_cores_the_cell_may_use():
+    from bench.host import cpu_cores
+    assert Request("pytorch", "densenet121_xray").run_options("cpu").loader_workers == cpu_cores()
+    assert Request("jax", "densenet121_xray", loader_workers=3).run_options("cpu").loader_workers == 3
+    cell = Cell("jax", "densenet121_xray", "cpu", "auto", "auto", 1, "fp32", Settings(loader_workers=3))
+    assert cell.request().loader_workers == 3
+    unset = Cell("jax", "densenet121_xray", "cpu", "auto", "auto", 1, "fp32", Settings())
+    assert cell.id != unset.id and unset.id.endswith(".fp32." + unset.id.rsplit(".", 1)[1])

@@ -485,8 +485,7 @@ class Densenet121Xray:
         self.replicas = list(zip(replicas, self.devices))
         adam = chainer.optimizers.Adam(alpha=run.learning_rate)  # already × devices
         self.optimizer = _setup_optimizer(adam, self.model, run)
-        # The image decoding threads: the cell's thread count, else one per core.
-        self.loader_threads = run.threads or os.cpu_count() or 1
+        self.loader_workers = run.loader_workers  # the image decoding threads
         self._last_losses = []
 
     def parameter_count(self) -> int:
@@ -543,7 +542,7 @@ class Densenet121Xray:
         else:
             order = dict(shuffle=False)
         iterator = chainer.iterators.MultithreadIterator(dataset, batch_size, repeat=False,
-                                                         n_threads=self.loader_threads, **order)
+                                                         n_threads=self.loader_workers, **order)
         try:
             for batch in iterator:
                 if training and len(batch) < batch_size:

@@ -344,6 +344,7 @@ class Densenet121Xray:
 
     parameter_note = None
     layout = "NCHW"
+    loader_workers = None  # CNTK's reader runs its own threads, with no setting for how many
 
     def __init__(self, spec: TaskSpec, run: RunOptions):
         self.workers = C.train.distributed.Communicator.num_workers() if run.devices > 1 else 1

@@ -518,6 +518,7 @@ class Densenet121Xray:
         devices = _jax_devices(run)
         self.layout = "NHWC"
         self.input_size = run.input_shape[-1]
+        self.loader_workers = run.loader_workers
         self.replicas = run.devices
         self.model = DenseNet121(spec, _compute_dtype(run), nnx.Rngs(run.seed))
         optimizer = nnx.Optimizer(self.model, optax.adam(run.learning_rate), wrt=nnx.Param)
@@ -574,7 +575,7 @@ class Densenet121Xray:
             corners = np.full((count, 2), (stored_size - size) // 2)  # the centre crop
             flips = np.zeros(count, dtype=bool)
             starts = range(0, count, batch_size)  # the last partial batch too
-        pool = ThreadPoolExecutor()  # Python's default: min(32, cores + 4) threads
+        pool = ThreadPoolExecutor(self.loader_workers)
 
         def submit(start: int) -> tuple[np.ndarray, list[Future]]:
             indices = order[start:start + batch_size]

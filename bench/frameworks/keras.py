@@ -481,9 +481,9 @@ class ChestXrayBatches(keras.utils.PyDataset):
     model's data format, with the files' multi-hot labels."""
 
     def __init__(self, files: ImageFiles, stored_size: int, crop_size: int, batch_size: int,
-                 training: bool, seed: int, data_format: str):
+                 training: bool, seed: int, data_format: str, workers: int):
         # Threads, not processes: Pillow releases the GIL while it decodes and resizes.
-        super().__init__(workers=os.cpu_count() or 1, use_multiprocessing=False)
+        super().__init__(workers=workers, use_multiprocessing=False)
         self.files, self.stored_size, self.crop_size = files, stored_size, crop_size
         self.batch_size, self.training, self.seed = batch_size, training, seed
         self.data_format = data_format
@@ -562,6 +562,7 @@ class Densenet121Xray(_Compiled):
         self.layout = "NHWC"
         self.data_format = _data_format(self.layout)
         self.crop_size = run.input_shape[-1]
+        self.loader_workers = run.loader_workers
         self.strategy = None  # TensorFlow's MirroredStrategy when data-parallel
         if run.devices > 1:
             if BACKEND == "jax":
@@ -627,7 +628,8 @@ class Densenet121Xray(_Compiled):
 
     def input_pipeline(self, files: ImageFiles, stored_size: int, batch_size: int, training: bool,
                        seed: int) -> ChestXrayBatches:
-        return ChestXrayBatches(files, stored_size, self.crop_size, batch_size, training, seed, self.data_format)
+        return ChestXrayBatches(files, stored_size, self.crop_size, batch_size, training, seed, self.data_format,
+                                self.loader_workers)
 
 
 TASKS = {"cnn_cifar10": CnnCifar10, "resnet50_inference": Resnet50Inference, "gru_imdb": GruImdb,

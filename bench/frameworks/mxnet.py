@@ -428,6 +428,7 @@ class Densenet121Xray:
         self.contexts = _contexts(run)
         self.layout = "NCHW"
         self.input_size = run.input_shape[-1]
+        self.loader_workers = run.loader_workers
         self.net = build_densenet121(spec)
         self.net.initialize(_he_normal("in"), ctx=self.contexts)  # a copy of the weights per replica
         # The zoo's layers infer their input channels: shape inference gives every parameter its
@@ -470,10 +471,11 @@ class Densenet121Xray:
 
     def input_pipeline(self, files, stored_size: int, batch_size: int, training: bool, seed: int):
         dataset = XrayImages(files, stored_size, self.input_size, training, seed)
-        # Two worker processes decode in parallel; on the GPU they batch into page-locked memory,
+        # Worker processes decode in parallel; on the GPU they batch into page-locked memory,
         # from which the copies to the replicas are fastest.
         loader = gluon.data.DataLoader(dataset, batch_size=batch_size, shuffle=training,
-                                       last_batch="discard" if training else "keep", num_workers=2,
+                                       last_batch="discard" if training else "keep",
+                                       num_workers=self.loader_workers,
                                        pin_memory=self.contexts[0].device_type == "gpu")
         # gluon's RandomSampler shuffles with numpy's global generator when iteration starts:
         # seeded here, inside this generator, the epoch's order follows from the seed.

@@ -532,6 +532,7 @@ class Densenet121Xray:
             _live_densenet.close()
         self.devices = run.devices
         self.crop_size = run.input_shape[-1]
+        self.loader_workers = run.loader_workers
         self.layout, _ = _image_format(run.device)
         self.workers: list[mp.Process] = []
         self.commands: list[mp.Queue] = []
@@ -613,7 +614,7 @@ class Densenet121Xray:
                        seed: int) -> torch.utils.data.DataLoader:
         images = ChestXrayImages(files, stored_size, self.crop_size, training, seed)
         return torch.utils.data.DataLoader(
-            images, batch_size=batch_size, shuffle=training, drop_last=training, num_workers=2,
+            images, batch_size=batch_size, shuffle=training, drop_last=training, num_workers=self.loader_workers,
             persistent_workers=False, generator=torch.Generator().manual_seed(seed),
             # Pinned batches copy to the GPU asynchronously; shards for other ranks go through shared memory.
             pin_memory=self.device.type == "cuda" and not self.workers)

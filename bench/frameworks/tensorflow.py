@@ -346,7 +346,7 @@ class Densenet121Xray:
         # optimiser (Grappler) converts the convolutions to cuDNN's NCHW inside the tf.function.
         self.layout = "NHWC"
         self.image_size = run.input_shape[-1]
-        self.threads = run.threads
+        self.loader_workers = run.loader_workers
         if run.devices > 1:
             # One replica per device; gradients are all-reduced (NCCL on GPUs, through one device
             # on CPUs) before every replica applies the same update.
@@ -430,13 +430,12 @@ class Densenet121Xray:
                 image = tf.image.crop_to_bounding_box(image, offset, offset, size, size)
             return image, label
 
-        dataset = dataset.enumerate().map(load, num_parallel_calls=tf.data.AUTOTUNE)
+        # The loader's workers decode in parallel, in a thread pool of that size (not AUTOTUNE's choice).
+        dataset = dataset.enumerate().map(load, num_parallel_calls=self.loader_workers)
         dataset = dataset.batch(batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
-        if self.threads:
-            options = tf.data.Options()
-            options.threading.private_threadpool_size = self.threads
-            dataset = dataset.with_options(options)
-        return dataset
+        options = tf.data.Options()
+        options.threading.private_threadpool_size = self.loader_workers
+        return dataset.with_options(options)
 
 
 TASKS = {"cnn_cifar10": CnnCifar10, "resnet50_inference": Resnet50Inference, "gru_imdb": GruImdb,
