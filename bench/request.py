@@ -75,10 +75,6 @@ class Request:
             missing = [f.name for f in fields(cls) if f.name not in values and f.default is MISSING]
             raise RequestError("{}: {} missing; add {}".format(source, ", ".join(missing), missing[0])) from None
 
-    @classmethod
-    def read(cls, path: Path) -> "Request":
-        return cls.from_dict(read_fields(path), str(path))
-
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 

@@ -21,7 +21,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError
 
 from bench.precision import PRECISIONS
-from bench.request import DEFAULTS, Request
+from bench.request import DATA, DEFAULTS, MODES, Request
 from bench.specs import FRAMEWORK_GROUPS, FRAMEWORKS, INFER, TASKS
 
 from .gpus import names_model
@@ -63,8 +63,8 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     # The bench's request defaults (bench/request.py), but for the timeout, the harness's own.
-    mode: Literal["throughput", "full"] = DEFAULTS.mode
-    data: Literal["synthetic", "real"] = DEFAULTS.data
+    mode: Literal[MODES] = DEFAULTS.mode  # type: ignore[valid-type]
+    data: Literal[DATA] = DEFAULTS.data  # type: ignore[valid-type]
     data_dir: Optional[str] = None  # extracted data sets; default: the bench's cache folder
     warmup_steps: int = Field(DEFAULTS.warmup_steps, ge=0)
     steps: int = Field(DEFAULTS.steps, ge=1)
@@ -159,7 +159,7 @@ class Cell:
         return Request(
             framework=self.framework, task=self.task, device=self.device, devices=self.devices,
             precision=self.precision, threads=None if self.threads == "auto" else self.threads, mode=s.mode,
-            data=s.data, data_dir=str(data_dir) if data_dir and s.data == "real" else None,
+            data=s.data, data_dir=str(data_dir) if data_dir else None,
             warmup_steps=s.warmup_steps, steps=s.steps, repeats=s.repeats, epochs=s.epochs,
             batch_size=s.batch_size, image_size=s.image_size, weights=str(weights) if weights else None, seed=s.seed,
             loader_workers=s.loader_workers,

@@ -11,7 +11,7 @@ import pytest
 
 from bench import __main__ as bench_main
 from bench import result as contract
-from bench.request import DEFAULTS, Request, RequestError
+from bench.request import DEFAULTS, Request, RequestError, read_fields
 from conftest import REPO, write_matrix
 from harness.matrix import Cell, Settings
 from harness.runner import record
@@ -167,7 +167,7 @@ def test_an_unreadable_request_file_is_one_line(tmp_path):
     path = tmp_path / "r.json"
     path.write_text("[1, 2]")
     with pytest.raises(RequestError, match="a request is a JSON object of fields"):
-        Request.read(path)
+        read_fields(path)
 
 
 def test_loader_workers_default_to_the_cores_the_cell_may_use():
