@@ -147,13 +147,49 @@ DENSENET121_XRAY = TaskSpec(
     cpu_image_size=64,
 )
 
+# Initialisers, by kind. Fans are those of the layer's kernel as PyTorch shapes it
+# (out, in, kh, kw): fan_in = in × kh × kw, fan_out = out × kh × kw.
+ZEROS = "zeros"
+ONES = "ones"
+UNIFORM = "uniform"  # U(-limit, limit)
+GLOROT_UNIFORM = "glorot_uniform"  # U(±sqrt(6 / (fan_in + fan_out)))
+HE_NORMAL = "he_normal"  # N(0, 2 / fan), not truncated (Keras's own he_normal is)
+ORTHOGONAL = "orthogonal"  # a (semi-)orthogonal matrix, gain 1
+
+
+@dataclass(frozen=True)
+class Init:
+    """One initialiser, named the same way for every framework, which sets it in its own terms."""
+
+    kind: str
+    fan: str = "fan_in"  # HE_NORMAL: "fan_in" or "fan_out"
+    limit: float = 0.0  # UNIFORM
+
+    def std(self, fan_in: int, fan_out: int) -> float:
+        """The standard deviation of the values it draws for a kernel with these fans."""
+        if self.kind in (ZEROS, ONES):
+            return 0.0
+        if self.kind == UNIFORM:
+            return self.limit / math.sqrt(3.0)
+        if self.kind == GLOROT_UNIFORM:
+            return math.sqrt(2.0 / (fan_in + fan_out))
+        if self.kind == HE_NORMAL:
+            return math.sqrt(2.0 / (fan_in if self.fan == "fan_in" else fan_out))
+        if self.kind == ORTHOGONAL:
+            return 1.0 / math.sqrt(max(fan_in, fan_out))
+        raise ValueError("unknown initialiser {!r}".format(self.kind))
+
+
 @dataclass(frozen=True)
 class BatchNormSpec:
     """Batch normalisation in PyTorch's convention (the seed's): ``momentum`` is the weight of a
-    batch's statistics in the running averages, running = (1 - momentum) running + momentum batch."""
+    batch's statistics in the running averages, running = (1 - momentum) running + momentum batch.
+    Scales start at one, shifts at zero."""
 
     momentum: float
     epsilon: float
+    scale_init: Init = Init(ONES)
+    shift_init: Init = Init(ZEROS)
 
     @property
     def decay(self) -> float:
@@ -168,6 +204,80 @@ class BatchNormSpec:
 
 # Every batch norm of every network (ResNet-50, DenseNet-121), in every framework.
 BATCH_NORM = BatchNormSpec(momentum=0.1, epsilon=1e-5)
+
+
+@dataclass(frozen=True)
+class CnnArchitecture:
+    """cnn_cifar10: pairs of 3×3 convolutions (padding 1) each followed by 2×2 max pooling, ReLU
+    and dropout; then a hidden dense layer, dropout and the output layer. Glorot kernels, zero
+    biases, as the seed asks."""
+
+    filters: Tuple[Tuple[int, int], ...] = ((50, 50), (100, 100))
+    kernel_size: int = 3
+    conv_dropout: float = 0.25
+    dense_units: int = 512
+    dense_dropout: float = 0.5
+    kernel_init: Init = Init(GLOROT_UNIFORM)
+    bias_init: Init = Init(ZEROS)
+
+
+@dataclass(frozen=True)
+class GruArchitecture:
+    """gru_imdb: an embedding, one GRU layer in cuDNN's convention (reset gate applied after the
+    recurrent product, a bias on both the input and the recurrent side of every gate), its
+    last time step's output, a dense layer of logits. Initialisers are Keras's GRU defaults,
+    each over the three gates' matrices stacked: (3 × units, embedding) and (3 × units, units)."""
+
+    embedding: int = 125
+    units: int = 100
+    gates: int = 3  # reset, update, new
+    embedding_init: Init = Init(UNIFORM, limit=0.05)
+    input_kernel_init: Init = Init(GLOROT_UNIFORM)
+    recurrent_kernel_init: Init = Init(ORTHOGONAL)
+    bias_init: Init = Init(ZEROS)  # both bias vectors
+    dense_kernel_init: Init = Init(GLOROT_UNIFORM)
+    dense_bias_init: Init = Init(ZEROS)
+
+
+@dataclass(frozen=True)
+class ResnetArchitecture:
+    """resnet50_inference: ResNet-50 v1.5 (the stride on each block's 3×3 convolution), no
+    convolution biases, cut after global average pooling. Convolutions He-initialised over
+    their fan-out, as torchvision's are (the weights file replaces them when one is given)."""
+
+    stem: int = 64  # 7×7 stride-2 convolution, then 3×3 stride-2 max pooling
+    # (bottleneck width, blocks) of the four stages; each block widens to expansion × its width.
+    stages: Tuple[Tuple[int, int], ...] = ((64, 3), (128, 4), (256, 6), (512, 3))
+    expansion: int = 4
+    conv_init: Init = Init(HE_NORMAL, fan="fan_out")
+
+
+@dataclass(frozen=True)
+class DensenetArchitecture:
+    """densenet121_xray: torchvision's DenseNet-121. A 7×7 stride-2 stem and 3×3 stride-2 max
+    pooling; dense blocks whose layers are BN-ReLU-conv 1×1 (bottleneck × growth channels) then
+    BN-ReLU-conv 3×3 (growth channels), each seeing every earlier output of its block; between
+    blocks a transition (BN-ReLU-conv 1×1 to compression × the channels, 2×2 average pooling);
+    a last BN-ReLU, global average pooling, and a dense layer of logits."""
+
+    stem: int = 64
+    blocks: Tuple[int, ...] = (6, 12, 24, 16)  # dense layers per block
+    growth: int = 32
+    bottleneck: int = 4  # the 1×1 convolution's width, in multiples of growth
+    compression: float = 0.5
+    conv_init: Init = Init(HE_NORMAL, fan="fan_in")
+    dense_kernel_init: Init = Init(GLOROT_UNIFORM)
+    dense_bias_init: Init = Init(ZEROS)
+
+    @property
+    def bottleneck_width(self) -> int:
+        return self.bottleneck * self.growth
+
+
+CNN = CnnArchitecture()
+GRU = GruArchitecture()
+RESNET50 = ResnetArchitecture()
+DENSENET121 = DensenetArchitecture()
 
 TASKS = {spec.name: spec for spec in (CNN_CIFAR10, RESNET50_INFERENCE, GRU_IMDB,
                                       DENSENET121_XRAY)}  # type: Dict[str, TaskSpec]

@@ -12,11 +12,10 @@ from typing import Dict, Tuple
 
 import numpy as np
 
+from .specs import RESNET50
+
 Shapes = Dict[str, Tuple[int, ...]]
 
-# (bottleneck width, blocks) of ResNet-50's four stages; each block widens to 4× its width.
-RESNET50_STAGES = ((64, 3), (128, 4), (256, 6), (512, 3))
-RESNET50_EXPANSION = 4
 
 
 def _batch_norm(shapes: Shapes, name: str, channels: int) -> None:
@@ -29,22 +28,22 @@ def resnet50_shapes() -> Shapes:
     (stage ``layerN``, block ``M``; the first block of each stage has a ``downsample``
     projection; v1.5 strides the 3×3 ``conv2``)."""
     shapes = OrderedDict()  # type: Shapes
-    shapes["conv1.weight"] = (64, 3, 7, 7)
-    _batch_norm(shapes, "bn1", 64)
-    channels = 64
-    for stage, (width, blocks) in enumerate(RESNET50_STAGES, start=1):
+    shapes["conv1.weight"] = (RESNET50.stem, 3, 7, 7)
+    _batch_norm(shapes, "bn1", RESNET50.stem)
+    channels = RESNET50.stem
+    for stage, (width, blocks) in enumerate(RESNET50.stages, start=1):
         for block in range(blocks):
             prefix = "layer{}.{}".format(stage, block)
             shapes[prefix + ".conv1.weight"] = (width, channels, 1, 1)
             _batch_norm(shapes, prefix + ".bn1", width)
             shapes[prefix + ".conv2.weight"] = (width, width, 3, 3)
             _batch_norm(shapes, prefix + ".bn2", width)
-            shapes[prefix + ".conv3.weight"] = (width * RESNET50_EXPANSION, width, 1, 1)
-            _batch_norm(shapes, prefix + ".bn3", width * RESNET50_EXPANSION)
+            shapes[prefix + ".conv3.weight"] = (width * RESNET50.expansion, width, 1, 1)
+            _batch_norm(shapes, prefix + ".bn3", width * RESNET50.expansion)
             if block == 0:
-                shapes[prefix + ".downsample.0.weight"] = (width * RESNET50_EXPANSION, channels, 1, 1)
-                _batch_norm(shapes, prefix + ".downsample.1", width * RESNET50_EXPANSION)
-            channels = width * RESNET50_EXPANSION
+                shapes[prefix + ".downsample.0.weight"] = (width * RESNET50.expansion, channels, 1, 1)
+                _batch_norm(shapes, prefix + ".downsample.1", width * RESNET50.expansion)
+            channels = width * RESNET50.expansion
     return shapes
 
 

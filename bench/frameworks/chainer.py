@@ -14,7 +14,7 @@ from PIL import Image
 
 from .. import precision
 from .. import weights as canonical
-from ..specs import BATCH_NORM, RunOptions, TaskSpec
+from ..specs import BATCH_NORM, RESNET50, RunOptions, TaskSpec
 
 
 
@@ -261,7 +261,7 @@ class Bottleneck(chainer.Chain):
 
     def __init__(self, channels: int, width: int, stride: int):
         super().__init__()
-        out = width * canonical.RESNET50_EXPANSION
+        out = width * RESNET50.expansion
         projected = stride != 1 or channels != out
         if not projected:
             self.downsample = None
@@ -288,12 +288,12 @@ class Resnet50(chainer.Chain):
         with self.init_scope():
             self.conv1, self.bn1 = _conv(3, 64, 7, stride=2, pad=3), _batch_norm(64)
             channels = 64
-            for stage, (width, blocks) in enumerate(canonical.RESNET50_STAGES, start=1):
+            for stage, (width, blocks) in enumerate(RESNET50.stages, start=1):
                 stride = 1 if stage == 1 else 2
                 layers = []
                 for block in range(blocks):
                     layers.append(Bottleneck(channels, width, stride if block == 0 else 1))
-                    channels = width * canonical.RESNET50_EXPANSION
+                    channels = width * RESNET50.expansion
                 setattr(self, f"layer{stage}", Stack(*layers))
 
     def forward(self, x: chainer.Variable) -> chainer.Variable:

@@ -19,7 +19,7 @@ import cntk as C
 from .. import precision
 from .. import weights as canonical
 from ..data import ImageFiles
-from ..specs import BATCH_NORM, RunOptions, TaskSpec, Unsupported
+from ..specs import BATCH_NORM, RESNET50, RunOptions, TaskSpec, Unsupported
 
 # The seed's GRU classifier.
 EMBEDDING = 125
@@ -211,7 +211,7 @@ def _resnet50(features: Any, weights: Dict[str, np.ndarray]) -> Any:
     x = C.relu(conv_bn(features, "conv1", "bn1", stride=2))
     x, _ = _symmetric_padding(x, 3, 2)
     x = C.layers.MaxPooling((3, 3), strides=2)(x)
-    for stage, (width, blocks) in enumerate(canonical.RESNET50_STAGES, start=1):
+    for stage, (width, blocks) in enumerate(RESNET50.stages, start=1):
         for block in range(blocks):
             prefix = "layer{}.{}.".format(stage, block)
             stride = 2 if stage > 1 and block == 0 else 1

@@ -23,7 +23,7 @@ from PIL import Image
 
 from .. import precision
 from .. import weights as canonical
-from ..specs import BATCH_NORM, RunOptions, TaskSpec
+from ..specs import BATCH_NORM, RESNET50, RunOptions, TaskSpec
 
 if TYPE_CHECKING:  # for annotations only: the bench's data module is not imported at run time
     from ..data import ImageFiles
@@ -328,7 +328,7 @@ class Bottleneck(nnx.Module):
     """ResNet v1.5 bottleneck: the stride sits on the 3×3 convolution; no convolution biases."""
 
     def __init__(self, channels: int, width: int, stride: int, dtype: jnp.dtype | None, rngs: nnx.Rngs):
-        out = width * canonical.RESNET50_EXPANSION
+        out = width * RESNET50.expansion
         self.conv1, self.bn1 = _conv(channels, width, 1, dtype=dtype, rngs=rngs), _batch_norm(width, dtype, rngs)
         self.conv2 = _conv(width, width, 3, stride, dtype=dtype, rngs=rngs)
         self.bn2 = _batch_norm(width, dtype, rngs)
@@ -351,12 +351,12 @@ class Resnet50(nnx.Module):
     def __init__(self, dtype: jnp.dtype | None, rngs: nnx.Rngs):
         self.conv1, self.bn1 = _conv(3, 64, 7, 2, dtype=dtype, rngs=rngs), _batch_norm(64, dtype, rngs)
         channels = 64
-        for stage, (width, blocks) in enumerate(canonical.RESNET50_STAGES, start=1):
+        for stage, (width, blocks) in enumerate(RESNET50.stages, start=1):
             stride = 1 if stage == 1 else 2
             layers = []
             for block in range(blocks):
                 layers.append(Bottleneck(channels, width, stride if block == 0 else 1, dtype, rngs))
-                channels = width * canonical.RESNET50_EXPANSION
+                channels = width * RESNET50.expansion
             setattr(self, f"layer{stage}", nnx.Sequential(*layers))
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -20,7 +20,7 @@ import numpy as np
 from .. import precision
 from .. import weights as canonical
 from ..data import ImageFiles
-from ..specs import BATCH_NORM, FRAMEWORK_SPECS, RunOptions, TaskSpec
+from ..specs import BATCH_NORM, FRAMEWORK_SPECS, RESNET50, RunOptions, TaskSpec
 
 BACKEND = keras.backend.backend()  # "tensorflow", "jax" or "torch"
 # Each backend's CPU layout. TensorFlow's CPU convolutions (oneDNN) only take NHWC (NCHW
@@ -362,8 +362,8 @@ def build_resnet50(input_shape: tuple[int, ...], data_format: str) -> keras.Mode
     # Zero padding before the max-pool equals PyTorch's (-inf) padding: the inputs are ReLU outputs.
     x = layers.ZeroPadding2D(1, data_format=data_format)(x)
     x = layers.MaxPooling2D(3, strides=2, data_format=data_format)(x)
-    for stage, (width, blocks) in enumerate(canonical.RESNET50_STAGES, start=1):
-        out = width * canonical.RESNET50_EXPANSION
+    for stage, (width, blocks) in enumerate(RESNET50.stages, start=1):
+        out = width * RESNET50.expansion
         for block in range(blocks):
             name = f"layer{stage}.{block}"
             stride = 2 if stage > 1 and block == 0 else 1  # v1.5: the stride sits on the 3×3 conv2

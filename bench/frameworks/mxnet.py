@@ -16,7 +16,7 @@ from mxnet.gluon import nn
 
 from .. import precision
 from .. import weights as canonical
-from ..specs import BATCH_NORM, RunOptions, TaskSpec
+from ..specs import BATCH_NORM, RESNET50, RunOptions, TaskSpec
 
 # Runtime features worth recording: the CPU kernels (oneDNN, still called MKLDNN) and the GPU stack.
 _FEATURES = ("MKLDNN", "OPENMP", "CUDA", "CUDNN", "NCCL", "TENSORRT")
@@ -256,7 +256,7 @@ class Bottleneck(gluon.HybridBlock):
 
     def __init__(self, channels: int, width: int, stride: int):
         super().__init__()
-        out = width * canonical.RESNET50_EXPANSION
+        out = width * RESNET50.expansion
         with self.name_scope():
             self.conv1, self.bn1 = _conv(channels, width, 1), _batch_norm(width)
             self.conv2, self.bn2 = _conv(width, width, 3, stride), _batch_norm(width)
@@ -294,12 +294,12 @@ class Resnet50(gluon.HybridBlock):
             self.conv1, self.bn1 = _conv(3, 64, 7, 2), _batch_norm(64)
             self.maxpool = nn.MaxPool2D(3, strides=2, padding=1)
             channels = 64
-            for stage, (width, blocks) in enumerate(canonical.RESNET50_STAGES, start=1):
+            for stage, (width, blocks) in enumerate(RESNET50.stages, start=1):
                 stride = 1 if stage == 1 else 2
                 layer = nn.HybridSequential()
                 for block in range(blocks):
                     layer.add(Bottleneck(channels, width, stride if block == 0 else 1))
-                    channels = width * canonical.RESNET50_EXPANSION
+                    channels = width * RESNET50.expansion
                 setattr(self, f"layer{stage}", layer)
             self.pool = nn.GlobalAvgPool2D()
 

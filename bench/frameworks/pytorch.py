@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import precision
 from .. import weights as canonical
 from ..data import ImageFiles
-from ..specs import BATCH_NORM, RunOptions, TaskSpec
+from ..specs import BATCH_NORM, RESNET50, RunOptions, TaskSpec
 
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -240,7 +240,7 @@ class Bottleneck(nn.Module):
 
     def __init__(self, channels: int, width: int, stride: int):
         super().__init__()
-        out = width * canonical.RESNET50_EXPANSION
+        out = width * RESNET50.expansion
         self.conv1, self.bn1 = nn.Conv2d(channels, width, 1, bias=False), _batch_norm(width)
         self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
         self.bn2 = _batch_norm(width)
@@ -269,12 +269,12 @@ class Resnet50(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         channels = 64
-        for stage, (width, blocks) in enumerate(canonical.RESNET50_STAGES, start=1):
+        for stage, (width, blocks) in enumerate(RESNET50.stages, start=1):
             stride = 1 if stage == 1 else 2
             layers = []
             for block in range(blocks):
                 layers.append(Bottleneck(channels, width, stride if block == 0 else 1))
-                channels = width * canonical.RESNET50_EXPANSION
+                channels = width * RESNET50.expansion
             setattr(self, f"layer{stage}", nn.Sequential(*layers))
         self.pool = nn.AdaptiveAvgPool2d(1)
 

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from .. import precision
 from .. import weights as canonical
-from ..specs import BATCH_NORM, RunOptions, TaskSpec, Unsupported
+from ..specs import BATCH_NORM, RESNET50, RunOptions, TaskSpec, Unsupported
 
 # The GRU classifier's sizes (the seed's).
 EMBEDDING_SIZE = 125
@@ -243,7 +243,7 @@ def build_resnet50(input_shape: tuple, data_format: str) -> tf.keras.Model:
                                          name=name)(x)
 
     def bottleneck(x: tf.Tensor, width: int, stride: int, name: str) -> tf.Tensor:
-        out = width * canonical.RESNET50_EXPANSION
+        out = width * RESNET50.expansion
         shortcut = x
         if stride != 1 or x.shape[axis] != out:
             shortcut = batch_norm(conv(x, out, 1, stride, name + ".downsample.0"), name + ".downsample.1")
@@ -257,7 +257,7 @@ def build_resnet50(input_shape: tuple, data_format: str) -> tf.keras.Model:
     # Zero padding equals PyTorch's -inf padding here: the inputs are ReLU outputs, >= 0.
     x = layers.ZeroPadding2D(1, data_format=data_format, name="maxpool_pad")(x)
     x = layers.MaxPooling2D(3, strides=2, data_format=data_format, name="maxpool")(x)
-    for stage, (width, blocks) in enumerate(canonical.RESNET50_STAGES, start=1):
+    for stage, (width, blocks) in enumerate(RESNET50.stages, start=1):
         for block in range(blocks):
             stride = 2 if stage > 1 and block == 0 else 1
             x = bottleneck(x, width, stride, f"layer{stage}.{block}")
