@@ -19,17 +19,8 @@ import cntk as C
 from .. import precision
 from .. import weights as canonical
 from ..data import ImageFiles
-from ..specs import BATCH_NORM, RESNET50, RunOptions, TaskSpec, Unsupported
-
-# The seed's GRU classifier.
-EMBEDDING = 125
-HIDDEN = 100
-# DenseNet-121 (torchvision's densenet121): dense layers per block, growth rate, bottleneck width
-# (a multiple of the growth rate) and the stem's filters.
-DENSENET121_BLOCKS = (6, 12, 24, 16)
-DENSENET_GROWTH = 32
-DENSENET_BOTTLENECK = 4
-DENSENET_STEM = 64
+from ..specs import (BATCH_NORM, CNN, DENSENET121, GLOROT_UNIFORM, GRU, HE_NORMAL, ONES, ORTHOGONAL, RESNET50,
+                     UNIFORM, ZEROS, Init, RunOptions, TaskSpec, Unsupported)
 
 
 def describe(run: RunOptions) -> dict:
@@ -120,6 +111,26 @@ def _parameter_count(model: Any) -> int:
     return sum(int(np.prod(parameter.shape)) for parameter in model.parameters)
 
 
+def _initializer(init: Init, shape: Tuple[int, ...] = (), seed: int = 0) -> Any:
+    """The specs' initialiser as CNTK's: a number, one of its initializers, or for an orthogonal
+    matrix (which CNTK has no initializer for) an array of ``shape`` drawn by numpy from
+    ``seed``, the same in every MPI worker."""
+    if init.kind in (ZEROS, ONES):
+        return 0.0 if init.kind == ZEROS else 1.0
+    if init.kind == UNIFORM:
+        return C.uniform(init.limit)
+    if init.kind == GLOROT_UNIFORM:
+        return C.glorot_uniform()
+    if init.kind == HE_NORMAL and init.fan == "fan_in":
+        return C.he_normal()
+    if init.kind == ORTHOGONAL:
+        rows, columns = shape
+        q, r = np.linalg.qr(np.random.RandomState(seed).standard_normal((max(rows, columns), min(rows, columns))))
+        q = q * np.sign(np.diag(r))  # a uniformly random orthogonal matrix
+        return np.ascontiguousarray(q if rows >= columns else q.T, dtype=np.float32)
+    raise ValueError("CNTK has no initializer for {}".format(init))
+
+
 def _one_hot(labels: np.ndarray, classes: int) -> np.ndarray:
     """CNTK's softmax cross-entropy takes one-hot targets."""
     return np.eye(classes, dtype=np.float32)[np.asarray(labels, dtype=np.int64)]
@@ -156,16 +167,16 @@ class CnnCifar10:
         self.num_classes = spec.num_classes
         self.features = C.input_variable(run.input_shape)
         self.labels = C.input_variable(spec.num_classes)
-        # Glorot-uniform kernels, zero biases, set explicitly (the seed's lesson).
-        with C.default_options(init=C.glorot_uniform(), init_bias=0):
-            self.model = C.layers.Sequential([
-                C.layers.Convolution2D((3, 3), 50, pad=True, activation=C.relu),
-                C.layers.Convolution2D((3, 3), 50, pad=True),
-                C.layers.MaxPooling((2, 2), strides=2), C.relu, C.layers.Dropout(0.25),
-                C.layers.Convolution2D((3, 3), 100, pad=True, activation=C.relu),
-                C.layers.Convolution2D((3, 3), 100, pad=True),
-                C.layers.MaxPooling((2, 2), strides=2), C.relu, C.layers.Dropout(0.25),
-                C.layers.Dense(512, activation=C.relu), C.layers.Dropout(0.5),
+        kernel = (CNN.kernel_size, CNN.kernel_size)
+        # Initialisers set explicitly (the seed's lesson).
+        with C.default_options(init=_initializer(CNN.kernel_init), init_bias=_initializer(CNN.bias_init)):
+            layers = []
+            for first, second in CNN.filters:
+                layers += [C.layers.Convolution2D(kernel, first, pad=True, activation=C.relu),
+                           C.layers.Convolution2D(kernel, second, pad=True),
+                           C.layers.MaxPooling((2, 2), strides=2), C.relu, C.layers.Dropout(CNN.conv_dropout)]
+            self.model = C.layers.Sequential(layers + [
+                C.layers.Dense(CNN.dense_units, activation=C.relu), C.layers.Dropout(CNN.dense_dropout),
                 C.layers.Dense(spec.num_classes),  # logits: softmax lives in the loss
             ])(self.features)
         loss = C.cross_entropy_with_softmax(self.model, self.labels)
@@ -246,13 +257,40 @@ class Resnet50Inference:
         return self.model.eval({self.features: images})
 
 
+def _cudnn_gru_step(inputs: int, seed: int) -> Any:
+    """One step of a GRU in cuDNN's convention, for Recurrence on the CPU, where CNTK has no
+    fused RNN: biases on both the input and the recurrent projections, and the reset gate
+    applied after the recurrent one, n = tanh(W_n x + b_Wn + r * (R_n h + b_Rn)). CNTK's layers
+    GRU applies it before (and has one bias vector): another recurrence, 300 parameters fewer.
+    Gates are stacked reset, update, new along the projections' outputs."""
+    units, stacked = GRU.units, GRU.gates * GRU.units
+    input_kernel = C.parameter((inputs, stacked), init=_initializer(GRU.input_kernel_init), name="W")
+    recurrent_kernel = C.parameter((units, stacked), init=_initializer(GRU.recurrent_kernel_init, (units, stacked), seed),
+                                   name="R")
+    input_bias = C.parameter(stacked, init=_initializer(GRU.bias_init), name="b_W")
+    recurrent_bias = C.parameter(stacked, init=_initializer(GRU.bias_init), name="b_R")
+
+    @C.Function
+    def step(h: Any, x: Any) -> Any:
+        projected = C.times(x, input_kernel) + input_bias
+        recurrent = C.times(h, recurrent_kernel) + recurrent_bias
+
+        def gate(projection: Any, index: int) -> Any:
+            return C.slice(projection, 0, index * units, (index + 1) * units)
+
+        reset = C.sigmoid(gate(projected, 0) + gate(recurrent, 0))
+        update = C.sigmoid(gate(projected, 1) + gate(recurrent, 1))
+        new = C.tanh(gate(projected, 2) + reset * gate(recurrent, 2))
+        return (1 - update) * new + update * h
+
+    return step
+
+
 class GruImdb:
     """Embedding -> GRU -> last step -> dense. On GPU, cuDNN's GRU (CNTK's optimized_rnnstack,
-    the seed's choice: cuDNN's convention, the expected count); on CPU, where CNTK has no fused
-    RNN, its layers GRU under Recurrence."""
+    the seed's choice); on CPU, where CNTK has no fused RNN, the same cell under Recurrence."""
 
-    parameter_note = ("CNTK's layers GRU (CPU; the GPU uses cuDNN's): one bias vector per gate set, the reset "
-                      "gate applied before the recurrent projection: 300 fewer")
+    parameter_note = None
     # CNTK packs the N sequences of a minibatch time-major itself (its MBLayout interleaves them
     # step by step); the (N, T) ids are handed over as N sequences.
     layout = "TNC"
@@ -266,17 +304,19 @@ class GruImdb:
         # CNTK 2.7's CPU Adam rejects ("AdamUpdate: Feature Not Implemented").
         self.tokens = C.sequence.input_variable(1)
         self.labels = C.input_variable(spec.num_classes)
-        table = C.parameter((spec.vocabulary, EMBEDDING), init=C.glorot_uniform(), name="embedding")
-        x = C.reshape(C.gather(table, self.tokens), (EMBEDDING,))
+        table = C.parameter((spec.vocabulary, GRU.embedding), init=_initializer(GRU.embedding_init), name="embedding")
+        x = C.reshape(C.gather(table, self.tokens), (GRU.embedding,))
         if run.device == "gpu":
             # The weight blob's size is inferred from cuDNN's layout: 3 gates × (input + hidden
-            # weights + two bias vectors); uniform ±1/sqrt(hidden), as cuDNN GRUs elsewhere.
-            weights = C.parameter((C.InferredDimension, HIDDEN), init=C.uniform(1.0 / np.sqrt(HIDDEN)))
-            x = C.optimized_rnnstack(x, weights, HIDDEN, num_layers=1, recurrent_op="gru")
-            self.parameter_note = None
+            # weights + two bias vectors). One blob takes one initialiser: uniform ±1/sqrt(units),
+            # cuDNN GRUs' usual one, not the specs' per-matrix ones.
+            weights = C.parameter((C.InferredDimension, GRU.units), init=C.uniform(1.0 / np.sqrt(GRU.units)))
+            x = C.optimized_rnnstack(x, weights, GRU.units, num_layers=1, recurrent_op="gru")
         else:
-            x = C.layers.Recurrence(C.layers.GRU(HIDDEN))(x)
-        self.model = C.layers.Dense(spec.num_classes)(C.sequence.last(x))  # logits
+            x = C.layers.Recurrence(_cudnn_gru_step(GRU.embedding, run.seed))(x)
+        dense = C.layers.Dense(spec.num_classes, init=_initializer(GRU.dense_kernel_init),
+                               init_bias=_initializer(GRU.dense_bias_init))
+        self.model = dense(C.sequence.last(x))  # logits
         loss = C.cross_entropy_with_softmax(self.model, self.labels)
         learner = C.adam(self.model.parameters, lr=run.learning_rate, momentum=0.9, variance_momentum=0.999,
                          epsilon=1e-8, unit_gain=True, **_learner_options())
@@ -303,10 +343,10 @@ class GruImdb:
 
 
 def _conv(x: Any, filters: int, size: int, stride: int = 1) -> Any:
-    """A bias-free convolution padded as PyTorch's, He-initialised as torchvision's DenseNet."""
+    """A bias-free convolution padded as PyTorch's, initialised as the specs say."""
     x, pad = _symmetric_padding(x, size, stride)
     return C.layers.Convolution2D((size, size), filters, strides=stride, pad=pad, bias=False,
-                                  init=C.he_normal())(x)
+                                  init=_initializer(DENSENET121.conv_init))(x)
 
 
 def _densenet121(features: Any, num_labels: int, batch_size: int) -> Any:
@@ -317,24 +357,27 @@ def _densenet121(features: Any, num_labels: int, batch_size: int) -> Any:
     time_constant = BATCH_NORM.time_constant(batch_size)
 
     def _bn_relu(x: Any) -> Any:
-        return C.relu(C.layers.BatchNormalization(map_rank=1, normalization_time_constant=time_constant,
+        return C.relu(C.layers.BatchNormalization(map_rank=1, init_scale=_initializer(BATCH_NORM.scale_init),
+                                                  normalization_time_constant=time_constant,
                                                   epsilon=BATCH_NORM.epsilon)(x))  # per channel
 
-    x = _bn_relu(_conv(features, DENSENET_STEM, 7, stride=2))
+    x = _bn_relu(_conv(features, DENSENET121.stem, 7, stride=2))
     x, _ = _symmetric_padding(x, 3, 2)
     x = C.layers.MaxPooling((3, 3), strides=2)(x)
-    channels = DENSENET_STEM
-    for index, layers in enumerate(DENSENET121_BLOCKS):
+    channels = DENSENET121.stem
+    for index, layers in enumerate(DENSENET121.blocks):
         for _ in range(layers):
-            y = _conv(_bn_relu(x), DENSENET_BOTTLENECK * DENSENET_GROWTH, 1)
-            y = _conv(_bn_relu(y), DENSENET_GROWTH, 3)
+            y = _conv(_bn_relu(x), DENSENET121.bottleneck_width, 1)
+            y = _conv(_bn_relu(y), DENSENET121.growth, 3)
             x = C.splice(x, y, axis=0)
-            channels += DENSENET_GROWTH
-        if index < len(DENSENET121_BLOCKS) - 1:
-            channels //= 2
+            channels += DENSENET121.growth
+        if index < len(DENSENET121.blocks) - 1:
+            channels = int(channels * DENSENET121.compression)
             x = C.layers.AveragePooling((2, 2), strides=2)(_conv(_bn_relu(x), channels, 1))
     x = C.layers.GlobalAveragePooling()(_bn_relu(x))
-    return C.layers.Dense(num_labels)(x)  # logits; the sigmoid lives in the loss
+    dense = C.layers.Dense(num_labels, init=_initializer(DENSENET121.dense_kernel_init),
+                           init_bias=_initializer(DENSENET121.dense_bias_init))
+    return dense(x)  # logits; the sigmoid lives in the loss
 
 
 class Densenet121Xray:
