@@ -20,7 +20,8 @@ import numpy as np
 from .. import precision
 from .. import weights as canonical
 from ..data import ImageFiles
-from ..specs import BATCH_NORM, FRAMEWORK_SPECS, RESNET50, RunOptions, TaskSpec
+from ..specs import (BATCH_NORM, CNN, DENSENET121, FRAMEWORK_SPECS, GLOROT_UNIFORM, GRU, HE_NORMAL, ONES,
+                     ORTHOGONAL, RESNET50, UNIFORM, ZEROS, Init, RunOptions, TaskSpec)
 
 BACKEND = keras.backend.backend()  # "tensorflow", "jax" or "torch"
 # Each backend's CPU layout. TensorFlow's CPU convolutions (oneDNN) only take NHWC (NCHW
@@ -254,6 +255,32 @@ def _parameter_count(model: keras.Model) -> int:
     return int(sum(np.prod(v.shape) for v in model.trainable_weights))
 
 
+def _initializer(init: Init) -> keras.initializers.Initializer:
+    """A specs initialiser as a new Keras initializer, one per weight: a Keras initializer made
+    without a seed fixes one at creation, so a shared one would give every weight the same draw.
+    Keras computes fans from its kernel shapes (kh, kw, in, out) and (in, out) as PyTorch does."""
+    if init.kind == ZEROS:
+        return keras.initializers.Zeros()
+    if init.kind == ONES:
+        return keras.initializers.Ones()
+    if init.kind == UNIFORM:
+        return keras.initializers.RandomUniform(-init.limit, init.limit)
+    if init.kind == GLOROT_UNIFORM:
+        return keras.initializers.GlorotUniform()
+    if init.kind == HE_NORMAL:  # keras.initializers.HeNormal is truncated: not the task's
+        return keras.initializers.VarianceScaling(2.0, mode=init.fan, distribution="untruncated_normal")
+    if init.kind == ORTHOGONAL:
+        return keras.initializers.Orthogonal()
+    raise ValueError(f"no Keras initializer for {init.kind!r}")
+
+
+def _batch_norm(axis: int, name: str | None = None) -> keras.layers.BatchNormalization:
+    # Keras's momentum is the weight of the old average; its defaults (0.99, epsilon 1e-3) are not the task's.
+    return keras.layers.BatchNormalization(axis=axis, momentum=BATCH_NORM.decay, epsilon=BATCH_NORM.epsilon,
+                                           gamma_initializer=_initializer(BATCH_NORM.scale_init),
+                                           beta_initializer=_initializer(BATCH_NORM.shift_init), name=name)
+
+
 def _adam(learning_rate: float) -> keras.optimizers.Adam:
     # Keras's default epsilon is 1e-7; the task's (and PyTorch's) is 1e-8.
     return keras.optimizers.Adam(learning_rate=learning_rate, beta_1=0.9, beta_2=0.999, epsilon=1e-8)
@@ -279,19 +306,26 @@ def _read_loss(model: keras.Model, loss: float | None, on_gpu: bool) -> float:
 
 def build_cnn_cifar10(spec: TaskSpec, data_format: str) -> keras.Sequential:
     layers = keras.layers
-    conv = dict(kernel_size=3, padding="same", data_format=data_format,
-                kernel_initializer="glorot_uniform", bias_initializer="zeros")
-    dense = dict(kernel_initializer="glorot_uniform", bias_initializer="zeros")
-    return keras.Sequential([
-        keras.Input(shape=_image_shape(spec.input_shape, data_format)),
-        layers.Conv2D(50, activation="relu", **conv),
-        layers.Conv2D(50, **conv), layers.MaxPooling2D(2, data_format=data_format), layers.ReLU(), layers.Dropout(0.25),
-        layers.Conv2D(100, activation="relu", **conv),
-        layers.Conv2D(100, **conv), layers.MaxPooling2D(2, data_format=data_format), layers.ReLU(), layers.Dropout(0.25),
-        layers.Flatten(data_format=data_format),
-        layers.Dense(512, activation="relu", **dense), layers.Dropout(0.5),
-        layers.Dense(spec.num_classes, **dense),  # logits: softmax lives in the loss
-    ])
+
+    def conv(filters: int, activation: str | None = None) -> keras.layers.Conv2D:
+        return layers.Conv2D(filters, CNN.kernel_size, padding="same", activation=activation, data_format=data_format,
+                             kernel_initializer=_initializer(CNN.kernel_init),
+                             bias_initializer=_initializer(CNN.bias_init))
+
+    def dense(units: int, activation: str | None = None) -> keras.layers.Dense:
+        return layers.Dense(units, activation=activation, kernel_initializer=_initializer(CNN.kernel_init),
+                            bias_initializer=_initializer(CNN.bias_init))
+
+    model = keras.Sequential([keras.Input(shape=_image_shape(spec.input_shape, data_format))])
+    for first, second in CNN.filters:
+        for layer in (conv(first, "relu"), conv(second), layers.MaxPooling2D(2, data_format=data_format),
+                      layers.ReLU(), layers.Dropout(CNN.conv_dropout)):
+            model.add(layer)
+    for layer in (layers.Flatten(data_format=data_format), dense(CNN.dense_units, "relu"),
+                  layers.Dropout(CNN.dense_dropout),
+                  dense(spec.num_classes)):  # logits: softmax lives in the loss
+        model.add(layer)
+    return model
 
 
 class _SoftmaxClassifier(_Compiled):
@@ -350,15 +384,13 @@ def build_resnet50(input_shape: tuple[int, ...], data_format: str) -> keras.Mode
             # Symmetric padding, as PyTorch's: "same" pads stride-2 convolutions unevenly.
             x = layers.ZeroPadding2D(size // 2, data_format=data_format)(x)
         return layers.Conv2D(filters, size, strides=stride, use_bias=False, data_format=data_format,
-                             name=_keras_name(name))(x)
+                             kernel_initializer=_initializer(RESNET50.conv_init), name=_keras_name(name))(x)
 
     def batch_norm(x, name: str):
-        # Keras's momentum is the weight of the old average (its default epsilon, 1e-3, is not the task's).
-        return layers.BatchNormalization(axis=axis, momentum=BATCH_NORM.decay, epsilon=BATCH_NORM.epsilon,
-                                         name=_keras_name(name))(x)
+        return _batch_norm(axis, _keras_name(name))(x)
 
     inputs = keras.Input(shape=_image_shape(input_shape, data_format))
-    x = layers.ReLU()(batch_norm(conv(inputs, 64, 7, 2, "conv1"), "bn1"))
+    x = layers.ReLU()(batch_norm(conv(inputs, RESNET50.stem, 7, 2, "conv1"), "bn1"))
     # Zero padding before the max-pool equals PyTorch's (-inf) padding: the inputs are ReLU outputs.
     x = layers.ZeroPadding2D(1, data_format=data_format)(x)
     x = layers.MaxPooling2D(3, strides=2, data_format=data_format)(x)
@@ -438,12 +470,16 @@ class Resnet50Inference(_Compiled):
 def build_gru_imdb(spec: TaskSpec) -> keras.Sequential:
     return keras.Sequential([
         keras.Input(shape=spec.input_shape, dtype="int32"),
-        keras.layers.Embedding(spec.vocabulary, 125),
+        keras.layers.Embedding(spec.vocabulary, GRU.embedding, embeddings_initializer=_initializer(GRU.embedding_init)),
         # The defaults are cuDNN's GRU (reset gate after the recurrent matmul, two bias vectors),
         # which the TensorFlow and torch backends run on cuDNN on a GPU; only the last time
-        # step's output comes out (return_sequences=False).
-        keras.layers.GRU(100),
-        keras.layers.Dense(spec.num_classes),  # logits: softmax lives in the loss
+        # step's output comes out (return_sequences=False). Keras keeps the three gates'
+        # matrices stacked, so each initializer covers them all, as the task says.
+        keras.layers.GRU(GRU.units, kernel_initializer=_initializer(GRU.input_kernel_init),
+                         recurrent_initializer=_initializer(GRU.recurrent_kernel_init),
+                         bias_initializer=_initializer(GRU.bias_init)),
+        keras.layers.Dense(spec.num_classes, kernel_initializer=_initializer(GRU.dense_kernel_init),
+                           bias_initializer=_initializer(GRU.dense_bias_init)),  # logits: softmax lives in the loss
     ])
 
 
@@ -457,17 +493,30 @@ class GruImdb(_SoftmaxClassifier):
 
 
 def build_densenet121(input_shape: tuple[int, ...], num_classes: int, data_format: str) -> keras.Model:
-    """keras.applications' DenseNet-121 (torchvision's architecture) without its ImageNet head,
-    global average pooling, then a dense layer of num_classes logits."""
+    """keras.applications' DenseNet-121 without its ImageNet head, global average pooling, then
+    a dense layer of num_classes logits. The zoo's network is DENSENET121's (stem, blocks,
+    growth, bottleneck, compression), though its API takes none of them; its layers are
+    re-initialised and its batch norms set as the task says."""
     # keras.applications read the layout from the global image data format.
     keras.config.set_image_data_format(data_format)
     features = keras.applications.DenseNet121(weights=None, include_top=False, pooling="avg",
                                               input_shape=_image_shape(input_shape, data_format))
-    for layer in features.layers:  # the zoo's are momentum 0.99, epsilon 1.001e-5: the task's instead
-        if isinstance(layer, keras.layers.BatchNormalization):  # read when the layer is called
+    for layer in features.layers:
+        if isinstance(layer, keras.layers.Conv2D):  # the zoo's are Glorot
+            _reinitialise(layer.kernel, DENSENET121.conv_init)
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            # The zoo's are momentum 0.99, epsilon 1.001e-5; both are read when the layer is called.
             layer.momentum, layer.epsilon = BATCH_NORM.decay, BATCH_NORM.epsilon
-    logits = keras.layers.Dense(num_classes, name="logits")(features.output)  # the sigmoid lives in the loss
+            _reinitialise(layer.gamma, BATCH_NORM.scale_init)
+            _reinitialise(layer.beta, BATCH_NORM.shift_init)
+    logits = keras.layers.Dense(num_classes, kernel_initializer=_initializer(DENSENET121.dense_kernel_init),
+                                bias_initializer=_initializer(DENSENET121.dense_bias_init),
+                                name="logits")(features.output)  # the sigmoid lives in the loss
     return keras.Model(features.input, logits, name="densenet121")
+
+
+def _reinitialise(variable: keras.Variable, init: Init) -> None:
+    variable.assign(_initializer(init)(variable.shape, variable.dtype))
 
 
 def _sigmoid(logits: np.ndarray) -> np.ndarray:
