@@ -14,8 +14,8 @@ from PIL import Image
 
 from .. import precision
 from .. import weights as canonical
-from ..specs import BATCH_NORM, RESNET50, RunOptions, TaskSpec
-
+from ..specs import (BATCH_NORM, CNN, DENSENET121, GLOROT_UNIFORM, GRU, HE_NORMAL, ONES, ORTHOGONAL, RESNET50,
+                     UNIFORM, ZEROS, Init, RunOptions, TaskSpec)
 
 
 def describe(run: RunOptions) -> dict:
@@ -147,15 +147,32 @@ def _float32(outputs: chainer.Variable) -> chainer.Variable:
     return outputs if outputs.dtype == np.float32 else F.cast(outputs, np.float32)
 
 
-def _conv(channels: int, filters: int, ksize: int, stride: int = 1, pad: int = 0) -> L.Convolution2D:
-    """A convolution without bias (batch norm follows), He-initialised as Chainer's ResNet is."""
+# The specs' initialisers as Chainer's, whose fans are the specs' (PyTorch's (out, in, kh, kw)).
+_INITIALIZERS = {
+    ZEROS: lambda init: chainer.initializers.Zero(),
+    ONES: lambda init: chainer.initializers.One(),
+    UNIFORM: lambda init: chainer.initializers.Uniform(scale=init.limit),
+    GLOROT_UNIFORM: lambda init: chainer.initializers.GlorotUniform(),
+    HE_NORMAL: lambda init: chainer.initializers.HeNormal(fan_option=init.fan),  # not truncated
+    ORTHOGONAL: lambda init: chainer.initializers.Orthogonal(scale=1.0),  # Chainer's default gain is 1.1
+}
+
+
+def _initializer(init: Init) -> chainer.Initializer:
+    return _INITIALIZERS[init.kind](init)
+
+
+def _conv(channels: int, filters: int, ksize: int, init: Init, stride: int = 1, pad: int = 0) -> L.Convolution2D:
+    """A convolution without bias (batch norm follows)."""
     return L.Convolution2D(channels, filters, ksize, stride=stride, pad=pad, nobias=True,
-                           initialW=chainer.initializers.HeNormal())
+                           initialW=_initializer(init))
 
 
 def _batch_norm(channels: int) -> L.BatchNormalization:
     # Chainer's decay is the weight of the old average (its default epsilon, 2e-5, is not the task's).
-    return L.BatchNormalization(channels, eps=BATCH_NORM.epsilon, decay=BATCH_NORM.decay)
+    return L.BatchNormalization(channels, eps=BATCH_NORM.epsilon, decay=BATCH_NORM.decay,
+                                initial_gamma=_initializer(BATCH_NORM.scale_init),
+                                initial_beta=_initializer(BATCH_NORM.shift_init))
 
 
 def _max_pool(x: chainer.Variable) -> chainer.Variable:
@@ -179,27 +196,44 @@ class Stack(chainer.ChainList):
         return x
 
 
+def _cnn_layer_initializers() -> dict:
+    return dict(initialW=_initializer(CNN.kernel_init), initial_bias=_initializer(CNN.bias_init))
+
+
+class ConvPair(chainer.Chain):
+    """conv + ReLU, conv, 2×2 max pooling, ReLU, dropout."""
+
+    def __init__(self, channels: int, filters: tuple[int, int]):
+        super().__init__()
+        same, initializers = CNN.kernel_size // 2, _cnn_layer_initializers()  # the padding that keeps the size
+        with self.init_scope():
+            self.conv1 = L.Convolution2D(channels, filters[0], CNN.kernel_size, pad=same, **initializers)
+            self.conv2 = L.Convolution2D(filters[0], filters[1], CNN.kernel_size, pad=same, **initializers)
+
+    def forward(self, x: chainer.Variable) -> chainer.Variable:
+        h = F.relu(self.conv1(x))
+        return F.dropout(F.relu(F.max_pooling_2d(self.conv2(h), 2)), CNN.conv_dropout)
+
+
 class CnnCifar10Net(chainer.Chain):
     def __init__(self, spec: TaskSpec):
         super().__init__()
         channels = spec.input_shape[0]
-        height, width = spec.input_shape[1] // 4, spec.input_shape[2] // 4
-        glorot = dict(initialW=chainer.initializers.GlorotUniform(), initial_bias=0)
+        pairs = []
+        for filters in CNN.filters:
+            pairs.append(ConvPair(channels, filters))
+            channels = filters[-1]
+        height, width = (size // 2 ** len(CNN.filters) for size in spec.input_shape[1:])  # pooled once per pair
+        initializers = _cnn_layer_initializers()
         with self.init_scope():
-            self.conv1 = L.Convolution2D(channels, 50, ksize=3, pad=1, **glorot)
-            self.conv2 = L.Convolution2D(50, 50, ksize=3, pad=1, **glorot)
-            self.conv3 = L.Convolution2D(50, 100, ksize=3, pad=1, **glorot)
-            self.conv4 = L.Convolution2D(100, 100, ksize=3, pad=1, **glorot)
+            self.features = Stack(*pairs)
             # Input sizes given: every parameter exists now, none is initialised lazily.
-            self.fc1 = L.Linear(100 * height * width, 512, **glorot)
-            self.fc2 = L.Linear(512, spec.num_classes, **glorot)
+            self.fc1 = L.Linear(channels * height * width, CNN.dense_units, **initializers)
+            self.fc2 = L.Linear(CNN.dense_units, spec.num_classes, **initializers)
 
     def forward(self, x: chainer.Variable) -> chainer.Variable:
-        h = F.relu(self.conv1(x))
-        h = F.dropout(F.relu(F.max_pooling_2d(self.conv2(h), 2)), 0.25)
-        h = F.relu(self.conv3(h))
-        h = F.dropout(F.relu(F.max_pooling_2d(self.conv4(h), 2)), 0.25)
-        h = F.dropout(F.relu(self.fc1(h)), 0.5)  # L.Linear flattens (N, C, H, W) to (N, C*H*W)
+        h = self.features(x)
+        h = F.dropout(F.relu(self.fc1(h)), CNN.dense_dropout)  # L.Linear flattens (N, C, H, W) to (N, C*H*W)
         return self.fc2(h)  # logits: softmax lives in the loss
 
 
@@ -266,11 +300,12 @@ class Bottleneck(chainer.Chain):
         if not projected:
             self.downsample = None
         with self.init_scope():
-            self.conv1, self.bn1 = _conv(channels, width, 1), _batch_norm(width)
-            self.conv2, self.bn2 = _conv(width, width, 3, stride=stride, pad=1), _batch_norm(width)
-            self.conv3, self.bn3 = _conv(width, out, 1), _batch_norm(out)
+            self.conv1, self.bn1 = _conv(channels, width, 1, RESNET50.conv_init), _batch_norm(width)
+            self.conv2 = _conv(width, width, 3, RESNET50.conv_init, stride=stride, pad=1)
+            self.bn2 = _batch_norm(width)
+            self.conv3, self.bn3 = _conv(width, out, 1, RESNET50.conv_init), _batch_norm(out)
             if projected:
-                self.downsample = Stack(_conv(channels, out, 1, stride=stride), _batch_norm(out))
+                self.downsample = Stack(_conv(channels, out, 1, RESNET50.conv_init, stride=stride), _batch_norm(out))
 
     def forward(self, x: chainer.Variable) -> chainer.Variable:
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -286,8 +321,9 @@ class Resnet50(chainer.Chain):
     def __init__(self):
         super().__init__()
         with self.init_scope():
-            self.conv1, self.bn1 = _conv(3, 64, 7, stride=2, pad=3), _batch_norm(64)
-            channels = 64
+            self.conv1 = _conv(3, RESNET50.stem, 7, RESNET50.conv_init, stride=2, pad=3)
+            self.bn1 = _batch_norm(RESNET50.stem)
+            channels = RESNET50.stem
             for stage, (width, blocks) in enumerate(RESNET50.stages, start=1):
                 stride = 1 if stage == 1 else 2
                 layers = []
@@ -347,18 +383,32 @@ class Resnet50Inference:
             return cuda.to_cpu(_float32(self.model(_images(self.device, images))).array)  # waits for the device
 
 
+def _initialize_gates(gru: L.NStepGRU) -> None:
+    """The specs' kernels are drawn over the gates' matrices stacked, (gates × units, inputs);
+    NStepGRU keeps one matrix per gate, the input side's (ws[0][:3]) then the recurrent side's."""
+    weights = gru.ws[0]
+    for gates, init in ((weights[:GRU.gates], GRU.input_kernel_init), (weights[GRU.gates:], GRU.recurrent_kernel_init)):
+        stacked = np.empty((GRU.gates * GRU.units, gates[0].shape[1]), dtype=np.float32)
+        _initializer(init)(stacked)
+        for weight, matrix in zip(gates, np.split(stacked, GRU.gates)):
+            weight.array[...] = matrix  # float16 under mixed16
+
+
 class GruImdbNet(chainer.Chain):
     def __init__(self, spec: TaskSpec):
         super().__init__()
         with self.init_scope():
-            self.embed = L.EmbedID(spec.vocabulary, 125)
+            self.embed = L.EmbedID(spec.vocabulary, GRU.embedding, initialW=_initializer(GRU.embedding_init))
             # cuDNN's GRU (and its convention off the GPU too): six weight matrices and six bias
-            # vectors of 100, two per gate, the reset gate applied after the recurrent matmul.
-            self.gru = L.NStepGRU(1, 125, 100, dropout=0.0)
-            self.fc = L.Linear(100, spec.num_classes)
+            # vectors, two per gate, the reset gate applied after the recurrent matmul.
+            self.gru = L.NStepGRU(1, GRU.embedding, GRU.units, dropout=0.0,
+                                  initial_bias=_initializer(GRU.bias_init))
+            self.fc = L.Linear(GRU.units, spec.num_classes, initialW=_initializer(GRU.dense_kernel_init),
+                               initial_bias=_initializer(GRU.dense_bias_init))
+        _initialize_gates(self.gru)
 
     def forward(self, ids: chainer.Variable) -> chainer.Variable:
-        # NStepGRU takes a list of (T, 125) sequences, one per review, and runs time-major
+        # NStepGRU takes a list of (T, embedding) sequences, one per review, and runs time-major
         # inside (cuDNN on the GPU). With one unidirectional layer, the final hidden state
         # hy[-1] is the last time step's output: it saves slicing the 150-step outputs ys.
         sequences = F.separate(self.embed(ids), axis=0)
@@ -380,13 +430,15 @@ class GruImdb(_SoftmaxClassifier):
 
 
 class DenseLayer(chainer.Chain):
-    """BN-ReLU-conv 1×1 (4 × growth) then BN-ReLU-conv 3×3 (growth), concatenated to the input."""
+    """BN-ReLU-conv 1×1 (bottleneck × growth) then BN-ReLU-conv 3×3 (growth), concatenated to the input."""
 
-    def __init__(self, channels: int, growth: int = 32, bottleneck: int = 4):
+    def __init__(self, channels: int):
         super().__init__()
+        width = DENSENET121.bottleneck_width
         with self.init_scope():
-            self.norm1, self.conv1 = _batch_norm(channels), _conv(channels, bottleneck * growth, 1)
-            self.norm2, self.conv2 = _batch_norm(bottleneck * growth), _conv(bottleneck * growth, growth, 3, pad=1)
+            self.norm1, self.conv1 = _batch_norm(channels), _conv(channels, width, 1, DENSENET121.conv_init)
+            self.norm2 = _batch_norm(width)
+            self.conv2 = _conv(width, DENSENET121.growth, 3, DENSENET121.conv_init, pad=1)
 
     def forward(self, x: chainer.Variable) -> chainer.Variable:
         h = self.conv1(F.relu(self.norm1(x)))
@@ -395,12 +447,12 @@ class DenseLayer(chainer.Chain):
 
 
 class Transition(chainer.Chain):
-    """BN-ReLU-conv 1×1 to half the channels, then 2×2 average pooling."""
+    """BN-ReLU-conv 1×1 to compression × the channels, then 2×2 average pooling."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, out: int):
         super().__init__()
         with self.init_scope():
-            self.norm, self.conv = _batch_norm(channels), _conv(channels, channels // 2, 1)
+            self.norm, self.conv = _batch_norm(channels), _conv(channels, out, 1, DENSENET121.conv_init)
 
     def forward(self, x: chainer.Variable) -> chainer.Variable:
         return F.average_pooling_2d(self.conv(F.relu(self.norm(x))), 2, stride=2)
@@ -409,22 +461,25 @@ class Transition(chainer.Chain):
 class Densenet121(chainer.Chain):
     """torchvision's DenseNet-121 with a ``classes``-output head."""
 
-    def __init__(self, classes: int, blocks=(6, 12, 24, 16), growth: int = 32):
+    def __init__(self, classes: int):
         super().__init__()
-        channels = 64
+        channels = DENSENET121.stem
         features = []
-        for index, layers in enumerate(blocks):
+        for index, layers in enumerate(DENSENET121.blocks):
             for _ in range(layers):
-                features.append(DenseLayer(channels, growth))
-                channels += growth
-            if index != len(blocks) - 1:
-                features.append(Transition(channels))
-                channels //= 2
+                features.append(DenseLayer(channels))
+                channels += DENSENET121.growth
+            if index != len(DENSENET121.blocks) - 1:
+                out = int(channels * DENSENET121.compression)
+                features.append(Transition(channels, out))
+                channels = out
         with self.init_scope():
-            self.conv0, self.norm0 = _conv(3, 64, 7, stride=2, pad=3), _batch_norm(64)
+            self.conv0 = _conv(3, DENSENET121.stem, 7, DENSENET121.conv_init, stride=2, pad=3)
+            self.norm0 = _batch_norm(DENSENET121.stem)
             self.features = Stack(*features)
             self.norm5 = _batch_norm(channels)
-            self.classifier = L.Linear(channels, classes)
+            self.classifier = L.Linear(channels, classes, initialW=_initializer(DENSENET121.dense_kernel_init),
+                                       initial_bias=_initializer(DENSENET121.dense_bias_init))
 
     def forward(self, x: chainer.Variable) -> chainer.Variable:
         h = _max_pool(F.relu(self.norm0(self.conv0(x))))
