@@ -22,7 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import precision
 from .. import weights as canonical
 from ..data import ImageFiles
-from ..specs import BATCH_NORM, RESNET50, RunOptions, TaskSpec
+from ..specs import (BATCH_NORM, CNN, DENSENET121, GLOROT_UNIFORM, GRU, HE_NORMAL, ONES, ORTHOGONAL, RESNET50,
+                     UNIFORM, ZEROS, Init, RunOptions, TaskSpec)
 
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -158,29 +159,56 @@ class MixedPrecision:
         self.scaler.update()
 
 
-def _glorot_uniform(module: nn.Module) -> None:
-    if isinstance(module, (nn.Conv2d, nn.Linear)):
-        nn.init.xavier_uniform_(module.weight)
-        nn.init.zeros_(module.bias)
+def _initializer(init: Init) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The torch.nn.init function that draws a tensor's initial values as ``init`` says."""
+    if init.kind == ZEROS:
+        return nn.init.zeros_
+    if init.kind == ONES:
+        return nn.init.ones_
+    if init.kind == UNIFORM:
+        return lambda tensor: nn.init.uniform_(tensor, -init.limit, init.limit)
+    if init.kind == GLOROT_UNIFORM:
+        return nn.init.xavier_uniform_
+    if init.kind == HE_NORMAL:  # gain sqrt(2): N(0, 2 / fan)
+        return lambda tensor: nn.init.kaiming_normal_(tensor, mode=init.fan, nonlinearity="relu")
+    if init.kind == ORTHOGONAL:
+        return nn.init.orthogonal_
+    raise ValueError(f"unknown initialiser {init.kind!r}")
+
+
+def _initialise(model: nn.Module, conv: Init, dense: Init | None = None, bias: Init | None = None) -> None:
+    """Every convolution, dense layer and batch norm of ``model`` from the specs' initialisers,
+    in place of PyTorch's defaults (Kaiming uniform with a = sqrt 5)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            _initializer(conv if isinstance(module, nn.Conv2d) else dense)(module.weight)
+            if module.bias is not None:
+                _initializer(bias)(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            _initializer(BATCH_NORM.scale_init)(module.weight)
+            _initializer(BATCH_NORM.shift_init)(module.bias)
 
 
 class CnnCifar10Net(nn.Module):
     def __init__(self, spec: TaskSpec):
         super().__init__()
-        channels = spec.input_shape[0]
-        self.features = nn.Sequential(
-            nn.Conv2d(channels, 50, kernel_size=3, padding=1), nn.ReLU(),
-            nn.Conv2d(50, 50, kernel_size=3, padding=1), nn.MaxPool2d(2), nn.ReLU(), nn.Dropout(0.25),
-            nn.Conv2d(50, 100, kernel_size=3, padding=1), nn.ReLU(),
-            nn.Conv2d(100, 100, kernel_size=3, padding=1), nn.MaxPool2d(2), nn.ReLU(), nn.Dropout(0.25),
-        )
-        height, width = spec.input_shape[1] // 4, spec.input_shape[2] // 4
+        channels, size = spec.input_shape[0], spec.input_shape[1]
+        layers = []
+        for pair in CNN.filters:  # conv + ReLU, conv, max-pool, ReLU, dropout
+            for index, filters in enumerate(pair):
+                layers.append(nn.Conv2d(channels, filters, CNN.kernel_size, padding=CNN.kernel_size // 2))
+                if index < len(pair) - 1:
+                    layers.append(nn.ReLU())
+                channels = filters
+            layers += [nn.MaxPool2d(2), nn.ReLU(), nn.Dropout(CNN.conv_dropout)]
+            size //= 2
+        self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(100 * height * width, 512), nn.ReLU(), nn.Dropout(0.5),
-            nn.Linear(512, spec.num_classes),  # logits: softmax lives in the loss
+            nn.Linear(channels * size * size, CNN.dense_units), nn.ReLU(), nn.Dropout(CNN.dense_dropout),
+            nn.Linear(CNN.dense_units, spec.num_classes),  # logits: softmax lives in the loss
         )
-        self.apply(_glorot_uniform)
+        _initialise(self, conv=CNN.kernel_init, dense=CNN.kernel_init, bias=CNN.bias_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -262,13 +290,13 @@ class Resnet50(nn.Module):
     """ResNet-50 v1.5 up to global average pooling; parameter names follow torchvision's,
     which are the canonical weights file's."""
 
-    def __init__(self):
+    def __init__(self, spec: TaskSpec):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = _batch_norm(64)
+        channels = RESNET50.stem
+        self.conv1 = nn.Conv2d(spec.input_shape[0], channels, 7, stride=2, padding=3, bias=False)
+        self.bn1 = _batch_norm(channels)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        channels = 64
         for stage, (width, blocks) in enumerate(RESNET50.stages, start=1):
             stride = 1 if stage == 1 else 2
             layers = []
@@ -277,6 +305,7 @@ class Resnet50(nn.Module):
                 channels = width * RESNET50.expansion
             setattr(self, f"layer{stage}", nn.Sequential(*layers))
         self.pool = nn.AdaptiveAvgPool2d(1)
+        _initialise(self, conv=RESNET50.conv_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -291,7 +320,7 @@ class Resnet50Inference:
         torch.manual_seed(run.seed)
         self.device = _torch_device(run.device)
         self.layout, self.memory_format = _image_format(run.device)
-        self.model = Resnet50()
+        self.model = Resnet50(spec)
         if run.weights:
             arrays = canonical.load(run.weights, canonical.resnet50_shapes())
             missing, _ = self.model.load_state_dict(
@@ -315,10 +344,18 @@ class Resnet50Inference:
 class GruImdbNet(nn.Module):
     def __init__(self, spec: TaskSpec):
         super().__init__()
-        self.embedding = nn.Embedding(spec.vocabulary, 125)
+        self.embedding = nn.Embedding(spec.vocabulary, GRU.embedding)
         # Time-major (batch_first=False) is cuDNN's own layout; cuDNN's GRU convention: two bias vectors.
-        self.gru = nn.GRU(125, 100)
-        self.dense = nn.Linear(100, spec.num_classes)  # logits: softmax lives in the loss
+        self.gru = nn.GRU(GRU.embedding, GRU.units)
+        self.dense = nn.Linear(GRU.units, spec.num_classes)  # logits: softmax lives in the loss
+        _initializer(GRU.embedding_init)(self.embedding.weight)
+        # Each initialiser draws over the three gates' matrices stacked, as PyTorch holds them.
+        _initializer(GRU.input_kernel_init)(self.gru.weight_ih_l0)
+        _initializer(GRU.recurrent_kernel_init)(self.gru.weight_hh_l0)
+        _initializer(GRU.bias_init)(self.gru.bias_ih_l0)
+        _initializer(GRU.bias_init)(self.gru.bias_hh_l0)
+        _initializer(GRU.dense_kernel_init)(self.dense.weight)
+        _initializer(GRU.dense_bias_init)(self.dense.bias)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         outputs, _ = self.gru(self.embedding(tokens.t()))  # ids (N, T) -> (T, N): time-major
@@ -342,14 +379,14 @@ class GruImdb(_SoftmaxClassifier):
 
 
 class DenseLayer(nn.Module):
-    """BN-ReLU-conv1×1 (the bottleneck, 4 × growth) then BN-ReLU-conv3×3 (growth new channels)."""
+    """BN-ReLU-conv1×1 (the bottleneck's width) then BN-ReLU-conv3×3 (growth new channels)."""
 
-    def __init__(self, channels: int, growth: int, bottleneck: int):
+    def __init__(self, channels: int, growth: int, width: int):
         super().__init__()
         self.norm1, self.relu1 = _batch_norm(channels), nn.ReLU(inplace=True)
-        self.conv1 = nn.Conv2d(channels, bottleneck * growth, 1, bias=False)
-        self.norm2, self.relu2 = _batch_norm(bottleneck * growth), nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(bottleneck * growth, growth, 3, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(channels, width, 1, bias=False)
+        self.norm2, self.relu2 = _batch_norm(width), nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(width, growth, 3, padding=1, bias=False)
 
     def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         x = self.conv1(self.relu1(self.norm1(torch.cat(inputs, 1))))
@@ -359,8 +396,8 @@ class DenseLayer(nn.Module):
 class DenseBlock(nn.ModuleDict):
     """Each layer sees the concatenation of the block's input and every earlier layer's output."""
 
-    def __init__(self, layers: int, channels: int, growth: int, bottleneck: int):
-        super().__init__({f"denselayer{i + 1}": DenseLayer(channels + i * growth, growth, bottleneck)
+    def __init__(self, layers: int, channels: int, growth: int, width: int):
+        super().__init__({f"denselayer{i + 1}": DenseLayer(channels + i * growth, growth, width)
                           for i in range(layers)})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -378,29 +415,26 @@ class Transition(nn.Sequential):
 
 
 class DenseNet121(nn.Module):
-    """torchvision's densenet121 (same structure, names and initialisation) with its own head."""
+    """torchvision's densenet121 (same structure and names) with the task's head."""
 
-    BLOCKS, GROWTH, BOTTLENECK, STEM = (6, 12, 24, 16), 32, 4, 64
-
-    def __init__(self, num_classes: int):
+    def __init__(self, spec: TaskSpec):
         super().__init__()
-        channels = self.STEM
+        channels = DENSENET121.stem
         self.features = nn.Sequential(OrderedDict(
-            conv0=nn.Conv2d(3, channels, 7, stride=2, padding=3, bias=False), norm0=_batch_norm(channels),
-            relu0=nn.ReLU(inplace=True), pool0=nn.MaxPool2d(3, stride=2, padding=1)))
-        for index, layers in enumerate(self.BLOCKS, start=1):
-            self.features.add_module(f"denseblock{index}", DenseBlock(layers, channels, self.GROWTH, self.BOTTLENECK))
-            channels += layers * self.GROWTH
-            if index < len(self.BLOCKS):
-                self.features.add_module(f"transition{index}", Transition(channels, channels // 2))
-                channels //= 2
+            conv0=nn.Conv2d(spec.input_shape[0], channels, 7, stride=2, padding=3, bias=False),
+            norm0=_batch_norm(channels), relu0=nn.ReLU(inplace=True), pool0=nn.MaxPool2d(3, stride=2, padding=1)))
+        for index, layers in enumerate(DENSENET121.blocks, start=1):
+            self.features.add_module(f"denseblock{index}", DenseBlock(layers, channels, DENSENET121.growth,
+                                                                      DENSENET121.bottleneck_width))
+            channels += layers * DENSENET121.growth
+            if index < len(DENSENET121.blocks):
+                out = int(channels * DENSENET121.compression)
+                self.features.add_module(f"transition{index}", Transition(channels, out))
+                channels = out
         self.features.add_module("norm5", _batch_norm(channels))
-        self.classifier = nn.Linear(channels, num_classes)  # logits: the sigmoid lives in the loss
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight)
-            elif isinstance(module, nn.Linear):
-                nn.init.zeros_(module.bias)
+        self.classifier = nn.Linear(channels, spec.num_classes)  # logits: the sigmoid lives in the loss
+        _initialise(self, conv=DENSENET121.conv_init, dense=DENSENET121.dense_kernel_init,
+                    bias=DENSENET121.dense_bias_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.features(x))
@@ -466,7 +500,7 @@ class DensenetReplica:
         self.device = _torch_device(run.device, rank)  # GPU: rank r uses the r-th visible GPU
         self.layout, self.memory_format = _image_format(run.device)
         torch.manual_seed(run.seed)  # the same initial weights on every rank
-        self.model = DenseNet121(spec.num_classes).to(self.device, memory_format=self.memory_format)
+        self.model = DenseNet121(spec).to(self.device, memory_format=self.memory_format)
         self.replica: nn.Module = self.model
         if run.devices > 1:
             if self.device.type == "cuda":
