@@ -11,11 +11,8 @@ import tensorflow as tf
 
 from .. import precision
 from .. import weights as canonical
-from ..specs import BATCH_NORM, RESNET50, RunOptions, TaskSpec, Unsupported
-
-# The GRU classifier's sizes (the seed's).
-EMBEDDING_SIZE = 125
-GRU_UNITS = 100
+from ..specs import (BATCH_NORM, CNN, DENSENET121, GLOROT_UNIFORM, GRU, HE_NORMAL, ONES, ORTHOGONAL, RESNET50,
+                     UNIFORM, ZEROS, Init, RunOptions, TaskSpec, Unsupported)
 
 # Float32 variables, layers computing in the 16-bit type; other precisions keep "float32".
 DTYPE_POLICIES = {"fp16": "mixed_float16", "bf16": "mixed_bfloat16"}
@@ -116,6 +113,29 @@ def _parameter_count(model: tf.keras.Model) -> int:
     return int(sum(np.prod(v.shape) for v in model.trainable_variables))
 
 
+def _initializer(init: Init) -> tf.keras.initializers.Initializer:
+    """A specs initialiser as a new Keras initializer, one per weight: a Keras initializer made
+    without a seed fixes one at creation, so a shared one would give every weight the same draw.
+    Keras computes fans from its kernel shapes (kh, kw, in, out) and (in, out) as PyTorch does."""
+    if init.kind == ZEROS:
+        return tf.keras.initializers.Zeros()
+    if init.kind == ONES:
+        return tf.keras.initializers.Ones()
+    if init.kind == UNIFORM:
+        return tf.keras.initializers.RandomUniform(-init.limit, init.limit)
+    if init.kind == GLOROT_UNIFORM:
+        return tf.keras.initializers.GlorotUniform()
+    if init.kind == HE_NORMAL:  # tf.keras.initializers.HeNormal is truncated: not the task's
+        return tf.keras.initializers.VarianceScaling(2.0, mode=init.fan, distribution="untruncated_normal")
+    if init.kind == ORTHOGONAL:
+        return tf.keras.initializers.Orthogonal()
+    raise ValueError(f"no Keras initializer for {init.kind!r}")
+
+
+def _reinitialise(variable: tf.Variable, init: Init) -> None:
+    variable.assign(_initializer(init)(variable.shape, variable.dtype))
+
+
 def _optimiser_step(model: tf.keras.Model, optimizer: tf.keras.optimizers.Optimizer,
                     loss_fn: Callable, inputs: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
     """Forward in training mode, gradients with tf.GradientTape, one update; the loss."""
@@ -159,18 +179,24 @@ def _read_loss(loss: tf.Tensor, on_gpu: bool) -> float:
 
 def build_cnn_cifar10(spec: TaskSpec, data_format: str) -> tf.keras.Model:
     layers = tf.keras.layers
-    conv = dict(kernel_size=3, padding="same", data_format=data_format,
-                kernel_initializer="glorot_uniform", bias_initializer="zeros")
-    dense = dict(kernel_initializer="glorot_uniform", bias_initializer="zeros")
-    return tf.keras.Sequential([
-        tf.keras.Input(shape=_image_shape(spec.input_shape, data_format)),
-        layers.Conv2D(50, activation="relu", **conv),
-        layers.Conv2D(50, **conv), layers.MaxPooling2D(2, data_format=data_format), layers.ReLU(), layers.Dropout(0.25),
-        layers.Conv2D(100, activation="relu", **conv),
-        layers.Conv2D(100, **conv), layers.MaxPooling2D(2, data_format=data_format), layers.ReLU(), layers.Dropout(0.25),
+
+    def conv(filters: int, activation: str | None = None) -> tf.keras.layers.Conv2D:
+        return layers.Conv2D(filters, CNN.kernel_size, padding="same", activation=activation, data_format=data_format,
+                             kernel_initializer=_initializer(CNN.kernel_init),
+                             bias_initializer=_initializer(CNN.bias_init))
+
+    def dense(units: int, activation: str | None = None) -> tf.keras.layers.Dense:
+        return layers.Dense(units, activation=activation, kernel_initializer=_initializer(CNN.kernel_init),
+                            bias_initializer=_initializer(CNN.bias_init))
+
+    stack = [tf.keras.Input(shape=_image_shape(spec.input_shape, data_format))]
+    for first, second in CNN.filters:
+        stack += [conv(first, "relu"), conv(second), layers.MaxPooling2D(2, data_format=data_format),
+                  layers.ReLU(), layers.Dropout(CNN.conv_dropout)]
+    return tf.keras.Sequential(stack + [
         layers.Flatten(data_format=data_format),
-        layers.Dense(512, activation="relu", **dense), layers.Dropout(0.5),
-        layers.Dense(spec.num_classes, **dense),  # logits: softmax lives in the loss
+        dense(CNN.dense_units, "relu"), layers.Dropout(CNN.dense_dropout),
+        dense(spec.num_classes),  # logits: softmax lives in the loss
     ])
 
 
@@ -236,11 +262,14 @@ def build_resnet50(input_shape: tuple, data_format: str) -> tf.keras.Model:
             x = layers.ZeroPadding2D(size // 2, data_format=data_format, name=name + "_pad")(x)
             padding = "valid"
         return layers.Conv2D(filters, size, strides=stride, padding=padding, use_bias=False,
-                             data_format=data_format, name=name)(x)
+                             data_format=data_format, kernel_initializer=_initializer(RESNET50.conv_init),
+                             name=name)(x)
 
     def batch_norm(x: tf.Tensor, name: str) -> tf.Tensor:
+        # Keras's momentum is the weight of the old average; its defaults (0.99, epsilon 1e-3) are not the task's.
         return layers.BatchNormalization(axis=axis, momentum=BATCH_NORM.decay, epsilon=BATCH_NORM.epsilon,
-                                         name=name)(x)
+                                         gamma_initializer=_initializer(BATCH_NORM.scale_init),
+                                         beta_initializer=_initializer(BATCH_NORM.shift_init), name=name)(x)
 
     def bottleneck(x: tf.Tensor, width: int, stride: int, name: str) -> tf.Tensor:
         out = width * RESNET50.expansion
@@ -253,7 +282,7 @@ def build_resnet50(input_shape: tuple, data_format: str) -> tf.keras.Model:
         return layers.ReLU()(layers.Add()([x, shortcut]))
 
     inputs = tf.keras.Input(shape=input_shape)
-    x = layers.ReLU()(batch_norm(conv(inputs, 64, 7, 2, "conv1"), "bn1"))
+    x = layers.ReLU()(batch_norm(conv(inputs, RESNET50.stem, 7, 2, "conv1"), "bn1"))
     # Zero padding equals PyTorch's -inf padding here: the inputs are ReLU outputs, >= 0.
     x = layers.ZeroPadding2D(1, data_format=data_format, name="maxpool_pad")(x)
     x = layers.MaxPooling2D(3, strides=2, data_format=data_format, name="maxpool")(x)
@@ -307,11 +336,15 @@ def build_gru_imdb(spec: TaskSpec) -> tf.keras.Model:
     layers = tf.keras.layers
     return tf.keras.Sequential([
         tf.keras.Input(shape=spec.input_shape, dtype="int32"),
-        layers.Embedding(spec.vocabulary, EMBEDDING_SIZE),
+        layers.Embedding(spec.vocabulary, GRU.embedding, embeddings_initializer=_initializer(GRU.embedding_init)),
         # Default arguments (tanh, sigmoid, reset_after=True, no dropout, no mask) are what
-        # let Keras run the cuDNN kernel on a GPU; only the last step's output comes out.
-        layers.GRU(GRU_UNITS),
-        layers.Dense(spec.num_classes),  # logits: softmax lives in the loss
+        # let Keras run the cuDNN kernel on a GPU; only the last step's output comes out. Keras
+        # keeps the three gates' matrices stacked, so each initializer covers them all, as the task says.
+        layers.GRU(GRU.units, kernel_initializer=_initializer(GRU.input_kernel_init),
+                   recurrent_initializer=_initializer(GRU.recurrent_kernel_init),
+                   bias_initializer=_initializer(GRU.bias_init)),
+        layers.Dense(spec.num_classes, kernel_initializer=_initializer(GRU.dense_kernel_init),
+                     bias_initializer=_initializer(GRU.dense_bias_init)),  # logits: softmax lives in the loss
     ])
 
 
@@ -325,14 +358,23 @@ class GruImdb(_SoftmaxClassifier):
 
 
 def build_densenet121(spec: TaskSpec, input_shape: tuple) -> tf.keras.Model:
-    """Keras's zoo DenseNet-121 (torchvision's architecture) with a 14-logit head; channels-last
-    input; its batch norms set to the task's (the zoo's are momentum 0.99, epsilon 1.001e-5)."""
+    """Keras's zoo DenseNet-121 without its ImageNet head, global average pooling, then a dense
+    layer of 14 logits; channels-last input. The zoo's network is DENSENET121's (stem, blocks,
+    growth, bottleneck, compression), though its API takes none of them; its layers are
+    re-initialised and its batch norms set as the task says."""
     features = tf.keras.applications.DenseNet121(weights=None, include_top=False, pooling="avg",
                                                  input_shape=input_shape)
     for layer in features.layers:
-        if isinstance(layer, tf.keras.layers.BatchNormalization):  # read when the layer is called
+        if isinstance(layer, tf.keras.layers.Conv2D):  # the zoo's are Glorot
+            _reinitialise(layer.kernel, DENSENET121.conv_init)
+        elif isinstance(layer, tf.keras.layers.BatchNormalization):
+            # The zoo's are momentum 0.99, epsilon 1.001e-5; both are read when the layer is called.
             layer.momentum, layer.epsilon = BATCH_NORM.decay, BATCH_NORM.epsilon
-    logits = tf.keras.layers.Dense(spec.num_classes, name="logits")(features.output)  # sigmoid in the loss
+            _reinitialise(layer.gamma, BATCH_NORM.scale_init)
+            _reinitialise(layer.beta, BATCH_NORM.shift_init)
+    logits = tf.keras.layers.Dense(spec.num_classes, kernel_initializer=_initializer(DENSENET121.dense_kernel_init),
+                                   bias_initializer=_initializer(DENSENET121.dense_bias_init),
+                                   name="logits")(features.output)  # the sigmoid lives in the loss
     return tf.keras.Model(features.input, logits, name="densenet121")
 
 
