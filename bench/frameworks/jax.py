@@ -23,11 +23,11 @@ from PIL import Image
 
 from .. import precision
 from .. import weights as canonical
-from ..specs import BATCH_NORM, RESNET50, RunOptions, TaskSpec
+from ..specs import (BATCH_NORM, CNN, DENSENET121, GLOROT_UNIFORM, GRU, HE_NORMAL, ONES, ORTHOGONAL, RESNET50,
+                     UNIFORM, ZEROS, Init, RunOptions, TaskSpec)
 
 if TYPE_CHECKING:  # for annotations only: the bench's data module is not imported at run time
     from ..data import ImageFiles
-
 
 
 def _cuda_versions() -> tuple[str | None, str | None]:
@@ -229,32 +229,53 @@ def _finished_loss(loss: jax.Array, state: nnx.State) -> float:
     return float(loss)
 
 
+def _initializer(init: Init) -> nnx.Initializer:
+    """A specs initialiser in JAX's terms. JAX's fans are PyTorch's: its kernels are (..., in,
+    out), the receptive field in the leading axes."""
+    if init.kind == ZEROS:
+        return nnx.initializers.zeros_init()
+    if init.kind == ONES:
+        return nnx.initializers.ones_init()
+    if init.kind == UNIFORM:  # JAX's own uniform draws from [0, scale)
+        return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -init.limit, init.limit)
+    if init.kind == GLOROT_UNIFORM:
+        return nnx.initializers.glorot_uniform()
+    if init.kind == HE_NORMAL:  # JAX's he_normal is truncated; "normal" is not
+        return nnx.initializers.variance_scaling(2.0, init.fan, "normal")
+    if init.kind == ORTHOGONAL:
+        return nnx.initializers.orthogonal()
+    raise ValueError(f"no JAX initializer for {init}")
+
+
+def _flatten(x: jax.Array) -> jax.Array:
+    return x.reshape(x.shape[0], -1)
+
+
+def _max_pool_2x2(x: jax.Array) -> jax.Array:
+    return nnx.max_pool(x, (2, 2), strides=(2, 2))
+
+
 class CnnCifar10Net(nnx.Module):
     def __init__(self, spec: TaskSpec, dtype: jnp.dtype | None, rngs: nnx.Rngs):
-        channels = spec.input_shape[0]
-        conv = dict(kernel_size=(3, 3), padding="SAME", kernel_init=nnx.initializers.glorot_uniform(),
-                    bias_init=nnx.initializers.zeros_init(), dtype=dtype, rngs=rngs)
-        dense = dict(kernel_init=nnx.initializers.glorot_uniform(),
-                     bias_init=nnx.initializers.zeros_init(), dtype=dtype, rngs=rngs)
-        self.conv1 = nnx.Conv(channels, 50, **conv)
-        self.conv2 = nnx.Conv(50, 50, **conv)
-        self.dropout1 = nnx.Dropout(0.25, rngs=rngs)
-        self.conv3 = nnx.Conv(50, 100, **conv)
-        self.conv4 = nnx.Conv(100, 100, **conv)
-        self.dropout2 = nnx.Dropout(0.25, rngs=rngs)
-        height, width = spec.input_shape[1] // 4, spec.input_shape[2] // 4
-        self.dense1 = nnx.Linear(100 * height * width, 512, **dense)
-        self.dropout3 = nnx.Dropout(0.5, rngs=rngs)
-        self.dense2 = nnx.Linear(512, spec.num_classes, **dense)  # logits: softmax lives in the loss
+        initializers = dict(kernel_init=_initializer(CNN.kernel_init), bias_init=_initializer(CNN.bias_init),
+                            dtype=dtype, rngs=rngs)
+        conv = dict(kernel_size=(CNN.kernel_size, CNN.kernel_size), padding="SAME", **initializers)
+        layers, channels = [], spec.input_shape[0]
+        for first, second in CNN.filters:
+            layers += [nnx.Conv(channels, first, **conv), nnx.relu, nnx.Conv(first, second, **conv), _max_pool_2x2,
+                       nnx.relu, nnx.Dropout(CNN.conv_dropout, rngs=rngs)]
+            channels = second
+        self.features = nnx.Sequential(*layers)
+        height, width = (size // 2 ** len(CNN.filters) for size in spec.input_shape[1:])
+        self.classifier = nnx.Sequential(
+            _flatten,
+            nnx.Linear(channels * height * width, CNN.dense_units, **initializers), nnx.relu,
+            nnx.Dropout(CNN.dense_dropout, rngs=rngs),
+            nnx.Linear(CNN.dense_units, spec.num_classes, **initializers),  # logits: softmax lives in the loss
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nnx.relu(self.conv1(x))
-        x = self.dropout1(nnx.relu(nnx.max_pool(self.conv2(x), (2, 2), strides=(2, 2))))
-        x = nnx.relu(self.conv3(x))
-        x = self.dropout2(nnx.relu(nnx.max_pool(self.conv4(x), (2, 2), strides=(2, 2))))
-        x = x.reshape(x.shape[0], -1)
-        x = self.dropout3(nnx.relu(self.dense1(x)))
-        return self.dense2(x)
+        return self.classifier(self.features(x))
 
 
 class _SoftmaxClassifier:
@@ -298,17 +319,13 @@ class CnnCifar10(_SoftmaxClassifier):
                          optax.sgd(spec.learning_rate, momentum=spec.momentum))
 
 
-# Torchvision's ResNet-50 and DenseNet-121 initialise convolutions with He (Kaiming) normal.
-_he_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
-
-
-def _conv(in_features: int, out_features: int, kernel: int, stride: int = 1, *,
+def _conv(in_features: int, out_features: int, kernel: int, stride: int = 1, *, init: Init,
           dtype: jnp.dtype | None, rngs: nnx.Rngs) -> nnx.Conv:
     """A bias-free convolution padded like PyTorch's: kernel // 2 on every side. (XLA's "SAME"
     pads a stride-2 convolution asymmetrically, which would shift every output.)"""
     pad = kernel // 2
     return nnx.Conv(in_features, out_features, (kernel, kernel), strides=stride,
-                    padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=_he_normal, dtype=dtype,
+                    padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=_initializer(init), dtype=dtype,
                     rngs=rngs)
 
 
@@ -316,7 +333,9 @@ def _batch_norm(features: int, dtype: jnp.dtype | None, rngs: nnx.Rngs) -> nnx.B
     # Flax's momentum is the weight of the old average: PyTorch's 1 - momentum.
     # Under mixed precision Flax computes the batch statistics in float32 and keeps the running
     # ones in float32; only the normalised output is in the compute dtype.
-    return nnx.BatchNorm(features, momentum=BATCH_NORM.decay, epsilon=BATCH_NORM.epsilon, dtype=dtype, rngs=rngs)
+    return nnx.BatchNorm(features, momentum=BATCH_NORM.decay, epsilon=BATCH_NORM.epsilon,
+                         scale_init=_initializer(BATCH_NORM.scale_init), bias_init=_initializer(BATCH_NORM.shift_init),
+                         dtype=dtype, rngs=rngs)
 
 
 def _max_pool(x: jax.Array) -> jax.Array:
@@ -329,12 +348,11 @@ class Bottleneck(nnx.Module):
 
     def __init__(self, channels: int, width: int, stride: int, dtype: jnp.dtype | None, rngs: nnx.Rngs):
         out = width * RESNET50.expansion
-        self.conv1, self.bn1 = _conv(channels, width, 1, dtype=dtype, rngs=rngs), _batch_norm(width, dtype, rngs)
-        self.conv2 = _conv(width, width, 3, stride, dtype=dtype, rngs=rngs)
-        self.bn2 = _batch_norm(width, dtype, rngs)
-        self.conv3, self.bn3 = _conv(width, out, 1, dtype=dtype, rngs=rngs), _batch_norm(out, dtype, rngs)
-        self.downsample = (nnx.Sequential(_conv(channels, out, 1, stride, dtype=dtype, rngs=rngs),
-                                          _batch_norm(out, dtype, rngs))
+        conv = functools.partial(_conv, init=RESNET50.conv_init, dtype=dtype, rngs=rngs)
+        self.conv1, self.bn1 = conv(channels, width, 1), _batch_norm(width, dtype, rngs)
+        self.conv2, self.bn2 = conv(width, width, 3, stride), _batch_norm(width, dtype, rngs)
+        self.conv3, self.bn3 = conv(width, out, 1), _batch_norm(out, dtype, rngs)
+        self.downsample = (nnx.Sequential(conv(channels, out, 1, stride), _batch_norm(out, dtype, rngs))
                            if stride != 1 or channels != out else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -349,8 +367,9 @@ class Resnet50(nnx.Module):
     are the canonical weights file's."""
 
     def __init__(self, dtype: jnp.dtype | None, rngs: nnx.Rngs):
-        self.conv1, self.bn1 = _conv(3, 64, 7, 2, dtype=dtype, rngs=rngs), _batch_norm(64, dtype, rngs)
-        channels = 64
+        self.conv1 = _conv(3, RESNET50.stem, 7, 2, init=RESNET50.conv_init, dtype=dtype, rngs=rngs)
+        self.bn1 = _batch_norm(RESNET50.stem, dtype, rngs)
+        channels = RESNET50.stem
         for stage, (width, blocks) in enumerate(RESNET50.stages, start=1):
             stride = 1 if stage == 1 else 2
             layers = []
@@ -402,19 +421,19 @@ class Resnet50Inference:
         return np.asarray(outputs)  # the read-back waits for the device
 
 
-GRU_EMBEDDING, GRU_UNITS = 125, 100
-
-
 class CudnnGRUCell(nnx.GRUCell):
     """Flax's GRU cell with cuDNN's convention (PyTorch's, and Keras's reset_after): biases on
     the hidden-to-hidden projections too, b_hn inside the reset gate, n = tanh(W_in x + b_in +
     r * (W_hn h + b_hn)). Flax's own cell has none there: 300 parameters fewer for this task,
     and b_hn has no counterpart. Its call is Flax's, over the biased projection."""
 
-    def __init__(self, in_features: int, hidden_features: int, *, dtype: jnp.dtype | None, rngs: nnx.Rngs):
-        super().__init__(in_features, hidden_features, dtype=dtype, rngs=rngs)
+    def __init__(self, in_features: int, hidden_features: int, *, kernel_init: nnx.Initializer,
+                 recurrent_kernel_init: nnx.Initializer, bias_init: nnx.Initializer, dtype: jnp.dtype | None,
+                 rngs: nnx.Rngs):
+        super().__init__(in_features, hidden_features, kernel_init=kernel_init,
+                         recurrent_kernel_init=recurrent_kernel_init, bias_init=bias_init, dtype=dtype, rngs=rngs)
         self.dense_h = nnx.Linear(hidden_features, 3 * hidden_features, use_bias=True,
-                                  kernel_init=nnx.initializers.orthogonal(), bias_init=nnx.initializers.zeros,
+                                  kernel_init=recurrent_kernel_init, bias_init=bias_init,
                                   dtype=self.dtype, param_dtype=self.param_dtype, promote_dtype=self.promote_dtype,
                                   rngs=rngs)
 
@@ -425,11 +444,18 @@ class GruImdbNet(nnx.Module):
     def __init__(self, spec: TaskSpec, dtype: jnp.dtype | None, rngs: nnx.Rngs):
         # A lookup, with no arithmetic to speed up: it stays float32 under mixed precision, and so
         # does its gradient's scatter-add over repeated tokens; the GRU casts what it reads.
-        self.embedding = nnx.Embed(spec.vocabulary, GRU_EMBEDDING, rngs=rngs)
+        self.embedding = nnx.Embed(spec.vocabulary, GRU.embedding, embedding_init=_initializer(GRU.embedding_init),
+                                   rngs=rngs)
+        # Flax's kernels hold the three gates side by side, (in, 3 × units): each is initialised whole.
+        cell = CudnnGRUCell(GRU.embedding, GRU.units, kernel_init=_initializer(GRU.input_kernel_init),
+                            recurrent_kernel_init=_initializer(GRU.recurrent_kernel_init),
+                            bias_init=_initializer(GRU.bias_init), dtype=dtype, rngs=rngs)
         # Time-major: the scan steps over the leading axis, so no activation is transposed. The
         # carry starts in the parameters' float32, and stays so under mixed precision.
-        self.gru = nnx.RNN(CudnnGRUCell(GRU_EMBEDDING, GRU_UNITS, dtype=dtype, rngs=rngs), time_major=True)
-        self.dense = nnx.Linear(GRU_UNITS, spec.num_classes, dtype=dtype, rngs=rngs)  # logits: softmax in the loss
+        self.gru = nnx.RNN(cell, time_major=True)
+        # Logits: softmax lives in the loss.
+        self.dense = nnx.Linear(GRU.units, spec.num_classes, kernel_init=_initializer(GRU.dense_kernel_init),
+                                bias_init=_initializer(GRU.dense_bias_init), dtype=dtype, rngs=rngs)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         x = self.embedding(tokens.T)  # ids (N, T) -> (T, N): transposing ints is the cheap place
@@ -445,18 +471,15 @@ class GruImdb(_SoftmaxClassifier):
                          optax.adam(run.learning_rate, b1=0.9, b2=0.999, eps=1e-8))
 
 
-# torchvision's densenet121: blocks of (6, 12, 24, 16) layers, growth 32, bottleneck 4 × 32.
-DENSENET121_BLOCKS, DENSENET_GROWTH, DENSENET_BOTTLENECK, DENSENET_STEM = (6, 12, 24, 16), 32, 4 * 32, 64
-
-
 class DenseLayer(nnx.Module):
     """BN-ReLU-conv 1×1 (bottleneck), BN-ReLU-conv 3×3 (growth); its output joins its input."""
 
     def __init__(self, channels: int, dtype: jnp.dtype | None, rngs: nnx.Rngs):
+        width = DENSENET121.bottleneck_width
         self.norm1 = _batch_norm(channels, dtype, rngs)
-        self.conv1 = _conv(channels, DENSENET_BOTTLENECK, 1, dtype=dtype, rngs=rngs)
-        self.norm2 = _batch_norm(DENSENET_BOTTLENECK, dtype, rngs)
-        self.conv2 = _conv(DENSENET_BOTTLENECK, DENSENET_GROWTH, 3, dtype=dtype, rngs=rngs)
+        self.conv1 = _conv(channels, width, 1, init=DENSENET121.conv_init, dtype=dtype, rngs=rngs)
+        self.norm2 = _batch_norm(width, dtype, rngs)
+        self.conv2 = _conv(width, DENSENET121.growth, 3, init=DENSENET121.conv_init, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = self.conv1(nnx.relu(self.norm1(x)))
@@ -465,11 +488,11 @@ class DenseLayer(nnx.Module):
 
 
 class Transition(nnx.Module):
-    """BN-ReLU-conv 1×1 to half the channels, then 2×2/2 average pooling."""
+    """BN-ReLU-conv 1×1 to fewer channels, then 2×2/2 average pooling."""
 
-    def __init__(self, channels: int, dtype: jnp.dtype | None, rngs: nnx.Rngs):
+    def __init__(self, channels: int, out: int, dtype: jnp.dtype | None, rngs: nnx.Rngs):
         self.norm = _batch_norm(channels, dtype, rngs)
-        self.conv = _conv(channels, channels // 2, 1, dtype=dtype, rngs=rngs)
+        self.conv = _conv(channels, out, 1, init=DENSENET121.conv_init, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return nnx.avg_pool(self.conv(nnx.relu(self.norm(x))), (2, 2), strides=(2, 2))
@@ -477,20 +500,23 @@ class Transition(nnx.Module):
 
 class DenseNet121(nnx.Module):
     def __init__(self, spec: TaskSpec, dtype: jnp.dtype | None, rngs: nnx.Rngs):
-        self.conv0 = _conv(3, DENSENET_STEM, 7, 2, dtype=dtype, rngs=rngs)
-        self.norm0 = _batch_norm(DENSENET_STEM, dtype, rngs)
-        layers, channels = [], DENSENET_STEM
-        for index, count in enumerate(DENSENET121_BLOCKS):
+        self.conv0 = _conv(3, DENSENET121.stem, 7, 2, init=DENSENET121.conv_init, dtype=dtype, rngs=rngs)
+        self.norm0 = _batch_norm(DENSENET121.stem, dtype, rngs)
+        layers, channels = [], DENSENET121.stem
+        for index, count in enumerate(DENSENET121.blocks):
             for _ in range(count):
                 layers.append(DenseLayer(channels, dtype, rngs))
-                channels += DENSENET_GROWTH
-            if index < len(DENSENET121_BLOCKS) - 1:
-                layers.append(Transition(channels, dtype, rngs))
-                channels //= 2
+                channels += DENSENET121.growth
+            if index < len(DENSENET121.blocks) - 1:
+                out = int(channels * DENSENET121.compression)
+                layers.append(Transition(channels, out, dtype, rngs))
+                channels = out
         self.blocks = nnx.Sequential(*layers)
         self.norm5 = _batch_norm(channels, dtype, rngs)
         # Logits: the sigmoid lives in the loss.
-        self.classifier = nnx.Linear(channels, spec.num_classes, dtype=dtype, rngs=rngs)
+        self.classifier = nnx.Linear(channels, spec.num_classes,
+                                     kernel_init=_initializer(DENSENET121.dense_kernel_init),
+                                     bias_init=_initializer(DENSENET121.dense_bias_init), dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = _max_pool(nnx.relu(self.norm0(self.conv0(x))))
