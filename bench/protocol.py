@@ -8,7 +8,13 @@ An implementation (one class per task in each ``bench/frameworks/<name>.py``) of
     parameter_count()       trainable parameters
     train_step(x, y)        one optimiser step on a global batch (training tasks); it splits the
                             batch over the devices of a data-parallel run
-    loss()                  the last step's loss, after the device has finished (the barrier)
+    train_steps(batches, steps)
+                            instead of train_step where the framework's users train through its
+                            own loop: one optimiser step on each of the next ``steps`` batches of
+                            ``batches`` (an iterable of global batches, or the model's own
+                            input_pipeline, which then has a len), in one call (Keras: one fit())
+    loss()                  the last step's loss, after the device has finished (the barrier); after
+                            train_steps, the loss its training loop reports for those steps
     predict(x)              outputs for one batch in inference mode, as a numpy array: logits,
                             label probabilities or features
     math_modes()            optional: the math modes (bench/precision.py) the framework chose for
@@ -54,6 +60,20 @@ def _check_loss(loss: float) -> float:
     return loss
 
 
+def _train(model: Any, batches: Iterable[Batch], steps: Optional[int] = None) -> int:
+    """One optimiser step on each of the next ``steps`` batches (None: all of them), through the
+    framework's own training loop where it has one; returns the steps trained."""
+    if hasattr(model, "train_steps"):
+        steps = len(batches) if steps is None else steps  # type: ignore
+        model.train_steps(batches, steps)
+        return steps
+    trained = 0
+    for inputs, labels in itertools.islice(batches, steps):
+        model.train_step(inputs, labels)
+        trained += 1
+    return trained
+
+
 def _endless(model: Any, data: Data, run: RunOptions) -> Iterator[Batch]:
     """Training batches for throughput mode, round and round."""
     if isinstance(data, ImageFolderDataset):
@@ -72,8 +92,7 @@ def measure_throughput(model: Any, spec: TaskSpec, data: Data, settings: ResultS
     outputs = []  # type: List[np.ndarray]
 
     def train(steps: int) -> float:
-        for _ in range(steps):
-            model.train_step(*next(batches))
+        _train(model, batches, steps)
         return model.loss()  # reading the loss back is the device barrier
 
     def infer(steps: int) -> None:
@@ -146,11 +165,8 @@ def train_full(models: Iterable[Any], spec: TaskSpec, data: Data, settings: Resu
                                               to_layout(data.x_test, model.layout))
                 order = np.random.default_rng(epoch_seed).permutation(len(data.x_train))
                 batches = _batches(prepared[model.layout][0][order], data.y_train[order], batch_size)
-            steps = 0
             start = time.perf_counter()
-            for inputs, labels in batches:  # an image pipeline decodes inside the timer
-                model.train_step(inputs, labels)
-                steps += 1
+            steps = _train(model, batches)  # an image pipeline decodes inside the timer
             loss_last = _check_loss(model.loss())
             elapsed = time.perf_counter() - start
             epoch_times.append(elapsed)
