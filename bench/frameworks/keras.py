@@ -1,5 +1,5 @@
 """Keras 3: keras.Model built from keras.layers (keras.applications for DenseNet-121),
-compile() and train_on_batch() / predict_on_batch(), on the backend that KERAS_BACKEND names
+compile(), fit() and predict_on_batch(), on the backend that KERAS_BACKEND names
 (tensorflow, jax or torch); the loader sets it before this import. DenseNet-121 runs
 data-parallel with each backend's standard mechanism: tf.distribute.MirroredStrategy on
 TensorFlow, keras.distribution.DataParallel on JAX; Keras has none for torch. Images come
@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import keras
 import numpy as np
@@ -28,6 +29,7 @@ BACKEND = keras.backend.backend()  # "tensorflow", "jax" or "torch"
 # fails in the backward pass unless XLA compiles it, and XLA was 2.5x slower here); JAX and
 # torch measured the same in both layouts (2-core EPYC), so Keras's default, channels_last.
 CPU_LAYOUTS = {"tensorflow": "NHWC", "jax": "NHWC", "torch": "NHWC"}
+Batch = tuple[Any, Any]
 # Float32 variables, layers computing in the 16-bit type; other precisions keep "float32".
 DTYPE_POLICIES = {"fp16": "mixed_float16", "bf16": "mixed_bfloat16"}
 
@@ -287,14 +289,26 @@ def _adam(learning_rate: float) -> keras.optimizers.Adam:
 
 
 def _sync_device(model: keras.Model) -> None:
-    """Wait for the GPU. train_on_batch already returns the loss as a Python float (Keras 3
-    turns its logs into host numbers), which waits for the step; this makes sure of it."""
+    """Wait for the GPU. fit() already ends with its logs as Python floats (Keras 3 turns
+    them into host numbers), which waits for the last step; this makes sure of it."""
     if BACKEND == "torch":
         _backend_module().cuda.synchronize()
     elif BACKEND == "tensorflow":
         _backend_module().test.experimental.sync_devices()
     else:
         _backend_module().block_until_ready([v.value for v in model.variables])
+
+
+def _fit(model: keras.Model, batches: Iterable[Batch] | keras.utils.PyDataset, steps: int) -> float:
+    """One fit() epoch of `steps` steps over the batches as they come, without shuffling; its
+    mean loss. A PyDataset (the image pipeline) goes to fit as it is, for Keras's own workers
+    to decode; other batches as a generator that ends after `steps`, so that no data adapter
+    reads ahead past them. Either way each backend's adapter copies a batch to the device
+    when the step takes it."""
+    data = batches if isinstance(batches, keras.utils.PyDataset) else (
+        batch for batch in itertools.islice(batches, steps))  # fit takes generators, not any iterator
+    history = model.fit(data, epochs=1, steps_per_epoch=steps, shuffle=False, verbose=0)
+    return history.history["loss"][-1]
 
 
 def _read_loss(model: keras.Model, loss: float | None, on_gpu: bool) -> float:
@@ -329,8 +343,8 @@ def build_cnn_cifar10(spec: TaskSpec, data_format: str) -> keras.Sequential:
 
 
 class _SoftmaxClassifier(_Compiled):
-    """The CNN and the GRU: one compiled Keras model trained batch by batch with
-    train_on_batch and softmax cross-entropy on logits."""
+    """The CNN and the GRU: one compiled Keras model trained with fit() and softmax
+    cross-entropy on logits."""
     parameter_note = None
 
     def __init__(self, run: RunOptions, build_model: Callable[[], keras.Model],
@@ -348,11 +362,9 @@ class _SoftmaxClassifier(_Compiled):
     def parameter_count(self) -> int:
         return _parameter_count(self.model)
 
-    def train_step(self, inputs: np.ndarray, labels: np.ndarray) -> None:
+    def train_steps(self, batches: Iterable[Batch], steps: int) -> None:
         with keras.device(self.device):
-            # The numpy batch is copied to the device here, inside the timed step; the loss
-            # comes back as a Python float, so every step ends with the device finished.
-            self._last_loss = self.model.train_on_batch(inputs, labels)
+            self._last_loss = _fit(self.model, batches, steps)
 
     def loss(self) -> float:
         return _read_loss(self.model, self._last_loss, self.on_gpu)
@@ -572,8 +584,9 @@ class ChestXrayBatches(keras.utils.PyDataset):
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The batches in order, `workers` threads decoding up to `max_queue_size` batches
-        ahead: what Keras's own enqueuer does for a PyDataset inside fit(), which
-        train_on_batch does not use (iterated by hand, a PyDataset runs on one thread)."""
+        ahead, as Keras's own enqueuer does for a PyDataset inside fit(): for scoring, and for
+        throughput blocks that run on across epochs (iterated by hand, a PyDataset runs on
+        one thread)."""
         pool = ThreadPoolExecutor(self.workers)
         pending = collections.deque()
         try:
@@ -616,7 +629,7 @@ class Densenet121Xray(_Compiled):
         if run.devices > 1:
             if BACKEND == "jax":
                 # Data parallelism the Keras way: a one-axis device mesh; variables replicated,
-                # each train_on_batch splits the global batch along it, and XLA all-reduces
+                # fit() splits each global batch along it, and XLA all-reduces
                 # the gradients (batch-norm statistics are thereby over the global batch).
                 keras.distribution.set_distribution(
                     keras.distribution.DataParallel(devices=_replica_devices(run)))
@@ -659,11 +672,12 @@ class Densenet121Xray(_Compiled):
     def parameter_count(self) -> int:
         return _parameter_count(self.model)
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
+    def train_steps(self, batches: Iterable[Batch] | ChestXrayBatches, steps: int) -> None:
         with self._placement():
-            # Each replica's loss is scaled by 1 / replicas before the gradients' all-reduce
-            # (a sum), so the step is the global batch's mean; the reported loss is its mean.
-            self._last_loss = self.model.train_on_batch(self._per_replica(images), self._per_replica(labels))
+            # fit() splits each global batch over the replicas; each replica's loss is scaled by
+            # 1 / replicas before the gradients' all-reduce (a sum), so a step is the global
+            # batch's mean.
+            self._last_loss = _fit(self.model, batches, steps)
 
     def loss(self) -> float:
         return _read_loss(self.model, self._last_loss, self.on_gpu)
