@@ -16,7 +16,8 @@ from mxnet.gluon import nn
 
 from .. import precision
 from .. import weights as canonical
-from ..specs import BATCH_NORM, RESNET50, RunOptions, TaskSpec
+from ..specs import (BATCH_NORM, CNN, DENSENET121, GLOROT_UNIFORM, GRU, HE_NORMAL, ONES, ORTHOGONAL, RESNET50,
+                     UNIFORM, ZEROS, Init, RunOptions, TaskSpec)
 
 # Runtime features worth recording: the CPU kernels (oneDNN, still called MKLDNN) and the GPU stack.
 _FEATURES = ("MKLDNN", "OPENMP", "CUDA", "CUDNN", "NCCL", "TENSORRT")
@@ -123,16 +124,22 @@ def _kvstore(run: RunOptions) -> str:
     return "device" if run.device == "gpu" else "local"
 
 
-def _glorot_uniform() -> mx.init.Initializer:
-    """Glorot uniform (sqrt(6 / (fan_in + fan_out))) for the weights; each layer's own
-    bias_initializer ("zeros") takes precedence for its biases."""
-    return mx.init.Xavier(rnd_type="uniform", factor_type="avg", magnitude=3)
-
-
-def _he_normal(factor_type: str) -> mx.init.Initializer:
-    """He normal (sqrt(2 / fan)), torchvision's initialisation of ResNet and DenseNet
-    convolutions; batch-norm scales start at 1 and shifts at 0 (the layers' own initializers)."""
-    return mx.init.MSRAPrelu(factor_type=factor_type, slope=0.0)
+def _initializer(init: Init) -> mx.init.Initializer:
+    """A specs initialiser in MXNet's terms. Gluon shapes kernels as PyTorch does, (out, in, kh,
+    kw), and Xavier's fans are the specs' own: in × kh × kw and out × kh × kw."""
+    if init.kind == ZEROS:
+        return mx.init.Zero()
+    if init.kind == ONES:
+        return mx.init.One()
+    if init.kind == UNIFORM:
+        return mx.init.Uniform(init.limit)
+    if init.kind == GLOROT_UNIFORM:  # sqrt(3 / mean fan) = sqrt(6 / (fan_in + fan_out))
+        return mx.init.Xavier(rnd_type="uniform", factor_type="avg", magnitude=3)
+    if init.kind == HE_NORMAL:  # an untruncated normal of std sqrt(2 / fan)
+        return mx.init.Xavier(rnd_type="gaussian", factor_type=init.fan.replace("fan_", ""), magnitude=2)
+    if init.kind == ORTHOGONAL:  # gain 1, not Gluon's default sqrt(2); from a normal draw, as Keras's
+        return mx.init.Orthogonal(scale=1.0, rand_type="normal")
+    raise ValueError("no MXNet initializer for {!r}".format(init.kind))
 
 
 def _parameter_count(net: gluon.Block) -> int:
@@ -181,18 +188,19 @@ def _on(array, ctx: mx.Context, dtype: str | None = None) -> mx.nd.NDArray:
 
 def build_cnn_cifar10(spec: TaskSpec) -> nn.HybridSequential:
     channels, height, width = spec.input_shape
+    initializers = dict(weight_initializer=_initializer(CNN.kernel_init), bias_initializer=_initializer(CNN.bias_init))
     # in_channels/in_units make every shape known at construction: no deferred initialisation.
-    conv = dict(kernel_size=3, padding=1, layout="NCHW")
+    conv = dict(kernel_size=CNN.kernel_size, padding=CNN.kernel_size // 2, layout="NCHW", **initializers)
     net = nn.HybridSequential()
-    net.add(
-        nn.Conv2D(50, in_channels=channels, **conv), nn.Activation("relu"),
-        nn.Conv2D(50, in_channels=50, **conv), nn.MaxPool2D(2), nn.Activation("relu"), nn.Dropout(0.25),
-        nn.Conv2D(100, in_channels=50, **conv), nn.Activation("relu"),
-        nn.Conv2D(100, in_channels=100, **conv), nn.MaxPool2D(2), nn.Activation("relu"), nn.Dropout(0.25),
-        nn.Flatten(),
-        nn.Dense(512, in_units=100 * (height // 4) * (width // 4)), nn.Activation("relu"), nn.Dropout(0.5),
-        nn.Dense(spec.num_classes, in_units=512),  # logits: softmax lives in the loss
-    )
+    for first, second in CNN.filters:
+        net.add(nn.Conv2D(first, in_channels=channels, **conv), nn.Activation("relu"),
+                nn.Conv2D(second, in_channels=first, **conv), nn.MaxPool2D(2), nn.Activation("relu"),
+                nn.Dropout(CNN.conv_dropout))
+        channels, height, width = second, height // 2, width // 2
+    net.add(nn.Flatten(),
+            nn.Dense(CNN.dense_units, in_units=channels * height * width, **initializers), nn.Activation("relu"),
+            nn.Dropout(CNN.dense_dropout),
+            nn.Dense(spec.num_classes, in_units=CNN.dense_units, **initializers))  # logits: softmax lives in the loss
     return net
 
 
@@ -206,7 +214,7 @@ class _SoftmaxClassifier:
         mx.random.seed(run.seed)
         self.ctx = _contexts(run)[0]
         self.net = net
-        self.net.initialize(_glorot_uniform(), ctx=self.ctx)
+        self.net.initialize(ctx=self.ctx)  # every layer carries its specified initializers
         self.net.hybridize(static_alloc=True, static_shape=True)
         # Per-example losses; backward() sums their gradients and trainer.step(batch_size)
         # rescales by 1/batch_size: the gradient of the mean loss, as in the other frameworks.
@@ -275,12 +283,15 @@ class Bottleneck(gluon.HybridBlock):
 
 def _conv(channels: int, out: int, kernel: int, stride: int = 1) -> nn.Conv2D:
     # Explicit symmetric padding (kernel // 2), as PyTorch's: equal outputs for stride 2 too.
-    return nn.Conv2D(out, kernel, strides=stride, padding=kernel // 2, use_bias=False, in_channels=channels)
+    return nn.Conv2D(out, kernel, strides=stride, padding=kernel // 2, use_bias=False, in_channels=channels,
+                     weight_initializer=_initializer(RESNET50.conv_init))
 
 
 def _batch_norm(channels: int) -> nn.BatchNorm:
     # Gluon's momentum is the weight of the old average: PyTorch's 1 - momentum.
-    return nn.BatchNorm(epsilon=BATCH_NORM.epsilon, momentum=BATCH_NORM.decay, in_channels=channels)
+    return nn.BatchNorm(epsilon=BATCH_NORM.epsilon, momentum=BATCH_NORM.decay, in_channels=channels,
+                        gamma_initializer=_initializer(BATCH_NORM.scale_init),
+                        beta_initializer=_initializer(BATCH_NORM.shift_init))
 
 
 class Resnet50(gluon.HybridBlock):
@@ -291,9 +302,9 @@ class Resnet50(gluon.HybridBlock):
     def __init__(self):
         super().__init__()
         with self.name_scope():
-            self.conv1, self.bn1 = _conv(3, 64, 7, 2), _batch_norm(64)
+            self.conv1, self.bn1 = _conv(3, RESNET50.stem, 7, 2), _batch_norm(RESNET50.stem)
             self.maxpool = nn.MaxPool2D(3, strides=2, padding=1)
-            channels = 64
+            channels = RESNET50.stem
             for stage, (width, blocks) in enumerate(RESNET50.stages, start=1):
                 stride = 1 if stage == 1 else 2
                 layer = nn.HybridSequential()
@@ -322,7 +333,7 @@ class Resnet50Inference:
         self.ctx = _contexts(run)[0]
         self.layout = "NCHW"  # MXNet's convolutions take NCHW on the CPU (oneDNN) and the GPU (cuDNN)
         self.net = Resnet50()
-        self.net.initialize(_he_normal("out"), ctx=self.ctx)
+        self.net.initialize(ctx=self.ctx)  # every layer carries its specified initializers
         if run.weights:
             self._load(canonical.load(run.weights, canonical.resnet50_shapes()))
         self.net.hybridize(static_alloc=True, static_shape=True)
@@ -349,12 +360,20 @@ class GruNet(gluon.HybridBlock):
     """Embedding -> one GRU layer (MXNet's fused RNN operator: cuDNN's GRU on the GPU, two bias
     vectors per gate set) -> the last time step's output -> dense (logits)."""
 
-    def __init__(self, spec: TaskSpec, embedding: int = 125, hidden: int = 100):
+    def __init__(self, spec: TaskSpec):
         super().__init__()
         with self.name_scope():
-            self.embedding = nn.Embedding(spec.vocabulary, embedding)
-            self.gru = gluon.rnn.GRU(hidden, layout="TNC", input_size=embedding)
-            self.output = nn.Dense(spec.num_classes, in_units=hidden)  # softmax lives in the loss
+            self.embedding = nn.Embedding(spec.vocabulary, GRU.embedding,
+                                          weight_initializer=_initializer(GRU.embedding_init))
+            # Each initializer draws over the three gates' matrices stacked, (3 × units, inputs).
+            self.gru = gluon.rnn.GRU(GRU.units, layout="TNC", input_size=GRU.embedding,
+                                     i2h_weight_initializer=_initializer(GRU.input_kernel_init),
+                                     h2h_weight_initializer=_initializer(GRU.recurrent_kernel_init),
+                                     i2h_bias_initializer=_initializer(GRU.bias_init),
+                                     h2h_bias_initializer=_initializer(GRU.bias_init))
+            self.output = nn.Dense(spec.num_classes, in_units=GRU.units,  # logits: softmax lives in the loss
+                                   weight_initializer=_initializer(GRU.dense_kernel_init),
+                                   bias_initializer=_initializer(GRU.dense_bias_init))
 
     def hybrid_forward(self, F, tokens):
         # Time-major for the fused RNN: transpose the (N, T) ids, not the embedded sequence.
@@ -371,21 +390,29 @@ class GruImdb(_SoftmaxClassifier):
                          {"learning_rate": run.learning_rate, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8})
 
 
-def _set_batch_norms(block: gluon.Block) -> None:
-    """The task's momentum and epsilon in every batch norm of a zoo model (the zoo builds them
-    with Gluon's defaults, which are the task's today): the operator's arguments, which the
-    graph reads when it is built."""
+def _specify_densenet(block: gluon.Block) -> None:
+    """The specs in every layer of the zoo's DenseNet, built with Gluon's defaults: each
+    parameter's initializer (used by initialize(), which runs later) and each batch norm's
+    momentum and epsilon (the operator's arguments, which the graph reads when it is built)."""
     if isinstance(block, nn.BatchNorm):
         block._kwargs.update(eps=BATCH_NORM.epsilon, momentum=BATCH_NORM.decay)
+        block.gamma.init, block.beta.init = _initializer(BATCH_NORM.scale_init), _initializer(BATCH_NORM.shift_init)
+    elif isinstance(block, nn.Conv2D):  # no biases
+        block.weight.init = _initializer(DENSENET121.conv_init)
+    elif isinstance(block, nn.Dense):
+        block.weight.init = _initializer(DENSENET121.dense_kernel_init)
+        block.bias.init = _initializer(DENSENET121.dense_bias_init)
     for child in block._children.values():
-        _set_batch_norms(child)
+        _specify_densenet(child)
 
 
 def build_densenet121(spec: TaskSpec) -> nn.HybridSequential:
-    """gluon.model_zoo's DenseNet-121 (torchvision's architecture) with global average pooling
-    in place of its fixed 7×7 pooling, which only pools globally at 224×224 inputs."""
-    zoo = gluon.model_zoo.vision.densenet121(classes=spec.num_classes)
-    _set_batch_norms(zoo)
+    """gluon.model_zoo's DenseNet (torchvision's architecture) with global average pooling in
+    place of its fixed 7×7 pooling, which only pools globally at 224×224 inputs. Its
+    transitions halve the channels: DENSENET121.compression is the zoo's own."""
+    zoo = gluon.model_zoo.vision.DenseNet(DENSENET121.stem, DENSENET121.growth, list(DENSENET121.blocks),
+                                          bn_size=DENSENET121.bottleneck, classes=spec.num_classes)
+    _specify_densenet(zoo)
     net = nn.HybridSequential()
     # features[:-2] drops the 7×7 pooling and the flatten; Dense flattens its input itself.
     net.add(zoo.features[:-2], nn.GlobalAvgPool2D(), zoo.output)  # logits: the sigmoid lives in the loss
@@ -430,10 +457,10 @@ class Densenet121Xray:
         self.input_size = run.input_shape[-1]
         self.loader_workers = run.loader_workers
         self.net = build_densenet121(spec)
-        self.net.initialize(_he_normal("in"), ctx=self.contexts)  # a copy of the weights per replica
-        # The zoo's layers infer their input channels: shape inference gives every parameter its
-        # shape now (parameter_count) without running the network.
-        self.net.infer_shape(mx.nd.zeros((1,) + tuple(run.input_shape)))
+        self.net.initialize(ctx=self.contexts)  # a copy of the weights per replica, as specified
+        # The zoo's layers infer their input channels, and their parameters take shape and values
+        # on a first forward pass: one example's, here, outside any timer.
+        self.net(mx.nd.zeros((1,) + tuple(run.input_shape), ctx=self.contexts[0]))
         self.net.hybridize(static_alloc=True, static_shape=True)
         # Per example: the mean over the 14 labels of the sigmoid cross-entropy on logits.
         self.loss_fn = gluon.loss.SigmoidBinaryCrossEntropyLoss(from_sigmoid=False)
