@@ -119,9 +119,10 @@ def _contexts(run: RunOptions) -> list[mx.Context]:
 
 
 def _kvstore(run: RunOptions) -> str:
-    # "device" sums gradients on the GPUs (peer to peer); "local" on the host, the CPU's own.
-    # With one context the Trainer makes no kvstore at all.
-    return "device" if run.device == "gpu" else "local"
+    # "nccl" all-reduces the gradients with NCCL's collectives, GPU to GPU over NVLink or PCIe;
+    # "local" sums them in host memory, the CPU contexts' own. With one context the Trainer
+    # makes no kvstore at all.
+    return "nccl" if run.device == "gpu" else "local"
 
 
 def _initializer(init: Init) -> mx.init.Initializer:
