@@ -201,13 +201,16 @@ def _autotuner(xla: bool) -> bool:
     return os.environ.get("TF_CUDNN_USE_AUTOTUNE", "1").lower() not in ("0", "false")
 
 
-def _jit_compile(run: RunOptions) -> bool:
+def _jit_compile(run: RunOptions, data_parallel: bool = False) -> bool:
     """What compile(jit_compile="auto") picks on a host that has only the cell's devices: XLA
-    always for JAX; for TensorFlow on one GPU only (Keras turns it off on CPU, slower there,
-    and under tf.distribute, where one XLA cluster cannot reach the other replicas'
-    variables); eager for torch. Said explicitly so that a CPU cell on a GPU host gets the same."""
+    always for JAX; eager for torch; for TensorFlow on GPUs only (Keras turns it off on CPU,
+    slower there). Keras on TensorFlow cannot compile a step under tf.distribute (one XLA
+    cluster cannot reach the other replicas' variables: "Trying to access resource ...
+    located in device ...:1 from device ...:0"), so a data-parallel task runs without XLA on
+    one device too, the same at every device count. Said explicitly so that a CPU cell on a
+    GPU host gets the same."""
     if BACKEND == "tensorflow":
-        return run.device == "gpu" and run.devices == 1
+        return run.device == "gpu" and not data_parallel
     return BACKEND == "jax"
 
 
@@ -641,7 +644,7 @@ class Densenet121Xray(_Compiled):
             self.model = build_densenet121(run.input_shape, spec.num_classes, self.data_format)
             self.model.compile(optimizer=_adam(run.learning_rate),
                                loss=keras.losses.BinaryCrossentropy(from_logits=True),  # mean over labels and batch
-                               jit_compile=_jit_compile(run))
+                               jit_compile=_jit_compile(run, spec.data_parallel))
         if self.strategy is not None:
             # Keras builds a compiled loss from the shapes of the first batch it sees, which
             # values split over replicas do not have: build it from one plain example first.
