@@ -507,15 +507,54 @@ class GruImdb(_SoftmaxClassifier):
         super().__init__(run, lambda: build_gru_imdb(spec), lambda: _adam(run.learning_rate))
 
 
-def build_densenet121(input_shape: tuple[int, ...], num_classes: int, data_format: str) -> keras.Model:
+class ReplicaBatchNormalization(keras.layers.BatchNormalization):
+    """Batch norm as data-parallel training runs it in every other framework: in training, each
+    replica's slice of the global batch is normalised with its own statistics, and the moving
+    averages take the replicas' mean statistics. keras.distribution hands the layer the global
+    batch as one array sharded over the replicas, which the stock layer would normalise as a
+    whole (synchronised batch norm); replica r's examples are the r-th slice of it."""
+
+    def __init__(self, replicas: int, **kwargs):
+        super().__init__(**kwargs)
+        self.replicas = replicas
+
+    def call(self, inputs, training=None, mask=None):
+        if not (training and self.trainable):
+            return super().call(inputs, training=training, mask=mask)
+        ops = keras.ops
+        rank = len(inputs.shape)
+        channel = self.axis % rank
+        x = ops.cast(inputs, "float32")  # statistics in float32, as the stock layer computes them
+        # (replicas, examples per replica, ...): each replica's statistics stay on its device.
+        shards = ops.reshape(x, (self.replicas, -1) + tuple(x.shape[1:]))
+        mean, variance = ops.moments(shards, [a for a in range(1, rank + 1) if a != channel + 1], keepdims=True)
+        normalised = ops.reshape((shards - mean) * ops.rsqrt(variance + self.epsilon), ops.shape(x))
+        channels = [-1 if a == channel else 1 for a in range(rank)]
+        outputs = normalised * ops.reshape(self.gamma, channels) + ops.reshape(self.beta, channels)
+        for average, statistic in ((self.moving_mean, mean), (self.moving_variance, variance)):
+            replicas_mean = ops.reshape(ops.mean(statistic, axis=0), average.shape)
+            average.assign(average * self.momentum + replicas_mean * (1.0 - self.momentum))
+        return ops.cast(outputs, self.compute_dtype)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "replicas": self.replicas}
+
+
+def build_densenet121(input_shape: tuple[int, ...], num_classes: int, data_format: str,
+                      replicas: int = 1) -> keras.Model:
     """keras.applications' DenseNet-121 without its ImageNet head, global average pooling, then
     a dense layer of num_classes logits. The zoo's network is DENSENET121's (stem, blocks,
     growth, bottleneck, compression), though its API takes none of them; its layers are
-    re-initialised and its batch norms set as the task says."""
+    re-initialised and its batch norms set as the task says. ``replicas``: the replicas of a
+    keras.distribution run, whose batch norms become ReplicaBatchNormalization."""
     # keras.applications read the layout from the global image data format.
     keras.config.set_image_data_format(data_format)
     features = keras.applications.DenseNet121(weights=None, include_top=False, pooling="avg",
                                               input_shape=_image_shape(input_shape, data_format))
+    if replicas > 1:
+        features = keras.models.clone_model(features, clone_function=lambda layer: (
+            ReplicaBatchNormalization(replicas, **layer.get_config())
+            if isinstance(layer, keras.layers.BatchNormalization) else layer.__class__.from_config(layer.get_config())))
     for layer in features.layers:
         if isinstance(layer, keras.layers.Conv2D):  # the zoo's are Glorot
             _reinitialise(layer.kernel, DENSENET121.conv_init)
@@ -632,8 +671,8 @@ class Densenet121Xray(_Compiled):
         if run.devices > 1:
             if BACKEND == "jax":
                 # Data parallelism the Keras way: a one-axis device mesh; variables replicated,
-                # fit() splits each global batch along it, and XLA all-reduces
-                # the gradients (batch-norm statistics are thereby over the global batch).
+                # fit() splits each global batch along it, and XLA all-reduces the gradients
+                # (batch norms are made per replica in build_densenet121).
                 keras.distribution.set_distribution(
                     keras.distribution.DataParallel(devices=_replica_devices(run)))
             else:
@@ -641,7 +680,8 @@ class Densenet121Xray(_Compiled):
                 # all-reduced; variables made in its scope are mirrored on every device.
                 self.strategy = _backend_module().distribute.MirroredStrategy(_replica_devices(run))
         with self._placement():
-            self.model = build_densenet121(run.input_shape, spec.num_classes, self.data_format)
+            self.model = build_densenet121(run.input_shape, spec.num_classes, self.data_format,
+                                           run.devices if BACKEND == "jax" else 1)
             self.model.compile(optimizer=_adam(run.learning_rate),
                                loss=keras.losses.BinaryCrossentropy(from_logits=True),  # mean over labels and batch
                                jit_compile=_jit_compile(run, spec.data_parallel))
