@@ -52,6 +52,10 @@ def configure(run: RunOptions) -> None:
     if run.device == "gpu":
         for gpu in tf.config.list_physical_devices("GPU"):
             tf.config.experimental.set_memory_growth(gpu, True)
+        # Steps are queued, not waited for: a train_step returns once its batch's host-to-device
+        # copy and its step are queued, so the host prepares the next batch while the device
+        # works (reading a loss or outputs back waits). CPUs copy nothing: they stay synchronous.
+        tf.config.experimental.set_synchronous_execution(False)
     else:
         tf.config.set_visible_devices([], "GPU")
         if run.devices > 1:
@@ -225,7 +229,7 @@ class _SoftmaxClassifier:
 
     def train_step(self, inputs: np.ndarray, labels: np.ndarray) -> None:
         with tf.device(self.device):
-            # The numpy batch is copied to the device here, inside the timed step.
+            # On GPUs the batch's copy to the device and the step are queued (configure()).
             self._last_loss = self._train_step(inputs, labels)
 
     def loss(self) -> float:
@@ -389,12 +393,16 @@ class Densenet121Xray:
         self.layout = "NHWC"
         self.image_size = run.input_shape[-1]
         self.loader_workers = run.loader_workers
+        devices = [device.name for device in _replica_devices(run)]
         if run.devices > 1:
-            # One replica per device; gradients are all-reduced (NCCL on GPUs, through one device
-            # on CPUs) before every replica applies the same update.
-            self.strategy = tf.distribute.MirroredStrategy([d.name for d in _replica_devices(run)])
+            # One replica per device, each normalising with its own batch's statistics (Keras's
+            # batch norms are not synchronized); the replicas' gradients are summed by NCCL on
+            # GPUs (by the strategy's default for CPUs there) before every replica applies the
+            # same update.
+            self.strategy = tf.distribute.MirroredStrategy(
+                devices, cross_device_ops=tf.distribute.NcclAllReduce() if self.on_gpu else None)
         else:
-            self.strategy = tf.distribute.get_strategy()  # the default: no distribution machinery
+            self.strategy = tf.distribute.OneDeviceStrategy(devices[0])
         shape = _image_shape(run.input_shape, "channels_last")
         with self.strategy.scope():  # variables mirrored on every replica
             self.model = build_densenet121(spec, shape)
@@ -403,37 +411,31 @@ class Densenet121Xray:
             self.optimizer.build(self.model.trainable_variables)
         # Per example: the mean over the 14 labels of sigmoid cross-entropy.
         self.per_example_loss = tf.keras.losses.BinaryCrossentropy(from_logits=True, reduction=None)
-        signature = [tf.TensorSpec((None, *shape), tf.float32), tf.TensorSpec((None, spec.num_classes), tf.float32)]
-        self._train_step = tf.function(self._distributed_step, input_signature=signature)
+        # Traced once for the batches the strategy distributes (their specs depend on the strategy).
+        self._train_step = tf.function(self._replicated_step)
         # The sigmoid in float32, as the loss's.
         self._predict = tf.function(lambda x: tf.sigmoid(_float32(self.model(x, training=False))),
-                                    input_signature=signature[:1])
+                                    input_signature=[tf.TensorSpec((None, *shape), tf.float32)])
         self._last_loss: tf.Tensor | None = None
 
     def parameter_count(self) -> int:
         return _parameter_count(self.model)
 
-    def _distributed_step(self, images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
-        """Splits the global batch over the replicas, runs one step on each, returns the
-        global batch's mean loss."""
-        replicas = self.strategy.num_replicas_in_sync
-        global_batch = tf.shape(images)[0]
-        shard_size = global_batch // replicas
-
-        def shard(context: tf.distribute.experimental.ValueContext) -> tuple:
-            start = context.replica_id_in_sync_group * shard_size
-            return images[start:start + shard_size], labels[start:start + shard_size]
-
+    def _replicated_step(self, images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+        """One step on every replica's share of the global batch; the global batch's mean loss."""
         def average_loss(y: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
-            # Scaled by the global batch: the all-reduce sums the replicas' gradients.
-            return tf.nn.compute_average_loss(self.per_example_loss(y, logits), global_batch_size=global_batch)
+            # Divided by the global batch: the all-reduce sums the replicas' gradients.
+            return tf.nn.compute_average_loss(self.per_example_loss(y, logits))
 
-        x, y = self.strategy.experimental_distribute_values_from_function(shard)
         losses = self.strategy.run(
-            lambda x, y: _optimiser_step(self.model, self.optimizer, average_loss, x, y), args=(x, y))
+            lambda x, y: _optimiser_step(self.model, self.optimizer, average_loss, x, y), args=(images, labels))
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
 
     def train_step(self, images: np.ndarray | tf.Tensor, labels: np.ndarray | tf.Tensor) -> None:
+        """A global batch of arrays, or one input_pipeline's strategy has distributed already."""
+        if isinstance(images, np.ndarray):
+            images, labels = self.strategy.experimental_distribute_values_from_function(
+                lambda context: _replica_share(images, labels, context))
         self._last_loss = self._train_step(images, labels)
 
     def loss(self) -> float:
@@ -444,9 +446,10 @@ class Densenet121Xray:
         return self._predict(images).numpy()
 
     def input_pipeline(self, files, stored_size: int, batch_size: int, training: bool,
-                       seed: int) -> tf.data.Dataset:
+                       seed: int) -> tf.data.Dataset | tf.distribute.DistributedDataset:
         """tf.data over a bench.data.ImageFiles: decode and augment in parallel threads, batch,
-        prefetch; global batches of (images, multi-hot labels) as tensors."""
+        prefetch; global batches of (images, multi-hot labels). Training batches come split by the
+        strategy, each replica's share prefetched onto its device; test batches as host tensors."""
         size = self.image_size
         dataset = tf.data.Dataset.from_tensor_slices((tf.constant(files.paths, tf.string), files.labels))
         if training:
@@ -477,7 +480,16 @@ class Densenet121Xray:
         dataset = dataset.batch(batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
         options = tf.data.Options()
         options.threading.private_threadpool_size = self.loader_workers
-        return dataset.with_options(options)
+        dataset = dataset.with_options(options)
+        return self.strategy.experimental_distribute_dataset(dataset) if training else dataset
+
+
+def _replica_share(images: np.ndarray, labels: np.ndarray, context: tf.distribute.experimental.ValueContext) -> tuple:
+    """This replica's consecutive share of a global batch of arrays, as host tensors: the step
+    copies each share to its own replica's device."""
+    size = len(images) // context.num_replicas_in_sync
+    start = context.replica_id_in_sync_group * size
+    return tf.convert_to_tensor(images[start:start + size]), tf.convert_to_tensor(labels[start:start + size])
 
 
 TASKS = {"cnn_cifar10": CnnCifar10, "resnet50_inference": Resnet50Inference, "gru_imdb": GruImdb,
