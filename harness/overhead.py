@@ -1,0 +1,166 @@
+#!/usr/bin/env python
+"""Overhead benchmark: does the bench's measured step cost what a plain loop costs?
+
+For every framework and task, runs in the framework's own environment, in turn (A B A B):
+the few lines an expert would write (scripts/plain_loops/<framework>_loop.py: the bench's own
+network, the same synthetic batches, layout and batch size, a plain training or inference
+loop, timed in blocks as the bench times them) and the bench's own cell (python -m bench, the
+same sizes and steps). Reports each one's median seconds per step and their ratio; a ratio
+above 1 + --target is overhead of the bench's to find.
+
+    python harness/overhead.py [--frameworks pytorch jax ...] [--tasks cnn_cifar10 ...] [--rounds 2]
+
+Writes the table as JSON to --out (default results/overhead-<host>.json). Exit status: 0 when
+every pair ran and is within the target, 1 when not, 2 for bad input. A benchmark: the figures
+depend on the host and on what else runs on it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tabulate import tabulate  # noqa: E402
+
+from bench.frameworks import KERAS_BACKENDS  # noqa: E402
+from bench.result import write_text_atomic  # noqa: E402
+from bench.specs import FRAMEWORKS, TASKS  # noqa: E402
+from harness.backends.base import REPO_ROOT  # noqa: E402
+from harness.backends.local import VirtualenvBackend  # noqa: E402
+from harness.parity import LOCAL_FRAMEWORKS  # noqa: E402
+
+PLAIN_LOOPS = REPO_ROOT / "scripts" / "plain_loops"
+TIMEOUT_S = 1800
+
+
+@dataclass
+class Pair:
+    """One framework and task: seconds per step of each round's plain loop and cell."""
+
+    framework: str
+    task: str
+    batch_size: int
+    image_size: int | None
+    plain_s: list[float] = field(default_factory=list)
+    cell_s: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        if self.error or not self.plain_s or not self.cell_s:
+            return None
+        return statistics.median(self.cell_s) / statistics.median(self.plain_s)
+
+
+def _sizes(task: str) -> list[str]:
+    spec = TASKS[task]
+    image_size = spec.default_image_size("cpu")
+    return ["--batch-size", str(spec.default_batch_size("cpu"))] + (
+        ["--image-size", str(image_size)] if image_size else [])
+
+
+def framework_env(framework: str) -> dict[str, str]:
+    """The environment a framework's process runs in: the repository importable, and Keras's
+    backend named (and only for Keras: another framework's TensorFlow would read it too)."""
+    env = {key: value for key, value in os.environ.items() if key != "KERAS_BACKEND"}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    if framework in KERAS_BACKENDS:
+        env["KERAS_BACKEND"] = KERAS_BACKENDS[framework]
+    return env
+
+
+def plain_loop_script(framework: str) -> Path:
+    return PLAIN_LOOPS / f"{'keras' if framework in KERAS_BACKENDS else framework}_loop.py"
+
+
+def _run(command: list[str], framework: str) -> str:
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=framework_env(framework),
+                          timeout=TIMEOUT_S)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
+    return done.stdout
+
+
+def plain_step_time(python: Path, framework: str, task: str, timing: list[str]) -> float:
+    output = _run([str(python), str(plain_loop_script(framework)), "--task", task, *_sizes(task), *timing], framework)
+    return json.loads(output.strip().splitlines()[-1])["median"]
+
+
+def cell_step_time(python: Path, framework: str, task: str, timing: list[str], scratch: Path) -> float:
+    out = scratch / f"{framework}.{task}.json"
+    _run([str(python), "-m", "bench", "--framework", framework, "--task", task, "--device", "cpu",
+          "--data", "synthetic", "--mode", "throughput", *_sizes(task), *timing, "--out", str(out)], framework)
+    result = json.loads(out.read_text())
+    if result["status"] != "ok":
+        raise RuntimeError(f"the cell {result['status']}: {result.get('error')}")
+    return result["metrics"]["step_time_s"]["median"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python harness/overhead.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frameworks", nargs="+", default=list(LOCAL_FRAMEWORKS), choices=FRAMEWORKS,
+                        metavar="FRAMEWORK", help=f"default: all of {', '.join(LOCAL_FRAMEWORKS)}")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), metavar="TASK")
+    parser.add_argument("--rounds", type=int, default=2, help="A B rounds per pair (default 2)")
+    parser.add_argument("--warmup-steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--target", type=float, default=0.05, help="largest acceptable overhead (default 0.05)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / f"overhead-{socket.gethostname()}.json")
+    args = parser.parse_args(argv)
+    if min(args.rounds, args.steps, args.repeats) < 1 or args.warmup_steps < 1 or not 0 < args.target < 1:
+        parser.error("--rounds, --steps, --repeats and --warmup-steps must be at least 1, --target between 0 and 1")
+    image_only = [f for f in args.frameworks if f not in LOCAL_FRAMEWORKS]
+    if image_only:
+        parser.error(f"--frameworks: {', '.join(image_only)} run only in their own images; "
+                     f"choose among {', '.join(LOCAL_FRAMEWORKS)}")
+
+    timing = ["--warmup-steps", str(args.warmup_steps), "--steps", str(args.steps), "--repeats", str(args.repeats)]
+    backend = VirtualenvBackend()
+    pairs = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for framework in args.frameworks:
+            backend.prepare_environment(framework, "cpu")
+            python = backend.environment_path(framework, "cpu") / "bin" / "python"
+            for task in args.tasks:
+                spec = TASKS[task]
+                pair = Pair(framework, task, spec.default_batch_size("cpu"), spec.default_image_size("cpu"))
+                try:
+                    for _ in range(args.rounds):
+                        pair.plain_s.append(plain_step_time(python, framework, task, timing))
+                        pair.cell_s.append(cell_step_time(python, framework, task, timing, Path(scratch)))
+                except (RuntimeError, subprocess.TimeoutExpired) as error:
+                    pair.error = str(error)
+                pairs.append(pair)
+                print(f"{framework} {task}: " + (f"{pair.ratio:.3f}" if pair.ratio else f"failed: {pair.error}"),
+                      file=sys.stderr, flush=True)
+
+    rows = [[p.framework, p.task, p.batch_size,
+             f"{statistics.median(p.plain_s) * 1000:.1f}" if p.plain_s else "",
+             f"{statistics.median(p.cell_s) * 1000:.1f}" if p.cell_s else "",
+             f"{p.ratio:.3f}" if p.ratio else f"failed: {p.error}"] for p in pairs]
+    print(tabulate(rows, headers=["framework", "task", "batch", "plain loop ms/step", "bench cell ms/step",
+                                  "cell / plain"]))
+    write_text_atomic(args.out, json.dumps({
+        "host": socket.gethostname(), "cpu_count": os.cpu_count(), "target": args.target, "rounds": args.rounds,
+        "warmup_steps": args.warmup_steps, "steps": args.steps, "repeats": args.repeats,
+        "pairs": [dict(asdict(p), ratio=p.ratio) for p in pairs]}, indent=2) + "\n")
+    over = [p for p in pairs if p.ratio is None or p.ratio > 1 + args.target]
+    for p in over:
+        print(f"overhead: {p.framework} {p.task}: " + (f"{p.ratio - 1:+.1%}" if p.ratio else "failed"), file=sys.stderr)
+    return 1 if over else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
