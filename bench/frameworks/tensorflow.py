@@ -411,7 +411,7 @@ class Densenet121Xray:
             self.optimizer.build(self.model.trainable_variables)
         # Per example: the mean over the 14 labels of sigmoid cross-entropy.
         self.per_example_loss = tf.keras.losses.BinaryCrossentropy(from_logits=True, reduction=None)
-        # Traced once for the batches the strategy distributes (their specs depend on the strategy).
+        # No input signature: the batches come as the strategy distributes them (one trace a run).
         self._train_step = tf.function(self._replicated_step)
         # The sigmoid in float32, as the loss's.
         self._predict = tf.function(lambda x: tf.sigmoid(_float32(self.model(x, training=False))),
