@@ -181,10 +181,21 @@ def _float32(outputs: mx.nd.NDArray) -> mx.nd.NDArray:
     return outputs if outputs.dtype == np.float32 else mx.nd.amp_cast(outputs, dtype="float32")
 
 
-def _on(array, ctx: mx.Context, dtype: str | None = None) -> mx.nd.NDArray:
-    """A numpy batch (or an NDArray from a loader) copied to ``ctx``. The copy waits for no queued
-    work: nothing blocks inside a step, MXNet's engine queues it and returns at once."""
-    return mx.nd.array(array, ctx=ctx, dtype=dtype or array.dtype)
+def _host(array, ctx: mx.Context, dtype: str | None = None) -> mx.nd.NDArray:
+    """A numpy batch as an NDArray in host memory from which MXNet's engine copies it to ``ctx``
+    asynchronously: page-locked for a GPU (a copy from pageable memory would block the step
+    until it is done), ``ctx`` itself for a CPU (no copy beyond this one). A loader's batch is
+    an NDArray already, page-locked by the loader for GPUs."""
+    if isinstance(array, mx.nd.NDArray):
+        return array
+    host = mx.cpu_pinned(ctx.device_id) if ctx.device_type == "gpu" else ctx
+    return mx.nd.array(array, ctx=host, dtype=dtype or array.dtype)
+
+
+def _on(array: np.ndarray, ctx: mx.Context, dtype: str | None = None) -> mx.nd.NDArray:
+    """A numpy batch on ``ctx``: the engine queues the copy to a GPU and returns at once."""
+    batch = _host(array, ctx, dtype)
+    return batch.copyto(ctx) if ctx.device_type == "gpu" else batch
 
 
 def build_cnn_cifar10(spec: TaskSpec) -> nn.HybridSequential:
@@ -477,8 +488,8 @@ class Densenet121Xray:
     def train_step(self, images, labels) -> None:
         # The global batch in equal slices, one per replica; each replica's forward and backward
         # queue on its own context and run concurrently.
-        xs = gluon.utils.split_and_load(images, self.contexts)
-        ys = gluon.utils.split_and_load(labels, self.contexts)
+        xs = gluon.utils.split_and_load(_host(images, self.contexts[0]), self.contexts)
+        ys = gluon.utils.split_and_load(_host(labels, self.contexts[0]), self.contexts)
         with autograd.record():
             losses = [self.loss_fn(_float32(self.net(x)), y) for x, y in zip(xs, ys)]
             self.mixed.backward(losses, self.trainer)
@@ -494,7 +505,7 @@ class Densenet121Xray:
     def predict(self, images) -> np.ndarray:
         # A last test batch may be smaller than the replicas: as many slices as examples then.
         contexts = self.contexts[:len(images)]
-        xs = gluon.utils.split_and_load(images, contexts, even_split=False)
+        xs = gluon.utils.split_and_load(_host(images, contexts[0]), contexts, even_split=False)
         return np.concatenate([mx.nd.sigmoid(_float32(self.net(x))).asnumpy() for x in xs])
 
     def input_pipeline(self, files, stored_size: int, batch_size: int, training: bool, seed: int):
