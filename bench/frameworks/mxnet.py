@@ -3,6 +3,7 @@ data parallelism (split_and_load, a kvstore) and a gluon.data input pipeline."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import re
@@ -431,10 +432,36 @@ def build_densenet121(spec: TaskSpec) -> nn.HybridSequential:
     return net
 
 
+@functools.lru_cache(maxsize=None)
+def _resampling(source: int, target: int) -> mx.nd.sparse.CSRNDArray:
+    """Pillow's bilinear resampling of ``source`` pixels to ``target`` as a sparse (target, source)
+    matrix: a triangle filter at each output pixel's centre whose support widens by the reduction
+    factor when it shrinks (the antialiasing), its weights normalised to sum to 1."""
+    scale = source / target
+    support = max(scale, 1.0)
+    centres = (np.arange(target) + 0.5) * scale
+    weights = np.maximum(0.0, 1.0 - np.abs(np.arange(source) + 0.5 - centres[:, None]) / support)
+    return mx.nd.sparse.csr_matrix(weights / weights.sum(axis=1, keepdims=True), dtype="float32")
+
+
+def _resize_bilinear(image: mx.nd.NDArray, size: int) -> mx.nd.NDArray:
+    """An HWC uint8 image resized to size × size with Pillow's antialiased bilinear filter, the
+    other frameworks' (mx.image.imresize is OpenCV's INTER_LINEAR, which does not widen its
+    filter and aliases when it shrinks). Two sparse products, rows then columns, in float32;
+    Pillow rounds to 8 bits between its passes, this once at the end: a value differs from
+    Pillow's by one level at most."""
+    height, width, channels = image.shape
+    rows = mx.nd.sparse.dot(_resampling(height, size), image.reshape((height, -1)).astype("float32"))
+    columns = rows.reshape((size, width, channels)).transpose((1, 0, 2)).reshape((width, -1))
+    resized = mx.nd.sparse.dot(_resampling(width, size), columns).reshape((size, size, channels))
+    # Weighted means of 0-255 values: rounded, they are 8-bit again.
+    return mx.nd.round(resized.transpose((1, 0, 2))).astype("uint8")
+
+
 class XrayImages(gluon.data.Dataset):
-    """ChestX-ray14 files as CHW float32 [0, 1] images: decoded and resized with MXNet's OpenCV,
-    cropped (and flipped) with offsets drawn from (seed, index), so that any worker process
-    draws the same augmentation for an example."""
+    """ChestX-ray14 files as CHW float32 [0, 1] images: decoded with MXNet's OpenCV, resized with
+    Pillow's filter, cropped (and flipped) with offsets drawn from (seed, index), so that any
+    worker process draws the same augmentation for an example."""
 
     def __init__(self, files, stored_size: int, size: int, training: bool, seed: int):
         self.paths, self.labels = files.paths, files.labels
@@ -447,7 +474,7 @@ class XrayImages(gluon.data.Dataset):
     def __getitem__(self, index: int):
         image = mx.image.imread(self.paths[index], flag=1)  # 3-channel RGB from gray, RGB or RGBA
         if image.shape[:2] != (self.stored_size, self.stored_size):
-            image = mx.image.imresize(image, self.stored_size, self.stored_size, interp=1)  # bilinear
+            image = _resize_bilinear(image, self.stored_size)
         if self.training:
             rng = np.random.default_rng((self.seed, index))
             x0, y0 = (int(offset) for offset in rng.integers(0, self.stored_size - self.size + 1, size=2))
