@@ -1,8 +1,12 @@
 """Chainer: chainer.Chain models, chainer.optimizers, a define-by-run training loop."""
 from __future__ import annotations
 
+import atexit
 import ctypes
+import functools
+import multiprocessing
 import os
+import queue
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +14,8 @@ import chainer
 import chainer.functions as F
 import chainer.links as L
 from chainer.backends import cuda
+# MultiprocessParallelUpdater's module: its gradient packing, and CuPy's NCCL where CuPy has it.
+from chainer.training.updaters import multiprocess_parallel_updater as multiprocess_updater
 from PIL import Image
 
 from .. import precision
@@ -23,7 +29,8 @@ def describe(run: RunOptions) -> dict:
     return {
         "framework": "chainer",
         "framework_version": chainer.__version__,
-        # Chainer's CPU convolutions are im2col + numpy matrix products: numpy's BLAS threads.
+        # Chainer's CPU convolutions are im2col + numpy matrix products: numpy's BLAS threads, per
+        # process (a data-parallel run has one per replica).
         "threads": _blas_threads(),
         "interop_threads": None,  # no inter-op pool: Chainer runs one function after another
         "cuda": _cuda_version() if on_gpu else None,
@@ -86,9 +93,9 @@ def _seed(device: str, seed: int) -> None:
 def configure(run: RunOptions) -> None:
     _seed(run.device, run.seed)
     # bench.environment.limit_threads set OPENBLAS_NUM_THREADS before numpy loaded; say it again.
-    set_num_threads = _openblas("set_num_threads")
-    if run.threads and set_num_threads:
-        set_num_threads(run.threads)
+    set_num_threads, threads = _openblas("set_num_threads"), _threads_per_process(run)
+    if threads and set_num_threads:
+        set_num_threads(threads)
     # Argument type checks on every function call are a debugging aid; they cost Python time.
     chainer.global_config.type_check = False
     if run.device == "gpu":
@@ -102,7 +109,13 @@ def configure(run: RunOptions) -> None:
         # mixed16, before any model is built: links create float16 weights (batch norm float32
         # ones) and compute in float16; the optimizers keep float32 copies (_setup_optimizer).
         chainer.global_config.dtype = chainer.mixed16
-    # CPU "devices" need nothing here: every CPU replica is a numpy copy of the model.
+
+
+def _threads_per_process(run: RunOptions) -> int | None:
+    """run.threads; a data-parallel run has one process per replica, which share the threads."""
+    if run.devices == 1:
+        return run.threads
+    return max(1, (run.threads or _blas_threads() or os.cpu_count()) // run.devices)
 
 
 def device_memory_peak(run: RunOptions) -> int | None:
@@ -137,7 +150,14 @@ def _setup_optimizer(optimizer: chainer.Optimizer, model: chainer.Link, run: Run
 
 def _images(device: chainer.backend.Device, images: np.ndarray):
     """A batch of images on the device in the dtype the layers compute in: float16 under mixed16
-    (chainer.get_dtype()), float32 otherwise (no copy)."""
+    (chainer.get_dtype()), float32 otherwise (no copy).
+
+    Every host batch goes to a GPU through device.send, that is cupy.asarray, which stages it in
+    pinned memory and copies it asynchronously on the current stream, the one that computes: the
+    host does not wait, and the kernels that read the batch queue behind its copy. A separate copy
+    stream (to_gpu's deprecated stream argument) would overlap the copy with compute, but CuPy's
+    memory pool, which keeps freed blocks per stream and has no record_stream, could then hand a
+    batch still being read to the next copy."""
     return device.send(images).astype(chainer.get_dtype(), copy=False)
 
 
@@ -522,68 +542,202 @@ class XrayImages(chainer.dataset.DatasetMixin):
         return np.ascontiguousarray(pixels), self.labels[index]
 
 
+# How long a rank waits for the others in the gradients' all-reduce, or for a reply, before failing.
+_COLLECTIVE_TIMEOUT_S = 600
+
+
+class NcclMean:
+    """Gradients averaged over the GPUs as MultiprocessParallelUpdater exchanges them: packed into
+    one float32 buffer (gather_grads), summed by NCCL's all-reduce on the stream that computed
+    them, divided and unpacked (scatter_grads)."""
+
+    def __init__(self, devices: int, comm_id: tuple, rank: int):
+        self.devices = devices
+        self.communicator = multiprocess_updater.nccl.NcclCommunicator(devices, comm_id, rank)
+
+    def __call__(self, model: chainer.Link) -> None:
+        packed = multiprocess_updater.gather_grads(model)  # float32 whatever the parameters' type
+        nccl = multiprocess_updater.nccl
+        self.communicator.allReduce(packed.data.ptr, packed.data.ptr, packed.size, nccl.NCCL_FLOAT, nccl.NCCL_SUM,
+                                    cuda.Stream.null.ptr)
+        packed /= self.devices
+        multiprocess_updater.scatter_grads(model, packed)
+
+
+class SharedMemoryMean:
+    """Gradients averaged over CPU processes: each rank packs its gradients into its row of a
+    shared buffer, in MultiprocessParallelUpdater's order (sorted parameter names); once every
+    row is written, every rank takes the mean of the rows in the same order, so all get the
+    same values."""
+
+    def __init__(self, devices: int, rows, barrier, rank: int):
+        self.rows = np.frombuffer(rows, dtype=np.float32).reshape(devices, -1)
+        self.barrier, self.rank = barrier, rank
+
+    def __call__(self, model: chainer.Link) -> None:
+        params = [param for _, param in sorted(model.namedparams())]
+        np.concatenate([param.grad.ravel() for param in params], out=self.rows[self.rank])
+        self.barrier.wait()
+        mean = self.rows.mean(axis=0)
+        self.barrier.wait()  # every rank has read the rows: the next step may write them
+        offset = 0
+        for param in params:
+            param.grad[...] = mean[offset:offset + param.size].reshape(param.shape)
+            offset += param.size
+
+
+def _gradient_mean(run: RunOptions, parameters: int) -> functools.partial:
+    """What each rank calls with its rank to make its gradient averager (in its own process)."""
+    if run.device == "gpu":
+        return functools.partial(NcclMean, run.devices, multiprocess_updater.nccl.get_unique_id())
+    context = multiprocessing.get_context("spawn")
+    return functools.partial(SharedMemoryMean, run.devices, context.RawArray("f", run.devices * parameters),
+                             context.Barrier(run.devices, timeout=_COLLECTIVE_TIMEOUT_S))
+
+
+class DensenetReplica:
+    """One replica of the data-parallel model on its device: rank 0 runs it in the bench's
+    process, ranks 1..N-1 each in a worker process, as MultiprocessParallelUpdater and ChainerMN
+    run them. Every rank starts from the same seeded weights and, with several ranks, averages
+    its gradients with the others' before its Adam step (ChainerMN's multi-node optimizer), so
+    the replicas stay identical."""
+
+    def __init__(self, spec: TaskSpec, run: RunOptions, rank: int):
+        _seed(run.device, run.seed)  # the same initial weights on every rank
+        self.device = _chainer_device(run.device, rank)  # GPU: rank r uses the r-th visible GPU
+        self.device.use()
+        self.model = Densenet121(spec.num_classes)
+        self.model.to_device(self.device)
+        adam = chainer.optimizers.Adam(alpha=run.learning_rate)  # already × devices
+        self.optimizer = _setup_optimizer(adam, self.model, run)
+        self.gradient_mean = None  # set once every rank has started
+        self.last_loss = None
+
+    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
+        x = _images(self.device, images)
+        t = self.device.send(np.asarray(labels).astype(np.int32))  # sigmoid_cross_entropy takes int labels
+        self.model.cleargrads()
+        with chainer.using_config("train", True):
+            # normalize=True: the mean over every label of every image in the shard.
+            loss = F.sigmoid_cross_entropy(_float32(self.model(x)), t, normalize=True)
+        # Optimizer.update(lossfun) split where ChainerMN splits it, to average the gradients
+        # between backward and the update; with fp16 backward scales the loss dynamically.
+        loss.backward(loss_scale=self.optimizer._loss_scale)
+        if self.gradient_mean:
+            self.gradient_mean(self.model)
+        self.optimizer.update()
+        self.last_loss = loss.array
+
+    def read_loss(self) -> float:
+        """The last step's loss, after the device has finished all queued work."""
+        _synchronize(self.device)
+        return float(self.last_loss)
+
+
+def _replica_worker(rank: int, spec: TaskSpec, run: RunOptions, gradient_mean: functools.partial,
+                    commands: multiprocessing.Queue, replies: multiprocessing.Queue) -> None:
+    """Rank ``rank``'s process: trains on the shards rank 0 sends until told to stop (None), or
+    until rank 0's process has gone."""
+    configure(run)  # the same settings as rank 0's, its share of the threads
+    replica = DensenetReplica(spec, run, rank)
+    replica.gradient_mean = gradient_mean(rank=rank)
+    parent = multiprocessing.parent_process()
+    while True:
+        try:
+            command = commands.get(timeout=1.0)
+        except queue.Empty:
+            if parent is None or parent.is_alive():
+                continue
+            break
+        if command is None:
+            break
+        if command == "loss":
+            replies.put(replica.read_loss())
+        else:
+            replica.train_step(*command)
+
+
+# The DenseNet instance whose worker processes are alive: one at a time.
+_live_densenet: Densenet121Xray | None = None
+
+
 class Densenet121Xray:
     parameter_note = None
 
     def __init__(self, spec: TaskSpec, run: RunOptions):
-        _seed(run.device, run.seed)
+        global _live_densenet
+        if _live_densenet is not None:  # full mode builds a fresh model per repeat
+            _live_densenet.close()
         self.layout = "NCHW"
+        self.devices = run.devices
         self.input_size = run.input_shape[-1]
-        # Chainer's multi-device training (training.updaters.ParallelUpdater) in train_step:
-        # one model per device, "main" on the first; '@numpy' for every CPU replica.
-        self.devices = [_chainer_device(run.device, index) for index in range(run.devices)]
-        self.devices[0].use()
-        self.model = Densenet121(spec.num_classes)
-        replicas = [self.model] + [self.model.copy(mode="copy") for _ in self.devices[1:]]
-        for replica, device in zip(replicas, self.devices):
-            replica.to_device(device)
-        self.replicas = list(zip(replicas, self.devices))
-        adam = chainer.optimizers.Adam(alpha=run.learning_rate)  # already × devices
-        self.optimizer = _setup_optimizer(adam, self.model, run)
         self.loader_workers = run.loader_workers  # the image decoding threads
-        self._last_losses = []
+        self.workers: list[multiprocessing.Process] = []
+        self.commands: list[multiprocessing.Queue] = []
+        self.rank0 = DensenetReplica(spec, run, rank=0)
+        self.model = self.rank0.model
+        if run.devices > 1:
+            gradient_mean = _gradient_mean(run, _trainable_parameters(self.model))
+            self._start_workers(spec, run, gradient_mean)
+            _live_densenet = self
+            self.rank0.gradient_mean = gradient_mean(rank=0)  # NCCL: waits for every rank to join
+
+    def _start_workers(self, spec: TaskSpec, run: RunOptions, gradient_mean: functools.partial) -> None:
+        """One process per further replica, spawned: a clean interpreter, safe with CUDA."""
+        context = multiprocessing.get_context("spawn")
+        self.replies = context.Queue()
+        for rank in range(1, run.devices):
+            commands = context.Queue()
+            worker = context.Process(target=_replica_worker, daemon=True, name=f"densenet-rank{rank}",
+                                     args=(rank, spec, run, gradient_mean, commands, self.replies))
+            worker.start()
+            self.workers.append(worker)
+            self.commands.append(commands)
+
+    def close(self) -> None:
+        """Stop the worker processes (a no-op with one device)."""
+        global _live_densenet
+        for commands in self.commands:
+            commands.put(None)
+        for worker in self.workers:
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.terminate()
+                worker.join()
+        for commands in self.commands:
+            commands.close()
+        self.workers, self.commands = [], []
+        if _live_densenet is self:
+            _live_densenet = None
 
     def parameter_count(self) -> int:
         return _trainable_parameters(self.model)
 
+    def _send(self, commands: list[object]) -> None:
+        """commands[r - 1] to rank r, each worker checked first: a dead rank would leave the
+        others waiting in the all-reduce."""
+        for rank, (worker, inbox, command) in enumerate(zip(self.workers, self.commands, commands), start=1):
+            if not worker.is_alive():
+                raise RuntimeError(f"DenseNet replica {rank} exited (code {worker.exitcode})")
+            inbox.put(command)
+
     def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
-        """ParallelUpdater.update_core on a given global batch: each replica takes its slice,
-        the replicas' gradients are added into the main model's, the main model is updated and
-        its parameters copied back. On GPUs the replicas' kernels run concurrently (each device
-        has its own queue); on the CPU they run in turn: Chainer has no concurrent CPU data
-        parallelism. As in ParallelUpdater, the gradient is the sum of the replicas' mean-loss
-        gradients, which Adam's update does not depend on (up to epsilon)."""
-        size = len(images) // len(self.replicas)
-        targets = np.asarray(labels).astype(np.int32)  # sigmoid_cross_entropy takes int labels
-        losses = []
-        for replica, _ in self.replicas:
-            replica.cleargrads()
-        with chainer.using_config("train", True):
-            for index, (replica, device) in enumerate(self.replicas):
-                part = slice(index * size, (index + 1) * size)
-                with chainer.using_device(device):
-                    logits = _float32(replica(_images(device, images[part])))
-                    # normalize=True: the mean over every label of every image in the slice.
-                    losses.append(F.sigmoid_cross_entropy(logits, device.send(targets[part]), normalize=True))
-        # With fp16 the optimizer's dynamic loss scale, which Optimizer.update(lossfun) would
-        # backpropagate with (ParallelUpdater takes a static one only); None otherwise.
-        for loss in losses:
-            loss.backward(loss_scale=self.optimizer._loss_scale)
-        for replica, _ in self.replicas[1:]:
-            self.model.addgrads(replica)
-        self.optimizer.update()
-        for replica, _ in self.replicas[1:]:
-            replica.copyparams(self.model)
-        self._last_losses = [loss.array for loss in losses]
+        """One step on a global batch: shard r goes to rank r, shard 0 is trained here, while the
+        other ranks train theirs."""
+        image_shards, label_shards = np.array_split(images, self.devices), np.array_split(labels, self.devices)
+        self._send(list(zip(image_shards[1:], label_shards[1:])))
+        self.rank0.train_step(image_shards[0], label_shards[0])
 
     def loss(self) -> float:
-        """The mean of the replicas' losses of the last step, after every device has finished."""
-        for _, device in self.replicas:
-            _synchronize(device)
-        return float(np.mean([float(cuda.to_cpu(loss)) for loss in self._last_losses]))
+        """The last step's loss, averaged over the replicas once every rank has finished it."""
+        self._send(["loss"] * len(self.workers))
+        losses = [self.rank0.read_loss()]
+        losses += [self.replies.get(timeout=_COLLECTIVE_TIMEOUT_S) for _ in self.workers]
+        return float(np.mean(losses))
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        device = self.devices[0]
+        """Label probabilities, on rank 0's replica (all replicas hold the same weights)."""
+        device = self.rank0.device
         with chainer.using_config("train", False), chainer.no_backprop_mode():
             return cuda.to_cpu(F.sigmoid(_float32(self.model(_images(device, images)))).array)
 
@@ -605,6 +759,13 @@ class Densenet121Xray:
                 yield chainer.dataset.concat_examples(batch)
         finally:
             iterator.finalize()
+
+
+@atexit.register
+def _close_live_densenet() -> None:
+    """Stop the workers cleanly when the bench exits (they are daemons: killed otherwise)."""
+    if _live_densenet is not None:
+        _live_densenet.close()
 
 
 TASKS = {
