@@ -1,5 +1,11 @@
 """PyTorch: nn.Module models, torch.optim optimisers, an eager training loop; DenseNet-121
-data-parallel with DistributedDataParallel (one process per replica) fed by a DataLoader."""
+data-parallel with DistributedDataParallel, one process per replica, each loading its own shard
+of every global batch: with its own DataLoader over its DistributedSampler partition of the
+files, or as its rows of array data that every process holds once, in shared memory.
+
+loader_workers means what it means in every other framework, the workers of the one pipeline
+that decodes a global batch: a data-parallel run splits them over its processes' loaders (at
+least one each), as it splits the threads; scoring, on rank 0 alone, runs them all."""
 from __future__ import annotations
 
 import atexit
@@ -9,7 +15,7 @@ import queue
 import socket
 from collections import OrderedDict
 from datetime import timedelta
-from typing import Callable
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -490,15 +496,52 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+class LoaderStep(NamedTuple):
+    """A global batch of image files as input_pipeline yields it when training: which step of
+    which epoch (named by its seed) every rank's own loader is to produce its shard of."""
+    seed: int
+    step: int
+
+
+def _rows_of(inputs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """The arrays a global batch of array data is consecutive rows of (the protocol slices
+    batches out of the whole data set) and its first row there; the batch itself where it is not
+    such a slice."""
+    x, y = _whole(inputs), _whole(labels)
+    start = _first_row(inputs, x)
+    if start is None or start != _first_row(labels, y):
+        return np.ascontiguousarray(inputs), np.ascontiguousarray(labels), 0
+    return x, y, start
+
+
+def _whole(rows: np.ndarray) -> np.ndarray:
+    while isinstance(rows.base, np.ndarray):
+        rows = rows.base
+    return rows
+
+
+def _first_row(rows: np.ndarray, whole: np.ndarray) -> int | None:
+    """k where ``rows`` is whole[k:k + len(rows)] of a contiguous ``whole``, else None."""
+    if not whole.flags.c_contiguous or rows.shape[1:] != whole.shape[1:] or rows.strides != whole.strides:
+        return None
+    row, within = divmod(rows.ctypes.data - whole.ctypes.data, whole.strides[0])
+    return row if within == 0 and 0 <= row <= len(whole) - len(rows) else None
+
+
 class DensenetReplica:
-    """One replica of the data-parallel model: rank 0 runs it in the bench's process, ranks 1..N-1
-    each in a worker process. With several ranks the module is wrapped in DistributedDataParallel,
+    """One rank of the data-parallel model: rank 0 runs in the bench's process, ranks 1..N-1 each
+    in a worker process. With several ranks the module is wrapped in DistributedDataParallel,
     which all-reduces (averages) the gradients during backward, so every rank's Adam step keeps
-    the replicas identical."""
+    the replicas identical. Each rank loads its own shard of every global batch: from its own
+    DataLoader over its partition of the files, or as rows of the array data it holds."""
 
     def __init__(self, spec: TaskSpec, run: RunOptions, rank: int):
+        self.rank, self.ranks = rank, run.devices
         self.device = _torch_device(run.device, rank)  # GPU: rank r uses the r-th visible GPU
         self.layout, self.memory_format = _image_format(run.device)
+        self.crop_size = run.input_shape[-1]
+        # The run's loader workers decode a global batch: each rank's loader has its share.
+        self.loader_workers = max(1, run.loader_workers // run.devices)
         torch.manual_seed(run.seed)  # the same initial weights on every rank
         self.model = DenseNet121(spec).to(self.device, memory_format=self.memory_format)
         self.replica: nn.Module = self.model
@@ -513,6 +556,38 @@ class DensenetReplica:
         self.optimizer = torch.optim.Adam(self.replica.parameters(), lr=run.learning_rate)
         self.mixed = MixedPrecision(run, self.device)  # a scaler per rank, all seeing the same reduced gradients
         self.last_loss = torch.zeros((), device=self.device)
+        self.shards: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None  # this epoch's, from the loader
+        self.next_step: LoaderStep | None = None
+        self.arrays: tuple[np.ndarray, np.ndarray] | None = None  # inputs and labels the batches are rows of
+
+    def start_epoch(self, files: ImageFiles, stored_size: int, batch_size: int, seed: int) -> int:
+        """Start this rank's loader over its partition of the epoch's shuffled files: the
+        partitions of DistributedSampler, whose shards of step k make up global batch k of the
+        order the seed draws. Returns the steps of the epoch, the same on every rank."""
+        images = ChestXrayImages(files, stored_size, self.crop_size, True, seed)
+        sampler = torch.utils.data.DistributedSampler(images, num_replicas=self.ranks, rank=self.rank,
+                                                      shuffle=True, seed=seed, drop_last=True)
+        loader = torch.utils.data.DataLoader(
+            images, batch_size=batch_size // self.ranks, sampler=sampler, drop_last=True,
+            num_workers=self.loader_workers, pin_memory=self.device.type == "cuda")  # pinned: asynchronous copies
+        self.shards, self.next_step = iter(loader), LoaderStep(seed, 0)
+        return len(loader)
+
+    def train_on_next_shard(self, step: LoaderStep) -> None:
+        if step != self.next_step:
+            raise RuntimeError(f"rank {self.rank} is at {self.next_step} of its loader, asked for {step}")
+        self.next_step = LoaderStep(step.seed, step.step + 1)
+        self.train_step(*next(self.shards))
+
+    def hold_arrays(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+        self.arrays = inputs.numpy(), labels.numpy()
+
+    def train_on_rows(self, start: int, stop: int) -> None:
+        """Global batch = rows start..stop of the arrays held; this rank trains on its share."""
+        size = stop - start
+        shard = slice(start + size * self.rank // self.ranks, start + size * (self.rank + 1) // self.ranks)
+        inputs, labels = self.arrays
+        self.train_step(inputs[shard], labels[shard])
 
     def train_step(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> None:
         self.replica.train()
@@ -527,15 +602,20 @@ class DensenetReplica:
 
     def mean_loss(self) -> torch.Tensor:
         """The last step's loss averaged over the ranks (a collective: every rank calls it)."""
+        if self.ranks == 1:
+            return self.last_loss
         loss = self.last_loss.clone()
         dist.all_reduce(loss)
-        return loss / dist.get_world_size()
+        return loss / self.ranks
 
 
 def _replica_worker(rank: int, spec: TaskSpec, run: RunOptions, threads: int, interop_threads: int,
                     commands: mp.Queue) -> None:
-    """Rank ``rank``'s process: trains on the shards rank 0 sends until told to stop (None), or
-    until rank 0's process has gone."""
+    """Rank ``rank``'s process: runs the methods rank 0 names, (method, arguments), until told
+    to stop (None), or until rank 0's process has gone."""
+    # Spawning made "spawn" this process's default: its loaders' workers start the platform's
+    # way instead (fork on Linux), as on rank 0, not as fresh interpreters every epoch.
+    mp.set_start_method(mp.get_all_start_methods()[0], force=True)
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(interop_threads)
     _set_math_modes(run)
@@ -550,10 +630,8 @@ def _replica_worker(rank: int, spec: TaskSpec, run: RunOptions, threads: int, in
             break
         if command is None:
             break
-        if command == "loss":
-            replica.mean_loss()
-        else:
-            replica.train_step(*command)
+        method, arguments = command
+        getattr(replica, method)(*arguments)
     dist.destroy_process_group()
 
 
@@ -575,15 +653,17 @@ class Densenet121Xray:
             _live_densenet = self
         self.rank0 = DensenetReplica(spec, run, rank=0)
         self.device = self.rank0.device
+        self.held: tuple[np.ndarray, np.ndarray] | None = None  # the arrays every rank holds
 
     def _start_workers(self, spec: TaskSpec, run: RunOptions) -> None:
         """One process per further replica (spawned: a clean interpreter, safe with CUDA), each
-        with this process's share of the threads (configure)."""
+        with this process's share of the threads (configure). Not daemons: their loaders start
+        worker processes of their own."""
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
         context = mp.get_context("spawn")
         for rank in range(1, run.devices):
             commands = context.Queue()
-            worker = context.Process(target=_replica_worker, daemon=True, name=f"densenet-rank{rank}",
+            worker = context.Process(target=_replica_worker, name=f"densenet-rank{rank}",
                                      args=(rank, spec, run, torch.get_num_threads(),
                                            torch.get_num_interop_threads(), commands))
             worker.start()
@@ -611,31 +691,36 @@ class Densenet121Xray:
     def parameter_count(self) -> int:
         return _parameter_count(self.rank0.model)
 
-    def _send(self, commands: list[object]) -> None:
-        """commands[r - 1] to rank r, each worker checked first: a dead rank would leave the
-        others waiting in a collective."""
-        for rank, (worker, inbox, command) in enumerate(zip(self.workers, self.commands, commands), start=1):
+    def _on_every_rank(self, method: str, *arguments: object) -> object:
+        """DensenetReplica.method(*arguments) on every rank (workers first, each checked: a dead
+        rank would leave the others waiting in a collective); rank 0's result."""
+        for rank, (worker, inbox) in enumerate(zip(self.workers, self.commands), start=1):
             if not worker.is_alive():
                 raise RuntimeError(f"DenseNet replica {rank} exited (code {worker.exitcode})")
-            inbox.put(command)
+            inbox.put((method, arguments))
+        return getattr(self.rank0, method)(*arguments)
 
-    def train_step(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> None:
-        """One step on a global batch: shard r goes to rank r, shard 0 is trained here."""
-        x, y = _nchw(images, self.layout), _as_tensor(labels)
-        if self.workers:
-            # Ranks receive views of one shared-memory copy (a loader's batch is there already).
-            x, y = x.share_memory_(), y.share_memory_()
-            x_shards, y_shards = torch.tensor_split(x, self.devices), torch.tensor_split(y, self.devices)
-            self._send(list(zip(x_shards[1:], y_shards[1:])))
-            x, y = x_shards[0], y_shards[0]
-        self.rank0.train_step(x, y)
+    def _share(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        return tensor.share_memory_() if self.workers else tensor  # the ranks map one copy
+
+    def train_step(self, inputs: LoaderStep | np.ndarray, labels: np.ndarray | None) -> None:
+        """One step on a global batch, each rank loading its own shard: a LoaderStep from
+        input_pipeline, which every rank's loader decodes its shard of; or rows of array data,
+        which the ranks hold once (shared memory) and index themselves."""
+        if isinstance(inputs, LoaderStep):
+            self._on_every_rank("train_on_next_shard", inputs)
+            return
+        x, y, start = _rows_of(inputs, labels)
+        if self.held is None or self.held[0] is not x or self.held[1] is not y:
+            self.held = None  # the previous arrays can go before the next are copied
+            self._on_every_rank("hold_arrays", self._share(x), self._share(y))
+            self.held = x, y  # held here too: an id is not reused while the array lives
+        self._on_every_rank("train_on_rows", start, start + len(inputs))
 
     def loss(self) -> float:
         """The last step's loss, averaged over the replicas once every rank has finished it."""
-        if not self.workers:
-            return _read_loss(self.rank0.last_loss, self.device)
-        self._send(["loss"] * len(self.workers))
-        return _read_loss(self.rank0.mean_loss(), self.device)
+        return _read_loss(self._on_every_rank("mean_loss"), self.device)
 
     def predict(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         """Label probabilities, on rank 0's replica (all replicas hold the same weights)."""
@@ -645,18 +730,25 @@ class Densenet121Xray:
             return torch.sigmoid(model(x).float()).cpu().numpy()
 
     def input_pipeline(self, files: ImageFiles, stored_size: int, batch_size: int, training: bool,
-                       seed: int) -> torch.utils.data.DataLoader:
-        images = ChestXrayImages(files, stored_size, self.crop_size, training, seed)
-        return torch.utils.data.DataLoader(
-            images, batch_size=batch_size, shuffle=training, drop_last=training, num_workers=self.loader_workers,
-            persistent_workers=False, generator=torch.Generator().manual_seed(seed),
-            # Pinned batches copy to the GPU asynchronously; shards for other ranks go through shared memory.
-            pin_memory=self.device.type == "cuda" and not self.workers)
+                       seed: int) -> Iterable[tuple[LoaderStep, None] | tuple[torch.Tensor, torch.Tensor]]:
+        """Training: a LoaderStep per global batch, every rank decoding its own shard. Otherwise
+        (scoring, on rank 0 alone, with all the loader workers): the files in order, decoded."""
+        if training:
+            return self._loader_steps(files, stored_size, batch_size, seed)
+        images = ChestXrayImages(files, stored_size, self.crop_size, False, seed)
+        return torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=self.loader_workers,
+                                           pin_memory=self.device.type == "cuda")
+
+    def _loader_steps(self, files: ImageFiles, stored_size: int, batch_size: int,
+                      seed: int) -> Iterator[tuple[LoaderStep, None]]:
+        steps = self._on_every_rank("start_epoch", files, stored_size, batch_size, seed)
+        for step in range(steps):
+            yield LoaderStep(seed, step), None
 
 
 @atexit.register
 def _close_live_densenet() -> None:
-    """Stop the workers cleanly when the bench exits (they are daemons: killed otherwise)."""
+    """Stop the workers cleanly when the bench exits."""
     if _live_densenet is not None:
         _live_densenet.close()
 
