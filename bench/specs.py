@@ -324,7 +324,8 @@ FRAMEWORK_SPECS = {spec.name: spec for spec in (
     # Chainer's fp16 is mixed16, in float16 kernels of cuDNN and cuBLAS; numpy has no fast float16
     # (no BLAS for it) and neither numpy nor CuPy a bfloat16 type.
     FrameworkSpec("chainer", {"cpu": ("fp32",), "gpu": ("fp32", "tf32", "fp16")},
-                  "replicas updated as training.updaters.ParallelUpdater does"),
+                  "one process per device, gradients averaged (NCCL all-reduce on GPUs, shared memory on CPUs), "
+                  "as MultiprocessParallelUpdater and ChainerMN do"),
     # CNTK 2.7 is built for CUDA 10.0 and cuDNN 7, which predate TF32 and bfloat16, and its float16
     # builds whole networks, weights included, in float16: not the mixed precision of fp16 cells.
     FrameworkSpec("cntk", {"cpu": ("fp32",), "gpu": ("fp32",)},
