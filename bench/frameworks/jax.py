@@ -1,7 +1,7 @@
-"""JAX: Flax NNX modules, optax optimisers, jax.jit-compiled steps over the modules' state (SPMD
-over a device mesh for data parallelism), and a Pillow thread pool for image files (JAX has no
-data loader). Mixed precision the Flax way: float32 parameters, modules computing in the
-``dtype`` they are given."""
+"""JAX: Flax NNX modules, optax optimisers, jax.jit-compiled steps over the modules' state (one
+replica per device of a mesh, under jax.shard_map, for data parallelism), and a Pillow thread
+pool for image files (JAX has no data loader). Mixed precision the Flax way: float32
+parameters, modules computing in the ``dtype`` they are given."""
 from __future__ import annotations
 
 import functools
@@ -171,23 +171,47 @@ def _multilabel_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.sigmoid_binary_cross_entropy(logits, labels).mean()  # over labels and batch
 
 
-# The old state's buffers are donated: XLA writes the new state over them instead of holding two
-# copies (accelerator memory).
-@functools.partial(jax.jit, static_argnames="loss_fn", donate_argnames="state")
-def _train_step(graph: nnx.GraphDef, state: nnx.State, inputs: jax.Array, labels: jax.Array,
-                loss_fn: Callable[[jax.Array, jax.Array], jax.Array]) -> tuple[jax.Array, nnx.State]:
+LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def _step(graph: nnx.GraphDef, state: nnx.State, inputs: jax.Array, labels: jax.Array, loss_fn: LossFn,
+          axis_name: str | None = None) -> tuple[jax.Array, nnx.State]:
+    """One optimiser step. Under jax.shard_map, ``axis_name`` the mesh's batch axis, it is one
+    replica's, as in PyTorch's DistributedDataParallel: forward and backward on the replica's
+    shard of the batch, every batch norm normalising with the shard's own statistics."""
     model, optimizer, dynamic_scale = nnx.merge(graph, state)
 
     def model_loss(model: nnx.Module) -> jax.Array:
         # float32 logits: under mixed precision the softmax or sigmoid and the loss stay float32
-        return loss_fn(model(inputs).astype(jnp.float32), labels)
+        loss = loss_fn(model(inputs).astype(jnp.float32), labels)
+        # The global batch's loss, the mean of the replicas'. shard_map differentiates a replicated
+        # parameter by summing its replicas' gradients (the all-reduce): of this mean, the mean of
+        # theirs. (A pmean of those gradients would count each replica's again.)
+        return loss if axis_name is None else jax.lax.pmean(loss, axis_name)
 
     if dynamic_scale is None:
         loss, grads = nnx.value_and_grad(model_loss)(model)
         optimizer.update(model, grads)  # updates the merged model's parameters in place
     else:
         loss, dynamic_scale = _loss_scaled_update(model, optimizer, dynamic_scale, model_loss)
+    if axis_name is not None:  # the replicas' running statistics averaged: every replica keeps one state
+        nnx.update(model, jax.lax.pmean(nnx.state(model, nnx.BatchStat), axis_name))
     return loss, nnx.state((model, optimizer, dynamic_scale))
+
+
+# The old state's buffers are donated: XLA writes the new state over them instead of holding two
+# copies (accelerator memory).
+_train_step = jax.jit(_step, static_argnames="loss_fn", donate_argnames="state")
+
+
+def _data_parallel_train_step(graph: nnx.GraphDef, loss_fn: LossFn, mesh: Mesh) -> Callable[..., tuple]:
+    """step(state, inputs, labels): one jitted step of a replica on every device of a one-axis
+    mesh (jax.shard_map), the state replicated, the global batch split along the axis."""
+    axis = mesh.axis_names[0]
+    replica_step = jax.shard_map(functools.partial(_step, graph, loss_fn=loss_fn, axis_name=axis), mesh=mesh,
+                                 in_specs=(PartitionSpec(), PartitionSpec(axis), PartitionSpec(axis)),
+                                 out_specs=PartitionSpec())
+    return jax.jit(replica_step, donate_argnums=0)
 
 
 def _loss_scaled_update(model: nnx.Module, optimizer: nnx.Optimizer, dynamic_scale: DynamicScale,
@@ -548,20 +572,18 @@ class Densenet121Xray:
         self.replicas = run.devices
         self.model = DenseNet121(spec, _compute_dtype(run), nnx.Rngs(run.seed))
         optimizer = nnx.Optimizer(self.model, optax.adam(run.learning_rate), wrt=nnx.Param)
-        if run.devices == 1:
-            self._batch_placement: jax.Device | NamedSharding = devices[0]
-            state_placement: jax.Device | NamedSharding = devices[0]
-        else:
-            # Data parallelism the JAX way: a one-axis mesh; the global batch is split along
-            # "data", parameters and optimizer state are replicated; the jitted step then runs
-            # SPMD on every device and XLA inserts the gradient all-reduce. (Batch-norm
-            # statistics are thereby over the global batch, as on one device.)
-            mesh = Mesh(np.array(devices), ("data",))
-            self._batch_placement = NamedSharding(mesh, PartitionSpec("data"))
-            state_placement = NamedSharding(mesh, PartitionSpec())
+        mesh = Mesh(np.array(devices), ("data",))
+        # The global batch split along the mesh's axis; parameters, optimizer state and batch
+        # statistics replicated.
+        self._batch_placement = NamedSharding(mesh, PartitionSpec("data"))
         # Batch norm uses batch statistics in the training graph, running ones in inference.
         self._training, self._inference, self._state = _functional(self.model, optimizer, _dynamic_scale(run),
-                                                                   state_placement)
+                                                                   NamedSharding(mesh, PartitionSpec()))
+        # Data parallelism as every other framework has it: a replica per device, its batch norms
+        # normalising with its own shard's statistics. (jax.jit alone over the split batch would
+        # normalise with the global batch's: sync-BN.)
+        self._step = (functools.partial(_train_step, self._training, loss_fn=_multilabel_loss) if run.devices == 1
+                      else _data_parallel_train_step(self._training, _multilabel_loss, mesh))
         self._last_loss: jax.Array | None = None
 
     def parameter_count(self) -> int:
@@ -570,7 +592,7 @@ class Densenet121Xray:
     def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
         x = jax.device_put(images, self._batch_placement)  # the global batch, split over the mesh
         y = jax.device_put(labels, self._batch_placement)
-        self._last_loss, self._state = _train_step(self._training, self._state, x, y, loss_fn=_multilabel_loss)
+        self._last_loss, self._state = self._step(self._state, x, y)
 
     def loss(self) -> float:
         return _finished_loss(self._last_loss, self._state)
