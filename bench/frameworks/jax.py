@@ -320,7 +320,8 @@ class _SoftmaxClassifier:
         return _parameter_count(self.model)
 
     def train_step(self, inputs: np.ndarray, labels: np.ndarray) -> None:
-        # The numpy batch is copied to the device here, inside the timed step.
+        # The numpy batch is copied to the device here, inside the timed step, once each, and
+        # asynchronously: device_put returns at once, the step queued after it waits for it.
         x = jax.device_put(inputs, self.device)
         y = jax.device_put(labels, self.device)
         self._last_loss, self._state = _train_step(self._training, self._state, x, y,
