@@ -159,7 +159,8 @@ class MixedPrecision:
         self.loss_scaling = run.precision == "fp16"
 
     def trainer(self, params: gluon.ParameterDict, optimizer: str, optimizer_params: dict,
-                kvstore: str = "device") -> gluon.Trainer:
+                kvstore: str | None = None) -> gluon.Trainer:
+        """``kvstore``: how replicas on several contexts sum their gradients; one needs none."""
         # The overflow check comes before the update: the kvstore must not run the update itself.
         trainer = gluon.Trainer(params, optimizer, optimizer_params, kvstore=kvstore,
                                 update_on_kvstore=False if self.loss_scaling else None)
