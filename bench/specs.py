@@ -320,7 +320,7 @@ FRAMEWORK_SPECS = {spec.name: spec for spec in (
     # MXNet's AMP computes in float16 on NVIDIA GPUs; its bfloat16 is oneDNN's, for CPUs with
     # AVX-512 only (elsewhere it cannot create its convolutions): CPUs run fp32 alone.
     FrameworkSpec("mxnet", {"cpu": ("fp32",), "gpu": ("fp32", "tf32", "fp16")},
-                  "a kvstore over the devices (gluon.utils.split_and_load)"),
+                  "an NCCL kvstore over the GPUs, a local one over CPU devices (gluon.utils.split_and_load)"),
     # Chainer's fp16 is mixed16, in float16 kernels of cuDNN and cuBLAS; numpy has no fast float16
     # (no BLAS for it) and neither numpy nor CuPy a bfloat16 type.
     FrameworkSpec("chainer", {"cpu": ("fp32",), "gpu": ("fp32", "tf32", "fp16")},
