@@ -515,6 +515,7 @@ def _rows_of(inputs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def _whole(rows: np.ndarray) -> np.ndarray:
+    """The array whose memory ``rows`` is a view of."""
     while isinstance(rows.base, np.ndarray):
         rows = rows.base
     return rows
