@@ -42,7 +42,9 @@ class ContainerLimits:
     memory: str | None = None  # e.g. "16g"; a cell over it is killed and recorded as out of memory
     cpus: float | None = None
     pids: int | None = 4096
-    shm_size: str = "2g"  # PyTorch's DataLoader workers and DDP pass tensors through /dev/shm
+    # PyTorch's DataLoader workers pass batches, and its data-parallel ranks the
+    # cell's arrays, through /dev/shm: 16 global batches of 224-pixel images on 8 GPUs take 5 GB.
+    shm_size: str = "16g"
 
 
 @dataclass(frozen=True)
