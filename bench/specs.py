@@ -316,7 +316,7 @@ FRAMEWORK_SPECS = {spec.name: spec for spec in (
     # torch loop, outside compile() and Keras's training loop: PyTorch's mechanism, not Keras's.
     FrameworkSpec("keras-torch", _EVERY_PRECISION, None, no_data_parallel=(
         "Keras 3 has no data-parallel mechanism for the torch backend (its distribution API is JAX-only)")),
-    FrameworkSpec("jax", _EVERY_PRECISION, "a one-axis device mesh (jax.sharding)"),
+    FrameworkSpec("jax", _EVERY_PRECISION, "jax.shard_map over a one-axis device mesh, a replica per device"),
     # MXNet's AMP computes in float16 on NVIDIA GPUs; its bfloat16 is oneDNN's, for CPUs with
     # AVX-512 only (elsewhere it cannot create its convolutions): CPUs run fp32 alone.
     FrameworkSpec("mxnet", {"cpu": ("fp32",), "gpu": ("fp32", "tf32", "fp16")},
