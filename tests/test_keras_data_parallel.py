@@ -1,7 +1,7 @@
 """Keras's data-parallel DenseNet-121 trains as every other framework's does: on JAX
 (keras.distribution) each replica normalises its own slice of the batch, as each process or
-replica does elsewhere; on TensorFlow XLA is off at one device as at two, since tf.distribute
-cannot run Keras's step under XLA."""
+replica does elsewhere. (tests/test_integration.py's slow test trains it on two devices, and
+checks that Keras on TensorFlow runs it without XLA there as at one device.)"""
 from __future__ import annotations
 
 import json
@@ -12,8 +12,6 @@ import pytest
 
 from conftest import REPO
 from harness.backends.local import VirtualenvBackend
-from harness.results import load_results
-from test_integration import check_real_data_results, real_data_matrix, run_matrix
 
 # A sharded batch of two replicas through ReplicaBatchNormalization, against the stock layer
 # run on each replica's slice alone.
@@ -58,15 +56,3 @@ def test_keras_on_jax_normalises_each_replicas_slice_with_its_own_statistics():
     errors = json.loads(done.stdout.strip().splitlines()[-1])
     assert errors["outputs"] < 1e-5 and errors["moving_mean"] < 1e-6, errors
     assert errors["inference"] < 1e-5, errors  # fresh moving statistics: the stock layer's inference
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(3000)
-def test_keras_trains_densenet_data_parallel_on_real_data(tmp_path):
-    frameworks = ["keras-tensorflow", "keras-jax"]
-    done = run_matrix(real_data_matrix(tmp_path, frameworks, lambda f: 2), tmp_path / "results", timeout=2400)
-    assert done.returncode == 0, done.stderr
-    check_real_data_results(tmp_path, frameworks, lambda f: 2)
-    for _, result in load_results(tmp_path / "results" / "cells").results:
-        if result.cell.task == "densenet121_xray":
-            assert result.env["math_modes"]["xla"] is (result.cell.framework == "keras-jax")
