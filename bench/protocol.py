@@ -26,6 +26,11 @@ An implementation (one class per task in each ``bench/frameworks/<name>.py``) of
                             image-folder data only: global batches (x, y) from the framework's
                             own loader: decode, resize to stored_size, random crop to the input
                             size and random horizontal flip when training, centre crop otherwise
+    array_batches(inputs, labels, batch_size, order)
+                            optional, array data: the global batches for train_step of the rows
+                            in ``order`` (None: as stored), whole batches only; where absent,
+                            slices of the reordered arrays. For a data-parallel run whose
+                            replicas load their own shards of the arrays they hold
 
 throughput: warm-up steps (never timed), then ``repeats`` timed blocks of ``steps`` steps; the
 clock stops only after the device has finished (a loss or an output is read back).
@@ -54,6 +59,16 @@ def _batches(inputs: np.ndarray, labels: np.ndarray, batch_size: int) -> List[Ba
             for start in range(0, len(inputs) - batch_size + 1, batch_size)]
 
 
+def _training_batches(model: Any, inputs: np.ndarray, labels: np.ndarray, batch_size: int,
+                      order: Optional[np.ndarray] = None) -> List[Batch]:
+    """Global batches of array data for training, in ``order`` (None: as stored)."""
+    if hasattr(model, "array_batches"):
+        return list(model.array_batches(inputs, labels, batch_size, order))
+    if order is not None:
+        inputs, labels = inputs[order], labels[order]
+    return _batches(inputs, labels, batch_size)
+
+
 def _check_loss(loss: float) -> float:
     if not math.isfinite(loss):
         raise FloatingPointError("training diverged: the loss is {}".format(loss))
@@ -80,7 +95,7 @@ def _endless(model: Any, data: Data, run: RunOptions) -> Iterator[Batch]:
         return itertools.chain.from_iterable(
             model.input_pipeline(data.train, data.stored_size, run.global_batch_size, True, run.seed + epoch)
             for epoch in itertools.count())
-    batches = _batches(to_layout(data.x_train, model.layout), data.y_train, run.global_batch_size)
+    batches = _training_batches(model, to_layout(data.x_train, model.layout), data.y_train, run.global_batch_size)
     if not batches:
         raise ValueError("the data set has fewer than one batch of {} examples".format(run.global_batch_size))
     return itertools.cycle(batches)
@@ -164,7 +179,7 @@ def train_full(models: Iterable[Any], spec: TaskSpec, data: Data, settings: Resu
                     prepared[model.layout] = (to_layout(data.x_train, model.layout),
                                               to_layout(data.x_test, model.layout))
                 order = np.random.default_rng(epoch_seed).permutation(len(data.x_train))
-                batches = _batches(prepared[model.layout][0][order], data.y_train[order], batch_size)
+                batches = _training_batches(model, prepared[model.layout][0], data.y_train, batch_size, order)
             start = time.perf_counter()
             steps = _train(model, batches)  # an image pipeline decodes inside the timer
             loss_last = _check_loss(model.loss())

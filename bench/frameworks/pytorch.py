@@ -503,30 +503,10 @@ class LoaderStep(NamedTuple):
     step: int
 
 
-def _rows_of(inputs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """The arrays a global batch of array data is consecutive rows of (the protocol slices
-    batches out of the whole data set) and its first row there; the batch itself where it is not
-    such a slice."""
-    x, y = _whole(inputs), _whole(labels)
-    start = _first_row(inputs, x)
-    if start is None or start != _first_row(labels, y):
-        return np.ascontiguousarray(inputs), np.ascontiguousarray(labels), 0
-    return x, y, start
-
-
-def _whole(rows: np.ndarray) -> np.ndarray:
-    """The array whose memory ``rows`` is a view of."""
-    while isinstance(rows.base, np.ndarray):
-        rows = rows.base
-    return rows
-
-
-def _first_row(rows: np.ndarray, whole: np.ndarray) -> int | None:
-    """k where ``rows`` is whole[k:k + len(rows)] of a contiguous ``whole``, else None."""
-    if not whole.flags.c_contiguous or rows.shape[1:] != whole.shape[1:] or rows.strides != whole.strides:
-        return None
-    row, within = divmod(rows.ctypes.data - whole.ctypes.data, whole.strides[0])
-    return row if within == 0 and 0 <= row <= len(whole) - len(rows) else None
+class Rows(NamedTuple):
+    """A global batch of array data as array_batches yields it to a data-parallel run: the rows
+    of the arrays every rank holds, a slice or (shuffled) indices, whose share each rank takes."""
+    rows: slice | np.ndarray
 
 
 class DensenetReplica:
@@ -583,12 +563,15 @@ class DensenetReplica:
     def hold_arrays(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
         self.arrays = inputs.numpy(), labels.numpy()
 
-    def train_on_rows(self, start: int, stop: int) -> None:
-        """Global batch = rows start..stop of the arrays held; this rank trains on its share."""
-        size = stop - start
-        shard = slice(start + size * self.rank // self.ranks, start + size * (self.rank + 1) // self.ranks)
+    def train_on_rows(self, batch: Rows) -> None:
+        """This rank's share of a global batch of the arrays held: a view of consecutive rows,
+        or the rows gathered (as a DataLoader's sampler would over a shuffled epoch)."""
+        rows = batch.rows
+        size = rows.stop - rows.start if isinstance(rows, slice) else len(rows)
+        first, last = size * self.rank // self.ranks, size * (self.rank + 1) // self.ranks
+        share = slice(rows.start + first, rows.start + last) if isinstance(rows, slice) else rows[first:last]
         inputs, labels = self.arrays
-        self.train_step(inputs[shard], labels[shard])
+        self.train_step(inputs[share], labels[share])
 
     def train_step(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> None:
         self.replica.train()
@@ -705,19 +688,35 @@ class Densenet121Xray:
         tensor = torch.from_numpy(array)
         return tensor.share_memory_() if self.workers else tensor  # the ranks map one copy
 
-    def train_step(self, inputs: LoaderStep | np.ndarray, labels: np.ndarray | None) -> None:
+    def train_step(self, inputs: LoaderStep | Rows | np.ndarray, labels: np.ndarray | None) -> None:
         """One step on a global batch, each rank loading its own shard: a LoaderStep from
-        input_pipeline, which every rank's loader decodes its shard of; or rows of array data,
-        which the ranks hold once (shared memory) and index themselves."""
+        input_pipeline, which every rank's loader decodes its shard of; Rows from array_batches,
+        of the arrays every rank holds; or, with one rank, the batch itself."""
         if isinstance(inputs, LoaderStep):
             self._on_every_rank("train_on_next_shard", inputs)
+        elif isinstance(inputs, Rows):
+            self._on_every_rank("train_on_rows", inputs)
+        else:
+            self.rank0.train_step(inputs, labels)
+
+    def array_batches(self, inputs: np.ndarray, labels: np.ndarray, batch_size: int,
+                      order: np.ndarray | None) -> Iterator[tuple[Rows, None] | tuple[np.ndarray, np.ndarray]]:
+        """Global batches of array data: with several ranks, Rows of the arrays, which every rank
+        holds once (one shared-memory copy, made here, before any timed step) and indexes itself."""
+        rows = np.arange(len(inputs)) if order is None else order
+        starts = range(0, len(rows) - batch_size + 1, batch_size)
+        if not self.workers:
+            if order is not None:
+                inputs, labels = inputs[order], labels[order]
+            for start in starts:
+                yield inputs[start:start + batch_size], labels[start:start + batch_size]
             return
-        x, y, start = _rows_of(inputs, labels)
-        if self.held is None or self.held[0] is not x or self.held[1] is not y:
+        if self.held is None or self.held[0] is not inputs or self.held[1] is not labels:
             self.held = None  # the previous arrays can go before the next are copied
-            self._on_every_rank("hold_arrays", self._share(x), self._share(y))
-            self.held = x, y  # held here too: an id is not reused while the array lives
-        self._on_every_rank("train_on_rows", start, start + len(inputs))
+            self._on_every_rank("hold_arrays", self._share(inputs), self._share(labels))
+            self.held = inputs, labels  # held here too, so that the identity check stays valid
+        for start in starts:
+            yield (Rows(slice(start, start + batch_size)) if order is None else Rows(rows[start:start + batch_size])), None
 
     def loss(self) -> float:
         """The last step's loss, averaged over the replicas once every rank has finished it."""

@@ -5,11 +5,11 @@ from mxnet import autograd, gluon
 
 from common import main
 
-from bench.frameworks.mxnet import Resnet50, build_cnn_cifar10, build_densenet121, GruNet
+from bench.frameworks.mxnet import GruNet, Resnet50, build_cnn_cifar10, build_densenet121
 
 
-def _training(net, initializer, optimizer, optimizer_params, loss_fn):
-    net.initialize(initializer)
+def _training(net, optimizer, optimizer_params, loss_fn):
+    net.initialize()  # the bench's layers carry their initializers
     net.hybridize(static_alloc=True, static_shape=True)
     trainer = gluon.Trainer(net.collect_params(), optimizer, optimizer_params)
 
@@ -26,25 +26,25 @@ def _training(net, initializer, optimizer, optimizer_params, loss_fn):
 
 
 def cnn_cifar10(spec, input_shape, batch_size):
-    return "NCHW", _training(build_cnn_cifar10(spec), mx.init.Xavier(rnd_type="uniform", magnitude=3), "sgd",
+    return "NCHW", _training(build_cnn_cifar10(spec), "sgd",
                              {"learning_rate": spec.learning_rate, "momentum": spec.momentum},
                              gluon.loss.SoftmaxCrossEntropyLoss())
 
 
 def resnet50_inference(spec, input_shape, batch_size):
     net = Resnet50()
-    net.initialize(mx.init.MSRAPrelu(factor_type="out", slope=0.0))
+    net.initialize()
     net.hybridize(static_alloc=True, static_shape=True)
     return "NCHW", (list, lambda batches: [net(mx.nd.array(x)).asnumpy() for x, _ in batches])
 
 
 def gru_imdb(spec, input_shape, batch_size):
-    return "TNC", _training(GruNet(spec), mx.init.Xavier(rnd_type="uniform", magnitude=3), "adam",
+    return "TNC", _training(GruNet(spec), "adam",
                             {"learning_rate": spec.learning_rate}, gluon.loss.SoftmaxCrossEntropyLoss())
 
 
 def densenet121_xray(spec, input_shape, batch_size):
-    return "NCHW", _training(build_densenet121(spec), mx.init.MSRAPrelu(factor_type="in", slope=0.0), "adam",
+    return "NCHW", _training(build_densenet121(spec), "adam",
                              {"learning_rate": spec.learning_rate}, gluon.loss.SigmoidBinaryCrossEntropyLoss())
 
 

@@ -32,7 +32,7 @@ def cnn_cifar10(spec, input_shape, batch_size):
 
 
 def resnet50_inference(spec, input_shape, batch_size):
-    model = Resnet50().to(memory_format=torch.channels_last).eval()
+    model = Resnet50(spec).to(memory_format=torch.channels_last).eval()
 
     def run(batches):
         with torch.inference_mode():
@@ -48,7 +48,7 @@ def gru_imdb(spec, input_shape, batch_size):
 
 
 def densenet121_xray(spec, input_shape, batch_size):
-    model = DenseNet121(spec.num_classes).to(memory_format=torch.channels_last)
+    model = DenseNet121(spec).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.learning_rate)
     return "NHWC", _training(model, optimizer, nn.BCEWithLogitsLoss(), _images)
 
