@@ -78,3 +78,27 @@ def test_a_cell_runs_with_a_clean_environment_its_own_folders_and_gpus(tmp_path,
     backend._image_ids[backend.sif_path(cell("H100"))] = "sha256:gpu"
     gpu_argv = backend.command_line(gpu_launch)
     assert "--nv" in gpu_argv and "CUDA_VISIBLE_DEVICES=GPU-aaaa" in gpu_argv
+
+
+def test_a_data_parallel_cntk_cell_runs_under_mpiexec_one_process_per_device(tmp_path, stand_in):
+    """CNTK's data parallelism is one MPI process per device: the backend starts them all with
+    mpiexec, so the bench (and the dry run before it) sees as many workers as devices."""
+    (tmp_path / "sif").mkdir()
+    (tmp_path / "sif" / "cntk-cpu.sif").write_bytes(b"an image")
+    backend = ApptainerBackend.from_args(backends.options(["--sif-dir", str(tmp_path / "sif")]))
+    data_parallel = Cell("cntk", "densenet121_xray", "cpu", "auto", "auto", 2, "fp32", Settings(steps=1))
+    assert backend.skip_reason(data_parallel) is None  # no "must be started by mpiexec"
+    backend.prepare(data_parallel)
+    for devices, launcher in ((2, ["mpiexec", "-n", "2"]), (1, [])):
+        launch = backends.Launch(Cell("cntk", "densenet121_xray", "cpu", "auto", "auto", devices, "fp32",
+                                      Settings(steps=1)),
+                                 tmp_path / "staging" / "c.request.json", tmp_path / "staging" / "c.json",
+                                 tmp_path / "logs" / f"c{devices}.log", 60)
+        assert backend.run(launch).returncode == 0
+        argv = json.loads(launch.log_path.read_text().splitlines()[-1])
+        after_image = argv[argv.index(str(tmp_path / "sif" / "cntk-cpu.sif")) + 1:]
+        assert after_image[:len(launcher) + 3] == launcher + ["python", "-m", "bench"]
+    # A framework whose replicas are its own processes or threads needs no launcher.
+    pytorch = Cell("pytorch", "densenet121_xray", "cpu", "auto", "auto", 2, "fp32", Settings(steps=1))
+    assert backends.Launch(pytorch, launch.request_path, launch.result_path, launch.log_path, 60).bench_command(
+        "python", [])[:3] == ["python", "-m", "bench"]

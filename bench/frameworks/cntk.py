@@ -11,7 +11,7 @@ import ctypes
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import cntk as C
@@ -380,6 +380,13 @@ def _densenet121(features: Any, num_labels: int, batch_size: int) -> Any:
     return dense(x)  # logits; the sigmoid lives in the loss
 
 
+class WorkerShard(NamedTuple):
+    """This MPI worker's share of a global batch, as CNTK's reader decoded it for this worker
+    alone (input_pipeline yields (WorkerShard, None) in a data-parallel run)."""
+    images: np.ndarray
+    labels: np.ndarray
+
+
 class Densenet121Xray:
     """Data-parallel the CNTK way: one process per device under mpiexec, each training its
     share of every global batch, gradients all-reduced by the data-parallel distributed
@@ -418,11 +425,16 @@ class Densenet121Xray:
     def parameter_count(self) -> int:
         return _parameter_count(self.model)
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
-        """One step on a global batch: this worker trains on its share."""
-        share = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        self.trainer.train_minibatch({self.features: np.ascontiguousarray(images[share]),
-                                      self.labels: np.asarray(labels[share], dtype=np.float32)})
+    def train_step(self, images: Union[np.ndarray, WorkerShard], labels: Optional[np.ndarray]) -> None:
+        """One step on a global batch: this worker trains on its share, which its reader
+        decoded alone (a WorkerShard) or which it takes from the global batch's arrays."""
+        if isinstance(images, WorkerShard):
+            images, labels = images
+        else:
+            share = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+            images, labels = images[share], labels[share]
+        self.trainer.train_minibatch({self.features: np.ascontiguousarray(images),
+                                      self.labels: np.asarray(labels, dtype=np.float32)})
 
     def loss(self) -> float:
         return float(self.trainer.previous_minibatch_loss_average)
@@ -442,9 +454,9 @@ class Densenet121Xray:
         size, bilinear. For square images (ChestX-ray14's are 1024×1024) this is
         resize-to-stored-then-crop up to interpolation. Random crops ('randomside') also flip
         horizontally with probability 1/2 (CNTK couples the two); evaluation takes the centre.
-        Every MPI worker reads the same global batches (same randomisation seed) and trains on
-        its share: decoding is repeated in each worker, the price of the protocol's global
-        batches (CNTK's reader could also hand each worker only its partition)."""
+        In a data-parallel run, every MPI worker's reader (same randomisation seed) decodes only
+        its partition of each global batch, as CNTK's distributed training reads: training
+        yields (WorkerShard, None) for train_step."""
         folder = tempfile.mkdtemp(prefix="cntk-xray-")
         try:
             image_map = os.path.join(folder, "images.txt")
@@ -465,19 +477,24 @@ class Densenet121Xray:
                  C.io.CTFDeserializer(label_file, C.io.StreamDefs(
                      labels=C.io.StreamDef(field="labels", shape=self.num_labels, is_sparse=False)))],
                 randomize=training, randomization_seed=seed, max_sweeps=1)
+            partitioned = training and self.workers > 1
             while True:
-                # Minibatches stay on the host: they become numpy arrays here.
-                minibatch = source.next_minibatch(batch_size, device=C.device.cpu())
+                # Minibatches stay on the host: they become numpy arrays here. Partitioned: this
+                # worker's share of the global batch of batch_size samples.
+                minibatch = source.next_minibatch(
+                    batch_size, device=C.device.cpu(), num_data_partitions=self.workers if partitioned else 1,
+                    partition_index=self.rank if partitioned else 0)
                 if not minibatch:
                     return
                 count = minibatch[source.streams.images].num_samples
-                if training and count < batch_size:
+                if training and count < batch_size // (self.workers if partitioned else 1):
                     return  # the last partial batch is dropped when training
                 # OpenCV decodes to BGR in 0..255: RGB in [0, 1], NCHW.
                 x = minibatch[source.streams.images].asarray().reshape((count,) + tuple(self.input_shape))
                 x = np.ascontiguousarray(x[:, ::-1], dtype=np.float32) * np.float32(1.0 / 255.0)
-                y = minibatch[source.streams.labels].asarray().reshape(count, self.num_labels)
-                yield x, np.asarray(y, dtype=np.float32)
+                y = np.asarray(minibatch[source.streams.labels].asarray().reshape(count, self.num_labels),
+                               dtype=np.float32)
+                yield (WorkerShard(x, y), None) if partitioned else (x, y)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 

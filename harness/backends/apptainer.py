@@ -98,8 +98,8 @@ class ApptainerBackend(HostBackend):
         for name, value in (("PYTHONUNBUFFERED", "1"), ("DLBENCH_IMAGE", json.dumps(image)),
                             ("CUDA_VISIBLE_DEVICES", ",".join(gpu.uuid for gpu in launch.gpus))):
             argv += ["--env", f"{name}={value}"]
-        return argv + [str(sif), "python", "-m", "bench",
-                       *launch.bench_args(OUT_DIR / launch.result_path.name, weights, data)]
+        return argv + [str(sif), *launch.bench_command("python", launch.bench_args(OUT_DIR / launch.result_path.name,
+                                                                                     weights, data))]
 
     def run(self, launch: Launch) -> Exit:
         # --cleanenv: the container gets the variables command_line() passes, none of the host's.

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Mapping
 
 from bench.precision import check_tensor_cores
-from bench.specs import Unsupported
+from bench.specs import FRAMEWORK_SPECS, Unsupported
 
 from ..gpus import Gpu, detect_gpus, names_model
 from ..images import IMAGES_DIR, REPO_ROOT  # noqa: F401  (REPO_ROOT: the cells' working directory)
@@ -131,6 +131,19 @@ class Launch:
     def host_argv(self) -> list[str]:
         """The bench's arguments for a process on this host, which sees the files where they are."""
         return self.bench_args(self.result_path, self.weights, self.data_dir)
+
+    def bench_command(self, python: str, bench_args: list[str]) -> list[str]:
+        """``python -m bench`` with its arguments; for a framework whose data parallelism runs
+        one process per device (CNTK), under ``mpiexec -n <devices>``, which starts them all."""
+        command = [python, "-m", "bench", *bench_args]
+        processes = mpi_processes(self.cell)
+        return ["mpiexec", "-n", str(processes), *command] if processes > 1 else command
+
+
+def mpi_processes(cell: Cell) -> int:
+    """The processes an MPI launcher starts for ``cell``: one per device where the framework's
+    data parallelism runs under MPI, else 1 (no launcher)."""
+    return cell.devices if FRAMEWORK_SPECS[cell.framework].data_parallel_under_mpi else 1
 
 
 @dataclass
@@ -244,7 +257,7 @@ class Backend(ABC):
         """Why this backend cannot run ``cell`` (the cell is then skipped), or None."""
         if cell.device == "cpu" and cell.cuda != "auto":
             return f"a CPU cell has no CUDA version (cuda: {cell.cuda}); use cuda: auto with gpu: cpu"
-        refused = cell.request().cannot_run()  # what the bench would skip
+        refused = cell.request().cannot_run(mpi_processes(cell))  # what the bench would skip
         if refused:
             return refused
         if cell.device == "gpu":

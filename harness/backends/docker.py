@@ -197,8 +197,7 @@ class DockerBackend(HostBackend):
             host_data.mkdir(parents=True, exist_ok=True)
             data = DATA_DIR
             mounts.append(Mount(str(DATA_DIR), str(host_data), type="bind"))
-        argv = ["python", "-m", "bench",
-                *launch.bench_args(OUT_DIR / launch.result_path.name, weights, data)]
+        argv = launch.bench_command("python", launch.bench_args(OUT_DIR / launch.result_path.name, weights, data))
         run_label = str(launch.result_path.parent)
         self.remove_leftovers(run_label)
         container = self.client.containers.create(

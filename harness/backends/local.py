@@ -111,7 +111,7 @@ class VirtualenvBackend(HostBackend):
 
     def run(self, launch: Launch) -> Exit:
         path = self._ready[(launch.cell.framework, compute_device(launch.cell.device))]
-        argv = [str(path / "bin" / "python"), "-m", "bench", *launch.host_argv()]
+        argv = launch.bench_command(str(path / "bin" / "python"), launch.host_argv())
         return run_process(argv, cell_environment(launch), launch.log_path, launch.timeout_s, launch.interrupted)
 
 
@@ -130,5 +130,5 @@ class CurrentInterpreterBackend(HostBackend):
         pass
 
     def run(self, launch: Launch) -> Exit:
-        argv = [sys.executable, "-m", "bench", *launch.host_argv()]
+        argv = launch.bench_command(sys.executable, launch.host_argv())
         return run_process(argv, cell_environment(launch), launch.log_path, launch.timeout_s, launch.interrupted)
