@@ -80,7 +80,8 @@ def _train(model: Any, batches: Iterable[Batch], steps: Optional[int] = None) ->
     framework's own training loop where it has one; returns the steps trained."""
     if hasattr(model, "train_steps"):
         steps = len(batches) if steps is None else steps  # type: ignore
-        model.train_steps(batches, steps)
+        if steps:  # a loop over no batches is no loop (Keras's fit() refuses one)
+            model.train_steps(batches, steps)
         return steps
     trained = 0
     for inputs, labels in itertools.islice(batches, steps):

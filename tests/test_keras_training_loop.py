@@ -64,3 +64,11 @@ def test_full_gives_each_epoch_to_the_loop_in_one_call():
     metrics = protocol.train_full([own], TASKS["cnn_cifar10"], data(), settings, run_options())
     assert own.calls == [10, 10] and len(own.trained) == 20
     assert metrics.throughput_per_s > 0
+
+
+def test_a_single_warm_up_step_leaves_no_empty_block_for_the_loop():
+    # Keras's fit() refuses a generator that yields nothing: one warm-up step is one call.
+    settings = ResultSettings(warmup_steps=1, steps=1, repeats=1, epochs=1, seed=0)
+    own = OwnLoop()
+    protocol.measure_throughput(own, TASKS["cnn_cifar10"], data(), settings, run_options())
+    assert own.calls == [1, 1]
