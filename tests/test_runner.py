@@ -224,10 +224,18 @@ def test_an_interrupted_run_stops_its_cells_and_records_none_of_them(tmp_path):
     folder = RunFolder(tmp_path / "run")
     cells = [gpu_cell(steps=1), gpu_cell(steps=2)]
     backend = ScriptBackend("import time; time.sleep(60)", gpus=H100S)
-    threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    # Python's own Ctrl-C handler, whatever this process inherited (a shell's background job
+    # starts with SIGINT ignored).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    interrupt = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT))
+    interrupt.start()
     began = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        run_cells(cells, folder, backend, tmp_path)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_cells(cells, folder, backend, tmp_path)
+    finally:
+        interrupt.cancel()
+        signal.signal(signal.SIGINT, inherited)
     assert time.monotonic() - began < 2 + base.TERMINATE_GRACE_S
     assert backend.runs == 2
     assert not folder.cells.exists() or not list(folder.cells.iterdir())
