@@ -127,6 +127,15 @@ def write_chestxray14(folder: Path, train: int = 16, test: int = 8, size: int = 
     return folder
 
 
+def framework_python(framework: str) -> Path:
+    """The python of the framework's CPU environment, built on first use (cached afterwards)."""
+    from harness.backends.local import VirtualenvBackend
+
+    backend = VirtualenvBackend()
+    backend.prepare_environment(framework, "cpu")
+    return backend.environment_path(framework, "cpu") / "bin" / "python"
+
+
 def write_matrix(path: Path, text: str) -> Path:
     path.write_text(text.lstrip("\n"), encoding="utf-8")
     return path

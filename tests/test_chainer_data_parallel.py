@@ -8,8 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO
-from harness.backends.local import VirtualenvBackend
+from conftest import REPO, framework_python
 
 pytestmark = pytest.mark.integration
 
@@ -65,9 +64,7 @@ if __name__ == "__main__":
 
 
 def test_two_processes_train_like_two_replicas_averaging_their_gradients(tmp_path):
-    backend = VirtualenvBackend()
-    backend.prepare_environment("chainer", "cpu")
-    python = backend.environment_path("chainer", "cpu") / "bin" / "python"
+    python = framework_python("chainer")
     script = tmp_path / "train_both_ways.py"  # a file: spawned workers import their parent's main module
     script.write_text(TRAIN_BOTH_WAYS)
     done = subprocess.run([str(python), str(script)], capture_output=True, text=True, cwd=REPO, timeout=900,

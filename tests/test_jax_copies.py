@@ -12,8 +12,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO
-from harness.backends.local import VirtualenvBackend
+from conftest import REPO, framework_python
 
 CHECK = """
 import json
@@ -76,9 +75,7 @@ print(json.dumps(counted))
 
 @pytest.mark.integration
 def test_every_batch_goes_to_the_device_once_through_device_put():
-    backend = VirtualenvBackend()
-    backend.prepare_environment("jax", "cpu")
-    python = backend.environment_path("jax", "cpu") / "bin" / "python"
+    python = framework_python("jax")
     done = subprocess.run([str(python), "-c", CHECK], capture_output=True, text=True, cwd=REPO, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-3000:]

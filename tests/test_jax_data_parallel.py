@@ -12,8 +12,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO
-from harness.backends.local import VirtualenvBackend
+from conftest import REPO, framework_python
 
 CHECK = """
 import json
@@ -90,9 +89,7 @@ print(json.dumps(result))
 
 @pytest.fixture(scope="module")
 def replicas() -> dict:
-    backend = VirtualenvBackend()
-    backend.prepare_environment("jax", "cpu")
-    python = backend.environment_path("jax", "cpu") / "bin" / "python"
+    python = framework_python("jax")
     done = subprocess.run([str(python), "-c", CHECK], capture_output=True, text=True, cwd=REPO, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-3000:]

@@ -10,8 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO
-from harness.backends.local import VirtualenvBackend
+from conftest import REPO, framework_python
 
 # A sharded batch of two replicas through ReplicaBatchNormalization, against the stock layer
 # run on each replica's slice alone.
@@ -46,9 +45,7 @@ print(json.dumps({"outputs": float(np.abs(np.asarray(outputs) - expected).max())
 
 @pytest.mark.integration
 def test_keras_on_jax_normalises_each_replicas_slice_with_its_own_statistics():
-    backend = VirtualenvBackend()
-    backend.prepare_environment("keras-jax", "cpu")
-    python = backend.environment_path("keras-jax", "cpu") / "bin" / "python"
+    python = framework_python("keras-jax")
     done = subprocess.run([str(python), "-c", PER_REPLICA], capture_output=True, text=True, cwd=REPO, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(REPO), "KERAS_BACKEND": "jax",
                                "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})

@@ -9,8 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO
-from harness.backends.local import VirtualenvBackend
+from conftest import REPO, framework_python
 
 CHECK = """
 import json
@@ -33,9 +32,7 @@ print(json.dumps(modes))
 
 @pytest.mark.integration
 def test_keras_on_tensorflow_records_that_its_gru_runs_without_xla():
-    backend = VirtualenvBackend()
-    backend.prepare_environment("keras-tensorflow", "cpu")
-    python = backend.environment_path("keras-tensorflow", "cpu") / "bin" / "python"
+    python = framework_python("keras-tensorflow")
     done = subprocess.run([str(python), "-c", CHECK], capture_output=True, text=True, cwd=REPO, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr

@@ -24,8 +24,7 @@ import pytest
 
 from bench.specs import (BATCH_NORM, CNN, DENSENET121, GLOROT_UNIFORM, GRU, HE_NORMAL, ONES, ORTHOGONAL,
                          RESNET50, TASKS, UNIFORM, ZEROS, Init)
-from conftest import REPO
-from harness.backends.local import VirtualenvBackend
+from conftest import REPO, framework_python
 from harness.parity import LOCAL_FRAMEWORKS
 
 
@@ -308,9 +307,7 @@ print(json.dumps(norms))
 def built_models(request, tmp_path_factory) -> tuple[str, dict[str, list[np.ndarray]], dict[str, list]]:
     """(framework, task -> trainable arrays, task -> batch norms' [momentum, epsilon])."""
     framework = request.param
-    backend = VirtualenvBackend()
-    backend.prepare_environment(framework, "cpu")
-    python = backend.environment_path(framework, "cpu") / "bin" / "python"
+    python = framework_python(framework)
     out = tmp_path_factory.mktemp(framework) / "parameters.npz"
     done = subprocess.run([str(python), "-c", BUILD_AND_SAVE, framework, str(out)], capture_output=True, text=True,
                           cwd=REPO, timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
-from harness.backends.local import VirtualenvBackend
+from conftest import REPO, framework_python
 
 pytestmark = pytest.mark.integration
 
@@ -21,9 +20,7 @@ STORED_SIZE = 264
 
 
 def run_in_mxnet(script: str, *args: str) -> str:
-    backend = VirtualenvBackend()
-    backend.prepare_environment("mxnet", "cpu")
-    python = backend.environment_path("mxnet", "cpu") / "bin" / "python"
+    python = framework_python("mxnet")
     done = subprocess.run([str(python), "-c", script, *args], capture_output=True, text=True, cwd=REPO,
                           timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-3000:]

@@ -9,9 +9,8 @@ import subprocess
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, framework_python
 from harness import overhead
-from harness.backends.local import VirtualenvBackend
 from harness.parity import LOCAL_FRAMEWORKS
 
 
@@ -36,9 +35,7 @@ def test_bad_arguments_exit_2_saying_which(argv, message, capsys):
 @pytest.mark.integration
 @pytest.mark.parametrize("framework", LOCAL_FRAMEWORKS)
 def test_each_frameworks_plain_loop_trains_the_benchs_network(framework):
-    backend = VirtualenvBackend()
-    backend.prepare_environment(framework, "cpu")
-    python = backend.environment_path(framework, "cpu") / "bin" / "python"
+    python = framework_python(framework)
     script = overhead.plain_loop_script(framework)
     env = overhead.framework_env(framework)
     done = subprocess.run([str(python), str(script), "--task", "cnn_cifar10", "--batch-size", "16",

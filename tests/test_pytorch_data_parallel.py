@@ -14,8 +14,7 @@ from collections import defaultdict
 
 import pytest
 
-from conftest import REPO, write_chestxray14
-from harness.backends.local import VirtualenvBackend
+from conftest import REPO, framework_python, write_chestxray14
 
 pytestmark = pytest.mark.integration
 
@@ -77,9 +76,7 @@ if __name__ == "__main__":
 def two_ranks(tmp_path_factory) -> tuple[dict, list[dict]]:
     """(the script's metrics, every process's log entries, each with the rank of its process)."""
     folder = tmp_path_factory.mktemp("ranks")
-    backend = VirtualenvBackend()
-    backend.prepare_environment("pytorch", "cpu")
-    python = backend.environment_path("pytorch", "cpu") / "bin" / "python"
+    python = framework_python("pytorch")
     script, log = folder / "ranks.py", folder / "log"
     script.write_text(RANKS)
     log.mkdir()

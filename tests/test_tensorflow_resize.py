@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, write_png
-from harness.backends.local import VirtualenvBackend
+from conftest import REPO, framework_python, write_png
 
 pytestmark = pytest.mark.integration
 
@@ -58,9 +57,7 @@ def test_tensorflow_resizes_as_pillows_bilinear_filter(tmp_path):
     paths = [write_png(tmp_path / "shrunk.png", grey), write_png(tmp_path / "rgba.png", rgba),
              write_png(tmp_path / "enlarged.png", small)]
 
-    backend = VirtualenvBackend()
-    backend.prepare_environment("tensorflow", "cpu")
-    python = backend.environment_path("tensorflow", "cpu") / "bin" / "python"
+    python = framework_python("tensorflow")
     out = tmp_path / "tensorflow.npy"
     done = subprocess.run([str(python), "-c", RESIZE_IN_TENSORFLOW, str(out), str(STORED_SIZE), *map(str, paths)],
                           capture_output=True, text=True, cwd=REPO, timeout=600,
