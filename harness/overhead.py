@@ -1,14 +1,16 @@
 #!/usr/bin/env python
 """Overhead benchmark: does the bench's measured step cost what a plain loop costs?
 
-For every framework and task, runs in the framework's own environment, in turn (A B A B):
-the few lines an expert would write (scripts/plain_loops/<framework>_loop.py: the bench's own
+For every framework and task, runs in the framework's own environment, round after round, the
+few lines an expert would write (scripts/plain_loops/<framework>_loop.py: the bench's own
 network, the same synthetic batches, layout and batch size, a plain training or inference
 loop, timed in blocks as the bench times them) and the bench's own cell (python -m bench, the
-same sizes and steps). Reports each one's median seconds per step and their ratio; a ratio
-above 1 + --target is overhead of the bench's to find.
+same sizes and steps), each a fresh process, in A B B A order so that a host's drift hits both
+sides alike. Reports each side's median seconds per step over all its timed blocks, their
+ratio and its 95% bootstrap interval; a ratio above 1 + --target is overhead of the bench's to
+find.
 
-    python harness/overhead.py [--frameworks pytorch jax ...] [--tasks cnn_cifar10 ...] [--rounds 2]
+    python harness/overhead.py [--frameworks pytorch jax ...] [--tasks cnn_cifar10 ...] [--rounds 4]
 
 Writes the table as JSON to --out (default results/overhead-<host>.json). Exit status: 0 when
 every pair ran and is within the target, 1 when not, 2 for bad input. A benchmark: the figures
@@ -26,6 +28,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,6 +40,7 @@ from bench.result import write_text_atomic  # noqa: E402
 from bench.specs import FRAMEWORKS, TASKS  # noqa: E402
 from harness.backends.base import REPO_ROOT  # noqa: E402
 from harness.backends.local import VirtualenvBackend  # noqa: E402
+from harness.compare import ratio_interval  # noqa: E402
 from harness.parity import LOCAL_FRAMEWORKS  # noqa: E402
 
 PLAIN_LOOPS = REPO_ROOT / "scripts" / "plain_loops"
@@ -45,7 +49,8 @@ TIMEOUT_S = 1800
 
 @dataclass
 class Pair:
-    """One framework and task: seconds per step of each round's plain loop and cell."""
+    """One framework and task: seconds per step of every timed block of the plain loop and of
+    the cell, all rounds together."""
 
     framework: str
     task: str
@@ -60,6 +65,16 @@ class Pair:
         if self.error or not self.plain_s or not self.cell_s:
             return None
         return statistics.median(self.cell_s) / statistics.median(self.plain_s)
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        return None if self.ratio is None else ratio_interval(self.plain_s, self.cell_s)
+
+    def measure_round(self, index: int, plain: Callable[[], list[float]], cell: Callable[[], list[float]]) -> None:
+        """One plain loop and one cell, the plain loop first in even rounds: A B, B A, ..."""
+        sides = [(plain, self.plain_s), (cell, self.cell_s)]
+        for measure, times in sides if index % 2 == 0 else sides[::-1]:
+            times.extend(measure())
 
 
 def _sizes(task: str) -> list[str]:
@@ -91,19 +106,21 @@ def _run(command: list[str], framework: str) -> str:
     return done.stdout
 
 
-def plain_step_time(python: Path, framework: str, task: str, timing: list[str]) -> float:
+def plain_step_times(python: Path, framework: str, task: str, timing: list[str]) -> list[float]:
+    """Seconds per step of each timed block of one plain-loop process."""
     output = _run([str(python), str(plain_loop_script(framework)), "--task", task, *_sizes(task), *timing], framework)
-    return json.loads(output.strip().splitlines()[-1])["median"]
+    return json.loads(output.strip().splitlines()[-1])["step_time_s"]
 
 
-def cell_step_time(python: Path, framework: str, task: str, timing: list[str], scratch: Path) -> float:
+def cell_step_times(python: Path, framework: str, task: str, timing: list[str], scratch: Path) -> list[float]:
+    """Seconds per step of each timed block of one bench cell."""
     out = scratch / f"{framework}.{task}.json"
     _run([str(python), "-m", "bench", "--framework", framework, "--task", task, "--device", "cpu",
           "--data", "synthetic", "--mode", "throughput", *_sizes(task), *timing, "--out", str(out)], framework)
     result = json.loads(out.read_text())
     if result["status"] != "ok":
         raise RuntimeError(f"the cell {result['status']}: {result.get('error')}")
-    return result["metrics"]["step_time_s"]["median"]
+    return result["metrics"]["step_time_s"]["values"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frameworks", nargs="+", default=list(LOCAL_FRAMEWORKS), choices=FRAMEWORKS,
                         metavar="FRAMEWORK", help=f"default: all of {', '.join(LOCAL_FRAMEWORKS)}")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), metavar="TASK")
-    parser.add_argument("--rounds", type=int, default=2, help="A B rounds per pair (default 2)")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds per pair, each a plain loop and a cell (default 4)")
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
@@ -137,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
                 spec = TASKS[task]
                 pair = Pair(framework, task, spec.default_batch_size("cpu"), spec.default_image_size("cpu"))
                 try:
-                    for _ in range(args.rounds):
-                        pair.plain_s.append(plain_step_time(python, framework, task, timing))
-                        pair.cell_s.append(cell_step_time(python, framework, task, timing, Path(scratch)))
+                    for index in range(args.rounds):
+                        pair.measure_round(index, lambda: plain_step_times(python, framework, task, timing),
+                                           lambda: cell_step_times(python, framework, task, timing, Path(scratch)))
                 except (RuntimeError, subprocess.TimeoutExpired) as error:
                     pair.error = str(error)
                 pairs.append(pair)
@@ -149,13 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = [[p.framework, p.task, p.batch_size,
              f"{statistics.median(p.plain_s) * 1000:.1f}" if p.plain_s else "",
              f"{statistics.median(p.cell_s) * 1000:.1f}" if p.cell_s else "",
-             f"{p.ratio:.3f}" if p.ratio else f"failed: {p.error}"] for p in pairs]
+             f"{p.ratio:.3f}" if p.ratio else f"failed: {p.error}",
+             "{:.3f}–{:.3f}".format(*p.interval) if p.interval else ""] for p in pairs]
     print(tabulate(rows, headers=["framework", "task", "batch", "plain loop ms/step", "bench cell ms/step",
-                                  "cell / plain"]))
+                                  "cell / plain", "95% interval"]))
     write_text_atomic(args.out, json.dumps({
         "host": socket.gethostname(), "cpu_count": os.cpu_count(), "target": args.target, "rounds": args.rounds,
         "warmup_steps": args.warmup_steps, "steps": args.steps, "repeats": args.repeats,
-        "pairs": [dict(asdict(p), ratio=p.ratio) for p in pairs]}, indent=2) + "\n")
+        "pairs": [dict(asdict(p), ratio=p.ratio, interval=p.interval) for p in pairs]}, indent=2) + "\n")
     over = [p for p in pairs if p.ratio is None or p.ratio > 1 + args.target]
     for p in over:
         print(f"overhead: {p.framework} {p.task}: " + (f"{p.ratio - 1:+.1%}" if p.ratio else "failed"), file=sys.stderr)

@@ -21,6 +21,19 @@ def test_a_pair_without_both_sides_has_no_ratio():
     assert overhead.Pair("jax", "gru_imdb", 64, None, [0.1], [0.1], error="the cell failed").ratio is None
 
 
+def test_rounds_alternate_which_side_runs_first_and_keep_every_block():
+    pair, order = overhead.Pair("pytorch", "gru_imdb", 64, None), []
+
+    def side(name, times):
+        return lambda: order.append(name) or times
+    for index in range(4):
+        pair.measure_round(index, side("plain", [0.10, 0.11]), side("cell", [0.12, 0.13]))
+    assert order == ["plain", "cell", "cell", "plain", "plain", "cell", "cell", "plain"]
+    assert pair.plain_s == [0.10, 0.11] * 4 and pair.cell_s == [0.12, 0.13] * 4
+    low, high = pair.interval
+    assert pair.ratio == pytest.approx(0.125 / 0.105) and low <= pair.ratio <= high
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--frameworks", "cntk"], "run only in their own images"),
     (["--rounds", "0"], "must be at least 1"),
@@ -54,5 +67,6 @@ def test_the_benchmark_pairs_a_plain_loop_with_the_cell_and_writes_the_table(tmp
     report = json.loads(out.read_text())
     (pair,) = report["pairs"]
     assert pair["error"] is None and pair["ratio"] > 0 and len(pair["plain_s"]) == len(pair["cell_s"]) == 1
+    assert pair["interval"] is None  # one block a side: no interval
     assert status == (0 if pair["ratio"] <= 1.05 else 1)
     assert "cell / plain" in capsys.readouterr().out
