@@ -24,19 +24,23 @@ Batch = Tuple[np.ndarray, np.ndarray]
 Loop = Tuple[Callable[[List[Batch]], Any], Callable[[Any], Any]]
 # Distinct batches cycled through, as the bench's throughput mode does.
 DISTINCT_BATCHES = 16
+# The bench's default seed (bench/request.py): the plain loop starts from the cell's initial
+# weights (a seed's weights can be slower than another's, through denormal numbers) and data.
+SEED = 0
 
 
-def batches(spec: TaskSpec, input_shape: Tuple[int, ...], batch_size: int, layout: str, seed: int = 0) -> List[Batch]:
+def batches(spec: TaskSpec, input_shape: Tuple[int, ...], batch_size: int, layout: str) -> List[Batch]:
     examples = DISTINCT_BATCHES * batch_size
-    data = synthetic(spec, input_shape, examples, 0, seed)
+    data = synthetic(spec, input_shape, examples, 0, SEED)
     x = to_layout(data.x_train, layout)
     return [(x[i:i + batch_size], data.y_train[i:i + batch_size]) for i in range(0, examples, batch_size)]
 
 
 def main(loops: Dict[str, Callable[[TaskSpec, Tuple[int, ...], int], Tuple[str, Loop]]],
-         argv: Optional[Sequence[str]] = None) -> None:
+         seed_framework: Optional[Callable[[int], Any]], argv: Optional[Sequence[str]] = None) -> None:
     """Time one task's plain loop: warm-up steps, then ``repeats`` blocks of ``steps`` steps;
-    print the seconds per step of each block as JSON."""
+    print the seconds per step of each block as JSON. ``seed_framework(SEED)`` seeds the
+    framework's global generators before the model is built (None: its keys are explicit)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--task", required=True, choices=sorted(loops))
     parser.add_argument("--batch-size", type=int, required=True)
@@ -47,6 +51,8 @@ def main(loops: Dict[str, Callable[[TaskSpec, Tuple[int, ...], int], Tuple[str, 
     args = parser.parse_args(argv)
     spec = TASKS[args.task]
     input_shape = spec.input_shape_at(args.image_size)
+    if seed_framework:
+        seed_framework(SEED)
     layout, (prepare, run) = loops[args.task](spec, input_shape, args.batch_size)
     cycle = itertools.cycle(batches(spec, input_shape, args.batch_size, layout))
     blocks = [prepare([next(cycle) for _ in range(args.warmup_steps)])]

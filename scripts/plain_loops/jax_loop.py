@@ -7,7 +7,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from common import main
+from common import SEED, main
 
 from bench.frameworks.jax import CnnCifar10Net, DenseNet121, GruImdbNet, Resnet50
 
@@ -36,12 +36,12 @@ def _softmax_loss(logits, labels):
 
 
 def cnn_cifar10(spec, input_shape, batch_size):
-    model = CnnCifar10Net(spec, None, nnx.Rngs(0))
+    model = CnnCifar10Net(spec, None, nnx.Rngs(SEED))
     return "NHWC", _training(model, optax.sgd(spec.learning_rate, momentum=spec.momentum), _softmax_loss)
 
 
 def resnet50_inference(spec, input_shape, batch_size):
-    model = Resnet50(None, nnx.Rngs(0))
+    model = Resnet50(None, nnx.Rngs(SEED))
     model.eval()
     graph, state = nnx.split(model)
     forward = jax.jit(lambda state, x: nnx.merge(graph, state)(x))
@@ -49,16 +49,16 @@ def resnet50_inference(spec, input_shape, batch_size):
 
 
 def gru_imdb(spec, input_shape, batch_size):
-    model = GruImdbNet(spec, None, nnx.Rngs(0))
+    model = GruImdbNet(spec, None, nnx.Rngs(SEED))
     return "TNC", _training(model, optax.adam(spec.learning_rate), _softmax_loss)
 
 
 def densenet121_xray(spec, input_shape, batch_size):
-    model = DenseNet121(spec, None, nnx.Rngs(0))
+    model = DenseNet121(spec, None, nnx.Rngs(SEED))
     loss = lambda logits, labels: optax.sigmoid_binary_cross_entropy(logits, labels).mean()
     return "NHWC", _training(model, optax.adam(spec.learning_rate), loss)
 
 
 if __name__ == "__main__":
     main({"cnn_cifar10": cnn_cifar10, "resnet50_inference": resnet50_inference, "gru_imdb": gru_imdb,
-          "densenet121_xray": densenet121_xray})
+          "densenet121_xray": densenet121_xray}, None)
