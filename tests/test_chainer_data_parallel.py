@@ -46,8 +46,9 @@ def main():
     params = [{name: p.array for name, p in replica.model.namedparams()} for replica in replicas]
 
     model = bench_chainer.Densenet121Xray(spec, run)
-    for images, labels in batches:
-        model.train_step(images, labels)
+    inputs, labels = (np.concatenate(arrays) for arrays in zip(*batches))
+    for rows, _ in model.array_batches(inputs, labels, 4, None):  # each rank takes its half of the rows
+        model.train_step(rows, None)
     loss = model.loss()
     processes = {name: p.array for name, p in model.model.namedparams()}
     model.close()

@@ -1,9 +1,11 @@
-"""PyTorch's data-parallel DenseNet-121: every rank loads its own shard of each global batch, in
-its own process, and the shards of one step are disjoint and make up the global batch.
+"""Data-parallel DenseNet-121 in the frameworks that run a process per replica (PyTorch, Chainer):
+every rank loads its own shard of each global batch, in its own process, and the shards of one
+step are disjoint and make up the global batch.
 
-Two CPU ranks (gloo) train through the protocol, on a ChestX-ray14 folder (each rank's own
-DataLoader) and on array data (rows every rank indexes itself). The script logs, from every
-process, which files its loader decoded and which array rows its replica trained on."""
+Two CPU ranks train through the protocol, on a ChestX-ray14 folder (each rank's own loader:
+PyTorch's DataLoader, Chainer's iterator) and on array data (rows every rank indexes itself).
+The script logs, from every process, which files its loader decoded and which array rows its
+replica trained on."""
 from __future__ import annotations
 
 import json
@@ -21,18 +23,20 @@ pytestmark = pytest.mark.integration
 TRAIN_FILES, GLOBAL_BATCH, EXAMPLES = 36, 8, 32
 
 RANKS = """
-import json, os, sys
+import importlib, json, os, sys
 from pathlib import Path
 
 import numpy as np
 
 from bench import data as datasets
-from bench.frameworks import pytorch
 from bench.protocol import measure_throughput, train_full
 from bench.result import ResultSettings
 from bench.specs import TASKS, RunOptions
 
 EXAMPLES = int(os.environ["EXAMPLES"])
+framework = importlib.import_module("bench.frameworks." + os.environ["FRAMEWORK"])
+images_class, decode = {"pytorch": ("ChestXrayImages", "__getitem__"),
+                        "chainer": ("XrayImages", "get_example")}[os.environ["FRAMEWORK"]]
 
 
 def log(**entry):
@@ -50,40 +54,42 @@ def log_before(cls, method, entry):
 
 
 # At the top level: spawned ranks run this file too, and their loaders' workers are forked from them.
-log_before(pytorch.DensenetReplica, "__init__", lambda self, spec, run, rank: log(rank=rank))
-log_before(pytorch.ChestXrayImages, "__getitem__",
+log_before(framework.DensenetReplica, "__init__", lambda self, spec, run, rank: log(rank=rank))
+log_before(getattr(framework, images_class), decode,
            lambda self, index: self.training and log(file=int(index), seed=self.seed))
-log_before(pytorch.DensenetReplica, "train_step", lambda self, images, labels: isinstance(images, np.ndarray)
-           and log(rows=np.rint(images[:, 0, 0, 0] * EXAMPLES).astype(int).tolist()))
+# Spawned ranks see the environment of their start: the array model's ranks start after this is set.
+log_before(framework.DensenetReplica, "train_step", lambda self, images, labels: os.environ.get("ARRAYS")
+           and log(rows=np.rint(np.asarray(images)[:, 0, 0, 0] * EXAMPLES).astype(int).tolist()))
 
 if __name__ == "__main__":
     spec = TASKS["densenet121_xray"]
     run = RunOptions(device="cpu", devices=2, seed=0, threads=2, batch_size=4, input_shape=(3, 32, 32),
                      learning_rate=spec.learning_rate * 2, loader_workers=2)
-    pytorch.configure(run)
+    framework.configure(run)
     settings = ResultSettings(warmup_steps=1, steps=2, repeats=2, epochs=1, seed=5)
     files = datasets.load_chestxray14(Path(sys.argv[1]), stored_size=38)
-    full = train_full([pytorch.Densenet121Xray(spec, run)], spec, files, settings, run)
+    full = train_full([framework.Densenet121Xray(spec, run)], spec, files, settings, run)
+    os.environ["ARRAYS"] = "1"
     arrays = datasets.synthetic(spec, (3, 32, 32), EXAMPLES, 0, seed=0)
     arrays.x_train[:, 0, 0, 0] = np.arange(EXAMPLES) / EXAMPLES  # each example's number, in a pixel
-    throughput = measure_throughput(pytorch.Densenet121Xray(spec, run), spec, arrays, settings, run)
+    throughput = measure_throughput(framework.Densenet121Xray(spec, run), spec, arrays, settings, run)
     print(json.dumps({"files": [full.loss_last, full.test_roc_auc.median, full.throughput_per_s],
                       "arrays": [throughput.loss_first, throughput.loss_last, throughput.throughput_per_s]}))
 """
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory) -> tuple[dict, list[dict]]:
+@pytest.fixture(scope="module", params=["pytorch", "chainer"])
+def two_ranks(request, tmp_path_factory) -> tuple[dict, list[dict]]:
     """(the script's metrics, every process's log entries, each with the rank of its process)."""
     folder = tmp_path_factory.mktemp("ranks")
-    python = framework_python("pytorch")
+    python = framework_python(request.param)
     script, log = folder / "ranks.py", folder / "log"
     script.write_text(RANKS)
     log.mkdir()
     xray = write_chestxray14(folder / "chestxray14", train=TRAIN_FILES, test=8, size=40)
     done = subprocess.run([str(python), str(script), str(xray)], capture_output=True, text=True, cwd=REPO,
                           timeout=900, env={**os.environ, "PYTHONPATH": str(REPO), "RANK_LOG": str(log),
-                                            "EXAMPLES": str(EXAMPLES)})
+                                            "EXAMPLES": str(EXAMPLES), "FRAMEWORK": request.param})
     assert done.returncode == 0, done.stderr[-3000:]
     entries = [json.loads(line) for path in sorted(log.iterdir()) for line in path.read_text().splitlines()]
     rank_of = {entry["pid"]: entry["rank"] for entry in entries if "rank" in entry}

@@ -20,6 +20,7 @@ from PIL import Image
 
 from .. import precision
 from .. import weights as canonical
+from ..shards import LoaderStep, RankGroup, Rows, rank_share
 from ..specs import (BATCH_NORM, CNN, DENSENET121, GLOROT_UNIFORM, GRU, HE_NORMAL, ONES, ORTHOGONAL, RESNET50,
                      UNIFORM, ZEROS, Init, RunOptions, TaskSpec)
 
@@ -600,9 +601,14 @@ class DensenetReplica:
     process, ranks 1..N-1 each in a worker process, as MultiprocessParallelUpdater and ChainerMN
     run them. Every rank starts from the same seeded weights and, with several ranks, averages
     its gradients with the others' before its Adam step (ChainerMN's multi-node optimizer), so
-    the replicas stay identical."""
+    the replicas stay identical. Each rank loads its own shard of every global batch: from its
+    own iterator over its part of the files, or as rows of the array data it holds."""
 
     def __init__(self, spec: TaskSpec, run: RunOptions, rank: int):
+        self.rank, self.ranks = rank, run.devices
+        self.crop_size = run.input_shape[-1]
+        # The run's loader workers decode a global batch: each rank's iterator has its share.
+        self.loader_workers = max(1, run.loader_workers // run.devices)
         _seed(run.device, run.seed)  # the same initial weights on every rank
         self.device = _chainer_device(run.device, rank)  # GPU: rank r uses the r-th visible GPU
         self.device.use()
@@ -612,6 +618,40 @@ class DensenetReplica:
         self.optimizer = _setup_optimizer(adam, self.model, run)
         self.gradient_mean = None  # set once every rank has started
         self.last_loss = None
+        self.shards: chainer.iterators.MultithreadIterator | None = None  # this epoch's
+        self.next_step: LoaderStep | None = None
+        self.arrays: tuple[np.ndarray, np.ndarray] | None = None  # inputs and labels the batches are rows of
+
+    def start_epoch(self, files, stored_size: int, batch_size: int, seed: int) -> None:
+        """Start this rank's iterator over its part of the epoch's files: the parts of one
+        permutation the seed draws (split_dataset_n_random, as MultiprocessParallelUpdater's
+        users give each device its own iterator), read in order, so that shard k of every rank
+        makes up global batch k; whole shards only, so the iterator, which reads ahead, does not
+        decode the part's last partial shard."""
+        if self.shards is not None:
+            self.shards.finalize()
+        images = XrayImages(files, stored_size, self.crop_size, True, seed)
+        part = chainer.datasets.split_dataset_n_random(images, self.ranks, seed=seed)[self.rank]
+        shard_size = batch_size // self.ranks
+        whole_shards = chainer.datasets.SubDataset(part, 0, shard_size * _steps_per_epoch(files, batch_size, self.ranks))
+        self.shards = chainer.iterators.MultithreadIterator(whole_shards, shard_size, repeat=False, shuffle=False,
+                                                            n_threads=self.loader_workers)
+        self.next_step = LoaderStep(seed, 0)
+
+    def train_on_next_shard(self, step: LoaderStep) -> None:
+        if step != self.next_step:
+            raise RuntimeError(f"rank {self.rank} is at {self.next_step} of its iterator, asked for {step}")
+        self.next_step = LoaderStep(step.seed, step.step + 1)
+        self.train_step(*chainer.dataset.concat_examples(self.shards.next()))
+
+    def hold_arrays(self, inputs: np.ndarray, labels: np.ndarray) -> None:
+        self.arrays = inputs, labels
+
+    def train_on_rows(self, batch: Rows) -> None:
+        """This rank's share of a global batch of the arrays held."""
+        share = rank_share(batch, self.rank, self.ranks)
+        inputs, labels = self.arrays
+        self.train_step(inputs[share], labels[share])
 
     def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
         x = _images(self.device, images)
@@ -634,10 +674,16 @@ class DensenetReplica:
         return float(self.last_loss)
 
 
+def _steps_per_epoch(files, batch_size: int, ranks: int) -> int:
+    """Global batches in an epoch of a data-parallel run: the whole shards in each rank's part
+    (split_dataset_n gives every rank len // ranks files)."""
+    return len(files.paths) // ranks // (batch_size // ranks)
+
+
 def _replica_worker(rank: int, spec: TaskSpec, run: RunOptions, gradient_mean: functools.partial,
                     commands: multiprocessing.Queue, replies: multiprocessing.Queue) -> None:
-    """Rank ``rank``'s process: trains on the shards rank 0 sends until told to stop (None), or
-    until rank 0's process has gone."""
+    """Rank ``rank``'s process: runs the methods rank 0 names, (method, arguments), and sends
+    back what they return, until told to stop (None), or until rank 0's process has gone."""
     configure(run)  # the same settings as rank 0's, its share of the threads
     replica = DensenetReplica(spec, run, rank)
     replica.gradient_mean = gradient_mean(rank=rank)
@@ -651,17 +697,17 @@ def _replica_worker(rank: int, spec: TaskSpec, run: RunOptions, gradient_mean: f
             break
         if command is None:
             break
-        if command == "loss":
-            replies.put(replica.read_loss())
-        else:
-            replica.train_step(*command)
+        method, arguments = command
+        result = getattr(replica, method)(*arguments)
+        if result is not None:
+            replies.put(result)
 
 
 # The DenseNet instance whose worker processes are alive: one at a time.
 _live_densenet: Densenet121Xray | None = None
 
 
-class Densenet121Xray:
+class Densenet121Xray(RankGroup):
     parameter_note = None
 
     def __init__(self, spec: TaskSpec, run: RunOptions):
@@ -674,6 +720,7 @@ class Densenet121Xray:
         self.loader_workers = run.loader_workers  # the image decoding threads
         self.workers: list[multiprocessing.Process] = []
         self.commands: list[multiprocessing.Queue] = []
+        self.held: tuple[np.ndarray, np.ndarray] | None = None  # the arrays every rank holds
         self.rank0 = DensenetReplica(spec, run, rank=0)
         self.model = self.rank0.model
         if run.devices > 1:
@@ -713,25 +760,9 @@ class Densenet121Xray:
     def parameter_count(self) -> int:
         return _trainable_parameters(self.model)
 
-    def _send(self, commands: list[object]) -> None:
-        """commands[r - 1] to rank r, each worker checked first: a dead rank would leave the
-        others waiting in the all-reduce."""
-        for rank, (worker, inbox, command) in enumerate(zip(self.workers, self.commands, commands), start=1):
-            if not worker.is_alive():
-                raise RuntimeError(f"DenseNet replica {rank} exited (code {worker.exitcode})")
-            inbox.put(command)
-
-    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
-        """One step on a global batch: shard r goes to rank r, shard 0 is trained here, while the
-        other ranks train theirs."""
-        image_shards, label_shards = np.array_split(images, self.devices), np.array_split(labels, self.devices)
-        self._send(list(zip(image_shards[1:], label_shards[1:])))
-        self.rank0.train_step(image_shards[0], label_shards[0])
-
     def loss(self) -> float:
         """The last step's loss, averaged over the replicas once every rank has finished it."""
-        self._send(["loss"] * len(self.workers))
-        losses = [self.rank0.read_loss()]
+        losses = [self._on_every_rank("read_loss")]
         losses += [self.replies.get(timeout=_COLLECTIVE_TIMEOUT_S) for _ in self.workers]
         return float(np.mean(losses))
 
@@ -744,7 +775,18 @@ class Densenet121Xray:
     def input_pipeline(self, files, stored_size: int, batch_size: int, training: bool, seed: int):
         """Chainer's own loading: a DatasetMixin decoding PNGs with Pillow, a MultithreadIterator
         (Pillow releases the GIL while decoding) shuffling with ``seed`` when training, and
-        concat_examples stacking each batch into numpy arrays."""
+        concat_examples stacking each batch into numpy arrays. With several ranks, training
+        yields a LoaderStep per global batch, every rank decoding its own shard."""
+        if training and self.workers:
+            return self._loader_steps(files, stored_size, batch_size, seed)
+        return self._decoded_batches(files, stored_size, batch_size, training, seed)
+
+    def _loader_steps(self, files, stored_size: int, batch_size: int, seed: int):
+        self._on_every_rank("start_epoch", files, stored_size, batch_size, seed)
+        for step in range(_steps_per_epoch(files, batch_size, self.devices)):
+            yield LoaderStep(seed, step), None
+
+    def _decoded_batches(self, files, stored_size: int, batch_size: int, training: bool, seed: int):
         dataset = XrayImages(files, stored_size, self.input_size, training, seed)
         if training:
             order = dict(order_sampler=chainer.iterators.ShuffleOrderSampler(np.random.RandomState(seed)))

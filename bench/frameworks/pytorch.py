@@ -15,7 +15,7 @@ import queue
 import socket
 from collections import OrderedDict
 from datetime import timedelta
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import precision
 from .. import weights as canonical
 from ..data import ImageFiles
+from ..shards import LoaderStep, RankGroup, Rows, rank_share
 from ..specs import (BATCH_NORM, CNN, DENSENET121, GLOROT_UNIFORM, GRU, HE_NORMAL, ONES, ORTHOGONAL, RESNET50,
                      UNIFORM, ZEROS, Init, RunOptions, TaskSpec)
 
@@ -496,19 +497,6 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-class LoaderStep(NamedTuple):
-    """A global batch of image files as input_pipeline yields it when training: which step of
-    which epoch (named by its seed) every rank's own loader is to produce its shard of."""
-    seed: int
-    step: int
-
-
-class Rows(NamedTuple):
-    """A global batch of array data as array_batches yields it to a data-parallel run: the rows
-    of the arrays every rank holds, a slice or (shuffled) indices, whose share each rank takes."""
-    rows: slice | np.ndarray
-
-
 class DensenetReplica:
     """One rank of the data-parallel model: rank 0 runs in the bench's process, ranks 1..N-1 each
     in a worker process. With several ranks the module is wrapped in DistributedDataParallel,
@@ -564,12 +552,8 @@ class DensenetReplica:
         self.arrays = inputs.numpy(), labels.numpy()
 
     def train_on_rows(self, batch: Rows) -> None:
-        """This rank's share of a global batch of the arrays held: a view of consecutive rows,
-        or the rows gathered (as a DataLoader's sampler would over a shuffled epoch)."""
-        rows = batch.rows
-        size = rows.stop - rows.start if isinstance(rows, slice) else len(rows)
-        first, last = size * self.rank // self.ranks, size * (self.rank + 1) // self.ranks
-        share = slice(rows.start + first, rows.start + last) if isinstance(rows, slice) else rows[first:last]
+        """This rank's share of a global batch of the arrays held."""
+        share = rank_share(batch, self.rank, self.ranks)
         inputs, labels = self.arrays
         self.train_step(inputs[share], labels[share])
 
@@ -619,7 +603,7 @@ def _replica_worker(rank: int, spec: TaskSpec, run: RunOptions, threads: int, in
     dist.destroy_process_group()
 
 
-class Densenet121Xray:
+class Densenet121Xray(RankGroup):
     parameter_note = None
 
     def __init__(self, spec: TaskSpec, run: RunOptions):
@@ -675,48 +659,8 @@ class Densenet121Xray:
     def parameter_count(self) -> int:
         return _parameter_count(self.rank0.model)
 
-    def _on_every_rank(self, method: str, *arguments: object) -> object:
-        """DensenetReplica.method(*arguments) on every rank (workers first, each checked: a dead
-        rank would leave the others waiting in a collective); rank 0's result."""
-        for rank, (worker, inbox) in enumerate(zip(self.workers, self.commands), start=1):
-            if not worker.is_alive():
-                raise RuntimeError(f"DenseNet replica {rank} exited (code {worker.exitcode})")
-            inbox.put((method, arguments))
-        return getattr(self.rank0, method)(*arguments)
-
-    def _share(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(array)
-        return tensor.share_memory_() if self.workers else tensor  # the ranks map one copy
-
-    def train_step(self, inputs: LoaderStep | Rows | np.ndarray, labels: np.ndarray | None) -> None:
-        """One step on a global batch, each rank loading its own shard: a LoaderStep from
-        input_pipeline, which every rank's loader decodes its shard of; Rows from array_batches,
-        of the arrays every rank holds; or, with one rank, the batch itself."""
-        if isinstance(inputs, LoaderStep):
-            self._on_every_rank("train_on_next_shard", inputs)
-        elif isinstance(inputs, Rows):
-            self._on_every_rank("train_on_rows", inputs)
-        else:
-            self.rank0.train_step(inputs, labels)
-
-    def array_batches(self, inputs: np.ndarray, labels: np.ndarray, batch_size: int,
-                      order: np.ndarray | None) -> Iterator[tuple[Rows, None] | tuple[np.ndarray, np.ndarray]]:
-        """Global batches of array data: with several ranks, Rows of the arrays, which every rank
-        holds once (one shared-memory copy, made here, before any timed step) and indexes itself."""
-        rows = np.arange(len(inputs)) if order is None else order
-        starts = range(0, len(rows) - batch_size + 1, batch_size)
-        if not self.workers:
-            if order is not None:
-                inputs, labels = inputs[order], labels[order]
-            for start in starts:
-                yield inputs[start:start + batch_size], labels[start:start + batch_size]
-            return
-        if self.held is None or self.held[0] is not inputs or self.held[1] is not labels:
-            self.held = None  # the previous arrays can go before the next are copied
-            self._on_every_rank("hold_arrays", self._share(inputs), self._share(labels))
-            self.held = inputs, labels  # held here too, so that the identity check stays valid
-        for start in starts:
-            yield (Rows(slice(start, start + batch_size)) if order is None else Rows(rows[start:start + batch_size])), None
+    def shared(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).share_memory_()  # the ranks map one copy
 
     def loss(self) -> float:
         """The last step's loss, averaged over the replicas once every rank has finished it."""
