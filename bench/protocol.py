@@ -102,38 +102,47 @@ def _endless(model: Any, data: Data, run: RunOptions) -> Iterator[Batch]:
     return itertools.cycle(batches)
 
 
+class ThroughputBlocks:
+    """Throughput mode's unit of work: ``run(steps)`` trains on the next ``steps`` batches and
+    reads the loss back (the device barrier), or infers ``steps`` batches, each output a numpy
+    array (the device has finished); the first output is kept for its moments."""
+
+    def __init__(self, model: Any, spec: TaskSpec, data: Data, run: RunOptions):
+        self.model = model
+        self.inference = spec.kind == INFER
+        self.batches = _endless(model, data, run)
+        self.first_output = None  # type: Optional[np.ndarray]
+
+    def run(self, steps: int) -> Optional[float]:
+        if not self.inference:
+            _train(self.model, self.batches, steps)
+            return self.model.loss()
+        for _ in range(steps):
+            output = self.model.predict(next(self.batches)[0])
+            if self.first_output is None:
+                self.first_output = output
+        return None
+
+
 def measure_throughput(model: Any, spec: TaskSpec, data: Data, settings: ResultSettings,
                        run: RunOptions) -> Metrics:
-    batches = _endless(model, data, run)
-    outputs = []  # type: List[np.ndarray]
-
-    def train(steps: int) -> float:
-        _train(model, batches, steps)
-        return model.loss()  # reading the loss back is the device barrier
-
-    def infer(steps: int) -> None:
-        for _ in range(steps):
-            output = model.predict(next(batches)[0])  # a numpy array: the device has finished
-            if not outputs:
-                outputs.append(output)
-
+    blocks = ThroughputBlocks(model, spec, data, run)
     metrics = Metrics()
-    step = infer if spec.kind == INFER else train
     if settings.warmup_steps:
-        first = step(1)
+        first = blocks.run(1)
         metrics.loss_first = None if first is None else _check_loss(first)
-        step(settings.warmup_steps - 1)
+        blocks.run(settings.warmup_steps - 1)
     step_times = []
     for _ in range(settings.repeats):
         start = time.perf_counter()
-        last = step(settings.steps)
+        last = blocks.run(settings.steps)
         step_times.append((time.perf_counter() - start) / settings.steps)
         metrics.loss_last = None if last is None else _check_loss(last)
     metrics.step_time_s = Summary.of(step_times)
     metrics.throughput_per_s = run.global_batch_size / metrics.step_time_s.median
     if spec.kind == INFER:
         metrics.seconds_per_1000 = Summary.of([t * 1000 / run.global_batch_size for t in step_times])
-        metrics.output_mean, metrics.output_std = _moments(outputs[0])
+        metrics.output_mean, metrics.output_std = _moments(blocks.first_output)
     return metrics
 
 

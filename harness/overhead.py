@@ -1,16 +1,17 @@
 #!/usr/bin/env python
 """Overhead benchmark: does the bench's measured step cost what a plain loop costs?
 
-For every framework and task, runs in the framework's own environment, round after round, the
-few lines an expert would write (scripts/plain_loops/<framework>_loop.py: the bench's own
-network, the same synthetic batches, layout and batch size, a plain training or inference
-loop, timed in blocks as the bench times them) and the bench's own cell (python -m bench, the
-same sizes and steps), each a fresh process, in A B B A order so that a host's drift hits both
-sides alike. Reports each side's median seconds per step over all its timed blocks, their
-ratio and its 95% bootstrap interval; a ratio above 1 + --target is overhead of the bench's to
-find.
+For every framework and task, runs in the framework's own environment, --rounds times (a fresh
+process each), the few lines an expert would write (scripts/plain_loops/<framework>_loop.py: the
+bench's own network from the cell's seed, the same synthetic batches, layout and batch size, a
+plain training or inference loop, timed in blocks as the bench times them) and, in the same
+process, the bench's own cell (the bench's configure(), data, model and timed block), their
+blocks alternating A B B A ..., so that a host whose speed drifts from one second to the next
+slows both sides alike. Reports each side's median seconds per step over all its timed blocks,
+their ratio and its 95% bootstrap interval; a ratio above 1 + --target is overhead of the
+bench's to find.
 
-    python harness/overhead.py [--frameworks pytorch jax ...] [--tasks cnn_cifar10 ...] [--rounds 4]
+    python harness/overhead.py [--frameworks pytorch jax ...] [--tasks cnn_cifar10 ...] [--rounds 2]
 
 Writes the table as JSON to --out (default results/overhead-<host>.json). Exit status: 0 when
 every pair ran and is within the target, 1 when not, 2 for bad input. A benchmark: the figures
@@ -25,10 +26,8 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -70,12 +69,6 @@ class Pair:
     def interval(self) -> tuple[float, float] | None:
         return None if self.ratio is None else ratio_interval(self.plain_s, self.cell_s)
 
-    def measure_round(self, index: int, plain: Callable[[], list[float]], cell: Callable[[], list[float]]) -> None:
-        """One plain loop and one cell, the plain loop first in even rounds: A B, B A, ..."""
-        sides = [(plain, self.plain_s), (cell, self.cell_s)]
-        for measure, times in sides if index % 2 == 0 else sides[::-1]:
-            times.extend(measure())
-
 
 def _sizes(task: str) -> list[str]:
     spec = TASKS[task]
@@ -106,21 +99,13 @@ def _run(command: list[str], framework: str) -> str:
     return done.stdout
 
 
-def plain_step_times(python: Path, framework: str, task: str, timing: list[str]) -> list[float]:
-    """Seconds per step of each timed block of one plain-loop process."""
-    output = _run([str(python), str(plain_loop_script(framework)), "--task", task, *_sizes(task), *timing], framework)
-    return json.loads(output.strip().splitlines()[-1])["step_time_s"]
-
-
-def cell_step_times(python: Path, framework: str, task: str, timing: list[str], scratch: Path) -> list[float]:
-    """Seconds per step of each timed block of one bench cell."""
-    out = scratch / f"{framework}.{task}.json"
-    _run([str(python), "-m", "bench", "--framework", framework, "--task", task, "--device", "cpu",
-          "--data", "synthetic", "--mode", "throughput", *_sizes(task), *timing, "--out", str(out)], framework)
-    result = json.loads(out.read_text())
-    if result["status"] != "ok":
-        raise RuntimeError(f"the cell {result['status']}: {result.get('error')}")
-    return result["metrics"]["step_time_s"]["values"]
+def step_times(python: Path, framework: str, task: str, timing: list[str]) -> tuple[list[float], list[float]]:
+    """Seconds per step of each timed block of the plain loop and of the bench's cell, alternating
+    in one process."""
+    output = _run([str(python), str(plain_loop_script(framework)), "--task", task, *_sizes(task), *timing,
+                   "--cell", framework], framework)
+    blocks = json.loads(output.strip().splitlines()[-1])
+    return blocks["step_time_s"], blocks["cell_step_time_s"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frameworks", nargs="+", default=list(LOCAL_FRAMEWORKS), choices=FRAMEWORKS,
                         metavar="FRAMEWORK", help=f"default: all of {', '.join(LOCAL_FRAMEWORKS)}")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), metavar="TASK")
-    parser.add_argument("--rounds", type=int, default=4, help="rounds per pair, each a plain loop and a cell (default 4)")
+    parser.add_argument("--rounds", type=int, default=2, help="processes per pair, each alternating the plain loop "
+                        "and the cell (default 2)")
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
@@ -146,22 +132,22 @@ def main(argv: list[str] | None = None) -> int:
     timing = ["--warmup-steps", str(args.warmup_steps), "--steps", str(args.steps), "--repeats", str(args.repeats)]
     backend = VirtualenvBackend()
     pairs = []
-    with tempfile.TemporaryDirectory() as scratch:
-        for framework in args.frameworks:
-            backend.prepare_environment(framework, "cpu")
-            python = backend.environment_path(framework, "cpu") / "bin" / "python"
-            for task in args.tasks:
-                spec = TASKS[task]
-                pair = Pair(framework, task, spec.default_batch_size("cpu"), spec.default_image_size("cpu"))
-                try:
-                    for index in range(args.rounds):
-                        pair.measure_round(index, lambda: plain_step_times(python, framework, task, timing),
-                                           lambda: cell_step_times(python, framework, task, timing, Path(scratch)))
-                except (RuntimeError, subprocess.TimeoutExpired) as error:
-                    pair.error = str(error)
-                pairs.append(pair)
-                print(f"{framework} {task}: " + (f"{pair.ratio:.3f}" if pair.ratio else f"failed: {pair.error}"),
-                      file=sys.stderr, flush=True)
+    for framework in args.frameworks:
+        backend.prepare_environment(framework, "cpu")
+        python = backend.environment_path(framework, "cpu") / "bin" / "python"
+        for task in args.tasks:
+            spec = TASKS[task]
+            pair = Pair(framework, task, spec.default_batch_size("cpu"), spec.default_image_size("cpu"))
+            try:
+                for _ in range(args.rounds):
+                    plain, cell = step_times(python, framework, task, timing)
+                    pair.plain_s.extend(plain)
+                    pair.cell_s.extend(cell)
+            except (RuntimeError, subprocess.TimeoutExpired) as error:
+                pair.error = str(error)
+            pairs.append(pair)
+            print(f"{framework} {task}: " + (f"{pair.ratio:.3f}" if pair.ratio else f"failed: {pair.error}"),
+                  file=sys.stderr, flush=True)
 
     rows = [[p.framework, p.task, p.batch_size,
              f"{statistics.median(p.plain_s) * 1000:.1f}" if p.plain_s else "",

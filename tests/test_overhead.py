@@ -3,6 +3,7 @@ loop runs the bench's own network, and the benchmark pairs it with the bench's c
 are not asserted: they are the benchmark's to report."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -21,15 +22,28 @@ def test_a_pair_without_both_sides_has_no_ratio():
     assert overhead.Pair("jax", "gru_imdb", 64, None, [0.1], [0.1], error="the cell failed").ratio is None
 
 
-def test_rounds_alternate_which_side_runs_first_and_keep_every_block():
-    pair, order = overhead.Pair("pytorch", "gru_imdb", 64, None), []
+def test_the_plain_loop_and_the_cell_alternate_block_by_block(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(overhead.PLAIN_LOOPS))
+    common = importlib.import_module("common")
+    order = []
 
-    def side(name, times):
-        return lambda: order.append(name) or times
-    for index in range(4):
-        pair.measure_round(index, side("plain", [0.10, 0.11]), side("cell", [0.12, 0.13]))
-    assert order == ["plain", "cell", "cell", "plain", "plain", "cell", "cell", "plain"]
-    assert pair.plain_s == [0.10, 0.11] * 4 and pair.cell_s == [0.12, 0.13] * 4
+    class Cell:
+        def run(self, steps):
+            order.append(("cell", steps))
+    monkeypatch.setattr(common, "bench_cell", lambda *arguments: Cell())
+
+    def loop(spec, input_shape, batch_size):
+        return "NTC", (len, lambda steps: order.append(("plain", steps)))  # a block: its number of batches
+    common.main({"gru_imdb": loop}, None, ["--task", "gru_imdb", "--batch-size", "2", "--warmup-steps", "3",
+                                           "--steps", "4", "--repeats", "4", "--cell", "pytorch"])
+    warm_up = [("plain", 3), ("cell", 1), ("cell", 2)]  # the cell's as the protocol's: one step, then the rest
+    assert order == warm_up + [("plain", 4), ("cell", 4), ("cell", 4), ("plain", 4)] * 2
+    blocks = json.loads(capsys.readouterr().out)
+    assert len(blocks["step_time_s"]) == len(blocks["cell_step_time_s"]) == 4
+
+
+def test_a_pairs_interval_brackets_its_ratio():
+    pair = overhead.Pair("pytorch", "gru_imdb", 64, None, plain_s=[0.10, 0.11] * 4, cell_s=[0.12, 0.13] * 4)
     low, high = pair.interval
     assert pair.ratio == pytest.approx(0.125 / 0.105) and low <= pair.ratio <= high
 
