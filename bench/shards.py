@@ -1,6 +1,7 @@
-"""What the ranks of a data-parallel run are told to train on, where each rank loads its own
-shard of every global batch instead of rank 0 loading the whole batch and sending the pieces.
-The frameworks that run one process per replica (PyTorch, Chainer) share these; numpy only."""
+"""Batches named instead of handed over, for models that hold their data themselves: the ranks of
+a data-parallel run that each load their own shard of every global batch (PyTorch's and
+Chainer's, a process per replica) instead of rank 0 loading the whole batch and sending the
+pieces, and Keras, whose fit() takes a block's rows of the arrays at once. Numpy only."""
 from typing import Any, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
