@@ -39,6 +39,7 @@ set; inference tasks time ``timed_batches`` batches after one untimed batch.
 Array data is put in the model's layout outside the timers; the per-batch copy to the device
 happens inside them. Image-folder data is decoded inside them: that is what it measures.
 """
+import functools
 import itertools
 import math
 import time
@@ -90,13 +91,15 @@ def _train(model: Any, batches: Iterable[Batch], steps: Optional[int] = None) ->
     return trained
 
 
-def _endless(model: Any, data: Data, run: RunOptions) -> Iterator[Batch]:
-    """Training batches for throughput mode, round and round."""
+def _endless(model: Any, data: Data, run: RunOptions, inference: bool) -> Iterator[Batch]:
+    """Batches for throughput mode, round and round: for training as the model takes them, for
+    inference the arrays themselves."""
     if isinstance(data, ImageFolderDataset):
         return itertools.chain.from_iterable(
             model.input_pipeline(data.train, data.stored_size, run.global_batch_size, True, run.seed + epoch)
             for epoch in itertools.count())
-    batches = _training_batches(model, to_layout(data.x_train, model.layout), data.y_train, run.global_batch_size)
+    arrays = to_layout(data.x_train, model.layout), data.y_train
+    batches = (_batches if inference else functools.partial(_training_batches, model))(*arrays, run.global_batch_size)
     if not batches:
         raise ValueError("the data set has fewer than one batch of {} examples".format(run.global_batch_size))
     return itertools.cycle(batches)
@@ -110,7 +113,7 @@ class ThroughputBlocks:
     def __init__(self, model: Any, spec: TaskSpec, data: Data, run: RunOptions):
         self.model = model
         self.inference = spec.kind == INFER
-        self.batches = _endless(model, data, run)
+        self.batches = _endless(model, data, run, self.inference)
         self.first_output = None  # type: Optional[np.ndarray]
 
     def run(self, steps: int) -> Optional[float]:
