@@ -89,15 +89,17 @@ class Comparison:
     only_b: int
 
 
-def ratio_interval(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float] | None:
-    """Percentile bootstrap interval of median(b) / median(a), each side resampled on its own."""
+def ratio_interval(a: list[float], b: list[float], level: float = 0.95,
+                   statistic: Callable[..., np.ndarray] = np.median) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of statistic(b) / statistic(a) (default: the medians), each
+    side resampled on its own."""
     if len(a) < 2 or len(b) < 2:
         return None
     rng = np.random.default_rng(SEED)
-    a_medians = np.median(rng.choice(a, size=(RESAMPLES, len(a))), axis=1)
-    b_medians = np.median(rng.choice(b, size=(RESAMPLES, len(b))), axis=1)
+    a_values = statistic(rng.choice(a, size=(RESAMPLES, len(a))), axis=1)
+    b_values = statistic(rng.choice(b, size=(RESAMPLES, len(b))), axis=1)
     tail = (1 - level) / 2 * 100
-    low, high = np.percentile(b_medians / a_medians, [tail, 100 - tail])
+    low, high = np.percentile(b_values / a_values, [tail, 100 - tail])
     return float(low), float(high)
 
 
