@@ -98,28 +98,29 @@ def two_ranks(request, tmp_path_factory) -> tuple[dict, list[dict]]:
     return json.loads(done.stdout.strip().splitlines()[-1]), entries
 
 
+def by_rank(entries: list[dict], key: str) -> dict[int, list]:
+    """Each rank's logged values of ``key``, in the order logged."""
+    found = defaultdict(list)
+    for entry in entries:
+        if key in entry:
+            found[entry["rank"]].append(entry[key])
+    return found
+
+
 @pytest.mark.timeout(900)
 def test_each_rank_decodes_its_own_disjoint_share_of_the_epochs_files(two_ranks):
-    _, entries = two_ranks
-    decoded = defaultdict(list)
-    for entry in entries:
-        if "file" in entry:
-            decoded[entry["rank"]].append(entry["file"])
+    decoded = by_rank(two_ranks[1], "file")
     steps = TRAIN_FILES // GLOBAL_BATCH  # whole global batches only
     assert set(decoded) == {0, 1}
     for files in decoded.values():
         assert len(files) == len(set(files)) == steps * GLOBAL_BATCH // 2
     assert not set(decoded[0]) & set(decoded[1])
-    assert {entry["seed"] for entry in entries if "file" in entry} == {5}  # the epoch's seed, on both ranks
+    assert {entry["seed"] for entry in two_ranks[1] if "file" in entry} == {5}  # the epoch's seed, on both ranks
 
 
 @pytest.mark.timeout(900)
 def test_each_rank_trains_on_its_half_of_every_global_batch_of_arrays(two_ranks):
-    _, entries = two_ranks
-    trained = defaultdict(list)
-    for entry in entries:
-        if "rows" in entry:
-            trained[entry["rank"]].append(entry["rows"])
+    trained = by_rank(two_ranks[1], "rows")
     half = GLOBAL_BATCH // 2
     batches = EXAMPLES // GLOBAL_BATCH
     assert set(trained) == {0, 1} and len(trained[0]) == len(trained[1]) == 1 + 2 * 2  # warm-up, 2 × 2 steps
