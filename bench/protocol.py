@@ -49,6 +49,7 @@ import numpy as np
 
 from .data import Data, Dataset, ImageFolderDataset, to_layout
 from .result import Metrics, ResultSettings, Summary
+from .shards import global_batches
 from .specs import CLASSIFY, INFER, RunOptions, TaskSpec
 
 Batch = Tuple[Any, Any]
@@ -56,8 +57,7 @@ Batch = Tuple[Any, Any]
 
 def _batches(inputs: np.ndarray, labels: np.ndarray, batch_size: int) -> List[Batch]:
     """Whole batches only, as the seed did; the remainder of an epoch is dropped."""
-    return [(inputs[start:start + batch_size], labels[start:start + batch_size])
-            for start in range(0, len(inputs) - batch_size + 1, batch_size)]
+    return [(inputs[batch.rows], labels[batch.rows]) for batch in global_batches(len(inputs), batch_size, None)]
 
 
 def _training_batches(model: Any, inputs: np.ndarray, labels: np.ndarray, batch_size: int,

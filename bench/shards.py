@@ -15,8 +15,8 @@ class LoaderStep(NamedTuple):
 
 
 class Rows(NamedTuple):
-    """A global batch of array data as array_batches yields it to a data-parallel run: the rows
-    of the arrays every rank holds, a slice or (shuffled) indices, whose share each rank takes."""
+    """A global batch of array data as array_batches yields it: rows of the arrays the model
+    holds, a slice or (shuffled) indices; each rank of a data-parallel run takes its share."""
     rows: Union[slice, np.ndarray]
 
 
