@@ -205,7 +205,9 @@ slurm: {poll_s: 1}
     running.send_signal(signal.SIGTERM)
     _, err = running.communicate(timeout=120)
     assert running.returncode == 128 + signal.SIGTERM, err
-    assert job_id not in squeue_states()
+    # scancel is asynchronous: the job may still be COMPLETING while slurmd kills its processes.
+    assert squeue_states().get(job_id) in (None, "COMPLETING")
+    wait_for(lambda: job_id not in squeue_states(), 60, "the cancelled job to leave the queue")
     wait_for(lambda: subprocess.run(["sacct", "--noheader", "--parsable2", "--allocations", f"--jobs={job_id}",
                                      "--format=State"], capture_output=True, text=True).stdout.startswith("CANCELLED"),
              30, "the accounting to say CANCELLED")
