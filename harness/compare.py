@@ -89,17 +89,31 @@ class Comparison:
     only_b: int
 
 
-def ratio_interval(a: list[float], b: list[float], level: float = 0.95,
-                   statistic: Callable[..., np.ndarray] = np.median) -> tuple[float, float] | None:
-    """Percentile bootstrap interval of statistic(b) / statistic(a) (default: the medians), each
-    side resampled on its own."""
+def ratio_interval(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of median(b) / median(a), each side resampled on its own."""
     if len(a) < 2 or len(b) < 2:
         return None
     rng = np.random.default_rng(SEED)
-    a_values = statistic(rng.choice(a, size=(RESAMPLES, len(a))), axis=1)
-    b_values = statistic(rng.choice(b, size=(RESAMPLES, len(b))), axis=1)
+    a_medians = np.median(rng.choice(a, size=(RESAMPLES, len(a))), axis=1)
+    b_medians = np.median(rng.choice(b, size=(RESAMPLES, len(b))), axis=1)
+    return _percentiles(b_medians / a_medians, level)
+
+
+def paired_ratio_interval(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the median of b[i] / a[i], the pairs resampled whole: for
+    measurements taken side by side, each pair under the same conditions."""
+    if len(a) != len(b):
+        raise ValueError(f"paired measurements of unequal lengths: {len(a)} and {len(b)}")
+    if len(a) < 2:
+        return None
+    ratios = np.asarray(b) / np.asarray(a)
+    rng = np.random.default_rng(SEED)
+    return _percentiles(np.median(rng.choice(ratios, size=(RESAMPLES, len(ratios))), axis=1), level)
+
+
+def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
     tail = (1 - level) / 2 * 100
-    low, high = np.percentile(b_values / a_values, [tail, 100 - tail])
+    low, high = np.percentile(values, [tail, 100 - tail])
     return float(low), float(high)
 
 

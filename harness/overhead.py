@@ -7,10 +7,10 @@ bench's own network from the cell's seed, the same synthetic batches, layout and
 plain training or inference loop, timed in blocks as the bench times them) and, in the same
 process, the bench's own cell (the bench's configure(), data, model and timed block), their
 blocks alternating A B B A ..., so that a host whose speed drifts from one second to the next
-slows both sides alike. Reports each side's fastest block (seconds per step; on a shared host
-interference only ever adds time, and a block it hits runs up to twice as long), their ratio
-with its 95% bootstrap interval, and the ratio of the medians beside it; a ratio above
-1 + --target is overhead of the bench's to find.
+slows both sides alike. Each cell block is divided by the plain block beside it; the pair's
+ratio is the median of those ratios, with its 95% bootstrap interval (the pairs resampled
+whole), beside each side's median seconds per step. A ratio above 1 + --target is overhead of
+the bench's to find.
 
     python harness/overhead.py [--frameworks pytorch jax ...] [--tasks cnn_cifar10 ...] [--rounds 2]
 
@@ -33,7 +33,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from bench.frameworks import KERAS_BACKENDS  # noqa: E402
@@ -41,7 +40,7 @@ from bench.result import write_text_atomic  # noqa: E402
 from bench.specs import FRAMEWORKS, TASKS  # noqa: E402
 from harness.backends.base import REPO_ROOT  # noqa: E402
 from harness.backends.local import VirtualenvBackend  # noqa: E402
-from harness.compare import ratio_interval  # noqa: E402
+from harness.compare import paired_ratio_interval  # noqa: E402
 from harness.parity import LOCAL_FRAMEWORKS  # noqa: E402
 
 PLAIN_LOOPS = REPO_ROOT / "scripts" / "plain_loops"
@@ -51,9 +50,12 @@ TIMEOUT_S = 1800
 @dataclass
 class Pair:
     """One framework and task: seconds per step of every timed block of the plain loop and of
-    the cell, all rounds together. Judged on the fastest block of each side: the cost of the
-    work itself, as timeit reads it, where the median lands on whichever of a shared host's
-    two speeds most blocks ran at."""
+    the cell, all rounds together, plain_s[i] and cell_s[i] run one right after the other.
+    Judged on the median of cell_s[i] / plain_s[i]: neighbouring blocks share the host's state
+    of the moment, so its slow drift cancels in each ratio, and a burst of interference that
+    doubles one block of a pair, as often the plain loop's as the cell's, moves the median of
+    the ratios little (it moves the fastest block of either side, or the median of either,
+    by up to 2×)."""
 
     framework: str
     task: str
@@ -67,15 +69,11 @@ class Pair:
     def ratio(self) -> float | None:
         if self.error or not self.plain_s or not self.cell_s:
             return None
-        return min(self.cell_s) / min(self.plain_s)
+        return statistics.median(cell / plain for plain, cell in zip(self.plain_s, self.cell_s))
 
     @property
     def interval(self) -> tuple[float, float] | None:
-        return None if self.ratio is None else ratio_interval(self.plain_s, self.cell_s, statistic=np.min)
-
-    @property
-    def median_ratio(self) -> float | None:
-        return None if self.ratio is None else statistics.median(self.cell_s) / statistics.median(self.plain_s)
+        return None if self.ratio is None else paired_ratio_interval(self.plain_s, self.cell_s)
 
 
 def _sizes(task: str) -> list[str]:
@@ -126,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                         "and the cell (default 1)")
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3, help="steps per timed block (default 3)")
-    parser.add_argument("--repeats", type=int, default=8, help="timed blocks a side per process (default 8)")
+    parser.add_argument("--repeats", type=int, default=12, help="timed blocks a side per process (default 12)")
     parser.add_argument("--target", type=float, default=0.05, help="largest acceptable overhead (default 0.05)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / f"overhead-{socket.gethostname()}.json")
     args = parser.parse_args(argv)
@@ -158,17 +156,16 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr, flush=True)
 
     rows = [[p.framework, p.task, p.batch_size,
-             f"{min(p.plain_s) * 1000:.1f}" if p.plain_s else "",
-             f"{min(p.cell_s) * 1000:.1f}" if p.cell_s else "",
+             f"{statistics.median(p.plain_s) * 1000:.1f}" if p.plain_s else "",
+             f"{statistics.median(p.cell_s) * 1000:.1f}" if p.cell_s else "",
              f"{p.ratio:.3f}" if p.ratio else f"failed: {p.error}",
-             "{:.3f}–{:.3f}".format(*p.interval) if p.interval else "",
-             f"{p.median_ratio:.3f}" if p.ratio else ""] for p in pairs]
+             "{:.3f}–{:.3f}".format(*p.interval) if p.interval else ""] for p in pairs]
     print(tabulate(rows, headers=["framework", "task", "batch", "plain loop ms/step", "bench cell ms/step",
-                                  "cell / plain", "95% interval", "medians' ratio"]))
+                                  "cell / plain", "95% interval"]))
     write_text_atomic(args.out, json.dumps({
         "host": socket.gethostname(), "cpu_count": os.cpu_count(), "target": args.target, "rounds": args.rounds,
         "warmup_steps": args.warmup_steps, "steps": args.steps, "repeats": args.repeats,
-        "pairs": [dict(asdict(p), ratio=p.ratio, interval=p.interval, median_ratio=p.median_ratio)
+        "pairs": [dict(asdict(p), ratio=p.ratio, interval=p.interval)
                   for p in pairs]}, indent=2) + "\n")
     over = [p for p in pairs if p.ratio is None or p.ratio > 1 + args.target]
     for p in over:

@@ -10,7 +10,7 @@ import pytest
 
 from bench.result import Result
 from conftest import REPO, result_payload, write_matrix
-from harness.compare import compare, main, ratio_interval
+from harness.compare import compare, main, paired_ratio_interval, ratio_interval
 from harness.rows import ResultRow
 
 
@@ -76,6 +76,15 @@ def test_a_mixed_precision_set_is_compared_with_an_fp32_set_framework_by_framewo
 def test_the_interval_needs_two_runs_a_side_and_is_seeded():
     assert ratio_interval([1.0], [1.0, 1.1]) is None
     assert ratio_interval([1.0, 1.1, 0.9], [2.0, 2.1, 1.9]) == ratio_interval([1.0, 1.1, 0.9], [2.0, 2.1, 1.9])
+
+
+def test_a_paired_interval_resamples_whole_pairs():
+    # Each pair moves together (the host's drift): the ratios are all 2, and so is every resample.
+    assert paired_ratio_interval([1.0, 3.0, 9.0], [2.0, 6.0, 18.0]) == pytest.approx((2.0, 2.0))
+    assert ratio_interval([1.0, 3.0, 9.0], [2.0, 6.0, 18.0])[0] < 1  # unpaired, the drift swamps it
+    assert paired_ratio_interval([1.0], [1.0]) is None
+    with pytest.raises(ValueError, match="unequal lengths"):
+        paired_ratio_interval([1.0, 2.0], [1.0])
 
 
 def test_the_command_guards_against_regressions(tmp_path, capsys):
