@@ -111,10 +111,8 @@ def _parameter_count(model: Any) -> int:
     return sum(int(np.prod(parameter.shape)) for parameter in model.parameters)
 
 
-def _initializer(init: Init, shape: Tuple[int, ...] = (), seed: int = 0) -> Any:
-    """The specs' initialiser as CNTK's: a number, one of its initializers, or for an orthogonal
-    matrix (which CNTK has no initializer for) an array of ``shape`` drawn by numpy from
-    ``seed``, the same in every MPI worker."""
+def _initializer(init: Init) -> Any:
+    """The specs' initialiser as CNTK's: a number or one of its initializers."""
     if init.kind in (ZEROS, ONES):
         return 0.0 if init.kind == ZEROS else 1.0
     if init.kind == UNIFORM:
@@ -123,12 +121,51 @@ def _initializer(init: Init, shape: Tuple[int, ...] = (), seed: int = 0) -> Any:
         return C.glorot_uniform()
     if init.kind == HE_NORMAL and init.fan == "fan_in":
         return C.he_normal()
+    raise ValueError("CNTK has no initializer for {}".format(init))
+
+
+def _drawn(init: Init, shape: Tuple[int, ...], rng: np.random.RandomState) -> np.ndarray:
+    """The specs' initialiser as an array drawn by numpy, for weights CNTK's initializers cannot
+    lay out: an orthogonal matrix (CNTK has no initializer for one) and cuDNN's packed GRU
+    weights (one blob takes one initializer). Fans as the specs' (rows out, columns in)."""
+    if init.kind == ZEROS:
+        return np.zeros(shape, np.float32)
+    if init.kind == GLOROT_UNIFORM:
+        limit = np.sqrt(6.0 / sum(shape))
+        return rng.uniform(-limit, limit, shape).astype(np.float32)
     if init.kind == ORTHOGONAL:
         rows, columns = shape
-        q, r = np.linalg.qr(np.random.RandomState(seed).standard_normal((max(rows, columns), min(rows, columns))))
+        q, r = np.linalg.qr(rng.standard_normal((max(rows, columns), min(rows, columns))))
         q = q * np.sign(np.diag(r))  # a uniformly random orthogonal matrix
         return np.ascontiguousarray(q if rows >= columns else q.T, dtype=np.float32)
-    raise ValueError("CNTK has no initializer for {}".format(init))
+    raise ValueError("no numpy draw for {}".format(init))
+
+
+class GruWeights(NamedTuple):
+    """A GRU's initial weights in cuDNN's convention, as cuDNN stores them: gates stacked reset,
+    update, new along the rows, (gates × units, inputs) and (gates × units, units)."""
+    input_kernel: np.ndarray
+    recurrent_kernel: np.ndarray
+    input_bias: np.ndarray
+    recurrent_bias: np.ndarray
+
+    @classmethod
+    def drawn(cls, inputs: int, seed: int) -> "GruWeights":
+        """The specs' initial weights, drawn by numpy from ``seed``: the same in every MPI worker
+        and on either device."""
+        rng, stacked = np.random.RandomState(seed), GRU.gates * GRU.units
+        return cls(_drawn(GRU.input_kernel_init, (stacked, inputs), rng),
+                   _drawn(GRU.recurrent_kernel_init, (stacked, GRU.units), rng),
+                   _drawn(GRU.bias_init, (stacked,), rng), _drawn(GRU.bias_init, (stacked,), rng))
+
+    def cudnn_blob(self) -> np.ndarray:
+        """The weights as optimized_rnnstack's one parameter, (gates × (inputs + units + 2), units):
+        cuDNN's packed buffer for one layer, read row by row, as CNTK's own converter of the
+        blob reads it (cntk.misc.converter): the input matrix, the recurrent matrix, the input
+        biases, the recurrent biases."""
+        flat = np.concatenate([self.input_kernel.ravel(), self.recurrent_kernel.ravel(), self.input_bias,
+                               self.recurrent_bias])
+        return flat.reshape(-1, GRU.units)
 
 
 def _one_hot(labels: np.ndarray, classes: int) -> np.ndarray:
@@ -257,18 +294,18 @@ class Resnet50Inference:
         return self.model.eval({self.features: images})
 
 
-def _cudnn_gru_step(inputs: int, seed: int) -> Any:
+def _cudnn_gru_step(weights: GruWeights) -> Any:
     """One step of a GRU in cuDNN's convention, for Recurrence on the CPU, where CNTK has no
     fused RNN: biases on both the input and the recurrent projections, and the reset gate
     applied after the recurrent one, n = tanh(W_n x + b_Wn + r * (R_n h + b_Rn)). CNTK's layers
     GRU applies it before (and has one bias vector): another recurrence, 300 parameters fewer.
     Gates are stacked reset, update, new along the projections' outputs."""
-    units, stacked = GRU.units, GRU.gates * GRU.units
-    input_kernel = C.parameter((inputs, stacked), init=_initializer(GRU.input_kernel_init), name="W")
-    recurrent_kernel = C.parameter((units, stacked), init=_initializer(GRU.recurrent_kernel_init, (units, stacked), seed),
-                                   name="R")
-    input_bias = C.parameter(stacked, init=_initializer(GRU.bias_init), name="b_W")
-    recurrent_bias = C.parameter(stacked, init=_initializer(GRU.bias_init), name="b_R")
+    units = GRU.units
+    # CNTK multiplies row vectors by the kernels: x (inputs) times (inputs, gates × units).
+    input_kernel = C.parameter(init=np.ascontiguousarray(weights.input_kernel.T), name="W")
+    recurrent_kernel = C.parameter(init=np.ascontiguousarray(weights.recurrent_kernel.T), name="R")
+    input_bias = C.parameter(init=weights.input_bias, name="b_W")
+    recurrent_bias = C.parameter(init=weights.recurrent_bias, name="b_R")
 
     @C.Function
     def step(h: Any, x: Any) -> Any:
@@ -306,14 +343,12 @@ class GruImdb:
         self.labels = C.input_variable(spec.num_classes)
         table = C.parameter((spec.vocabulary, GRU.embedding), init=_initializer(GRU.embedding_init), name="embedding")
         x = C.reshape(C.gather(table, self.tokens), (GRU.embedding,))
+        weights = GruWeights.drawn(GRU.embedding, run.seed)
         if run.device == "gpu":
-            # The weight blob's size is inferred from cuDNN's layout: 3 gates × (input + hidden
-            # weights + two bias vectors). One blob takes one initialiser: uniform ±1/sqrt(units),
-            # cuDNN GRUs' usual one, not the specs' per-matrix ones.
-            weights = C.parameter((C.InferredDimension, GRU.units), init=C.uniform(1.0 / np.sqrt(GRU.units)))
-            x = C.optimized_rnnstack(x, weights, GRU.units, num_layers=1, recurrent_op="gru")
+            x = C.optimized_rnnstack(x, C.parameter(init=weights.cudnn_blob()), GRU.units, num_layers=1,
+                                     recurrent_op="gru")
         else:
-            x = C.layers.Recurrence(_cudnn_gru_step(GRU.embedding, run.seed))(x)
+            x = C.layers.Recurrence(_cudnn_gru_step(weights))(x)
         dense = C.layers.Dense(spec.num_classes, init=_initializer(GRU.dense_kernel_init),
                                init_bias=_initializer(GRU.dense_bias_init))
         self.model = dense(C.sequence.last(x))  # logits
