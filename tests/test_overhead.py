@@ -16,6 +16,8 @@ from harness.parity import LOCAL_FRAMEWORKS
 
 
 def test_a_pair_without_both_sides_has_no_ratio():
+    pair = overhead.Pair("pytorch", "cnn_cifar10", 64, None, plain_s=[0.10, 0.12], cell_s=[0.11, 0.13])
+    assert pair.ratio == pytest.approx((0.11 / 0.10 + 0.13 / 0.12) / 2)  # the median of two ratios
     assert overhead.Pair("jax", "gru_imdb", 64, None, plain_s=[0.1]).ratio is None
     assert overhead.Pair("jax", "gru_imdb", 64, None, [0.1], [0.1], error="the cell failed").ratio is None
 
@@ -48,7 +50,6 @@ def test_a_pair_is_judged_on_the_median_ratio_of_neighbouring_blocks_with_an_int
     pair = overhead.Pair("pytorch", "gru_imdb", 64, None, plain_s=plain, cell_s=cell)
     low, high = pair.interval
     assert pair.ratio == pytest.approx(1.01) and low <= pair.ratio <= high
-    assert min(cell) / min(plain) == pytest.approx(1.01)  # here too, but a burst on the fastest block moves it
     swapped = overhead.Pair("pytorch", "gru_imdb", 64, None, plain_s=cell, cell_s=plain)
     assert swapped.ratio == pytest.approx(1 / 1.01)
 
