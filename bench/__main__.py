@@ -5,21 +5,21 @@ Runs one cell and writes its result. A request file (bench/request.py) and flags
 things; flags given beside a request file replace its fields (a launcher passes the paths as
 its container sees them)."""
 import argparse
-import itertools
 import os
 import sys
+import time
 import traceback
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import data as datasets
-from . import environment, flops, frameworks, memory, precision
+from . import ceiling, environment, flops, frameworks, memory, precision
 from .host import GPU_STAND_IN, compute_device, utc_now
-from .protocol import infer_full, measure_throughput, train_full
-from .request import DATA, DEFAULTS, DEVICES, MODES, Request, RequestError, read_fields
+from .protocol import ThroughputBlocks, infer_full, measure_throughput, train_full
+from .request import BUDGET_S, DATA, DEFAULTS, DEVICES, MIN_BLOCK_S, MODES, Request, RequestError, field_type, read_fields
 from .result import Metrics, Model, Result, ResultSettings, write_json_atomic
-from .specs import FRAMEWORKS, INFER, TASKS, RunOptions, TaskSpec, Unsupported
+from .specs import CALIBRATIONS, CEILING, COMPILE_PROFILES, FRAMEWORKS, INFER, TASKS, RunOptions, TaskSpec, Unsupported, task_spec
 
 # Throughput mode cycles over this many distinct batches: enough to defeat caches, small
 # enough to prepare in a moment.
@@ -28,8 +28,9 @@ THROUGHPUT_BATCHES = 16
 SYNTHETIC_BYTES = 2 << 30
 
 # The flag of each request field: its choices, and what it means (the default is the request's).
-FLAG_CHOICES = {"framework": FRAMEWORKS, "task": sorted(TASKS), "device": DEVICES, "mode": MODES,
-                "data": DATA, "precision": precision.PRECISIONS}
+FLAG_CHOICES = {"framework": FRAMEWORKS, "task": sorted(TASKS) + sorted(CALIBRATIONS), "device": DEVICES,
+                "mode": MODES, "data": DATA, "precision": precision.PRECISIONS,
+                "compile": COMPILE_PROFILES}
 FLAG_HELP = {
     "device": "gpu = the visible GPUs (the launcher sets CUDA_VISIBLE_DEVICES)",
     "devices": "data-parallel replicas, for data-parallel tasks: GPUs, or CPU devices",
@@ -37,7 +38,16 @@ FLAG_HELP = {
     "threads": "intra- and inter-op threads of the framework (default: its own choice)",
     "data": "synthetic: seeded random data of the real shapes; real: the data set",
     "data_dir": "folder holding the data set, or where to fetch it (default: {})".format(datasets.default_data_dir()),
-    "steps": "timed steps per repeat (throughput mode)",
+    "compile": "default: the framework out of the box; compiled: through its own compiler (torch.compile, XLA)",
+    "warmup_steps": "untimed steps, the first (timed alone) included",
+    "steps": "timed steps per block (throughput mode; default: as many as last --min-block-s)",
+    "min_block_s": "shortest timed block, seconds (default: {} on a CPU, {} on a GPU)".format(
+        MIN_BLOCK_S["cpu"], MIN_BLOCK_S["gpu"]),
+    "repeats": "timed blocks at least (full mode: runs)",
+    "max_repeats": "timed blocks at most",
+    "target_ci": "stop adding blocks once the median's 95%% interval is within +-this fraction of it",
+    "budget_s": "or once the timed blocks took this long (default: {} s on a CPU, {} s on a GPU)".format(
+        BUDGET_S["cpu"], BUDGET_S["gpu"]),
     "epochs": "full mode (default: the task's)",
     "batch_size": "per device (default: the task's, smaller on CPU for some tasks)",
     "image_size": "input height and width, for tasks ending in global pooling (default: the task's, "
@@ -63,7 +73,7 @@ def parse_args(argv: Optional[List[str]]) -> Tuple[Request, Path]:
         if default is not None:
             help_text = "{}{}default: {}".format(help_text, "; " if help_text else "", default)
         parser.add_argument("--" + field.name.replace("_", "-"), default=argparse.SUPPRESS,
-                            type=int if field.type in (int, Optional[int]) else str,
+                            type=field_type(field),
                             choices=FLAG_CHOICES.get(field.name), help=help_text or None)
     args = vars(parser.parse_args(argv))
     source, out = args.pop("request"), args.pop("out")
@@ -117,6 +127,7 @@ def _train_examples(data: datasets.Data) -> int:
 
 def run(request: Request, spec: TaskSpec, settings: ResultSettings, options: RunOptions,
         facts: Dict[str, Any]) -> Tuple[Model, Metrics]:
+    started = time.perf_counter()
     if request.threads:
         environment.limit_threads(request.threads)  # before the framework starts its thread pools
     if options.device == "cpu" and options.devices > 1:
@@ -130,6 +141,9 @@ def run(request: Request, spec: TaskSpec, settings: ResultSettings, options: Run
     framework = frameworks.load(request.framework)
     framework.configure(options)  # first: TensorFlow's device options only apply before use
     facts.update(framework.describe(options))
+    import_s = time.perf_counter() - started
+    if spec.kind == CEILING:
+        return ceiling.measure(framework, options)
     implementation = framework.TASKS.get(spec.name)
     if implementation is None:
         raise NotImplementedError("{} has no implementation of {}".format(request.framework, spec.name))
@@ -137,21 +151,28 @@ def run(request: Request, spec: TaskSpec, settings: ResultSettings, options: Run
     if spec.kind != INFER:
         settings.train_examples = _train_examples(data)
 
+    building = time.perf_counter()
     model = implementation(spec, options)
+    build_s = time.perf_counter() - building
     if isinstance(data, datasets.ImageFolderDataset):
         settings.loader_workers = model.loader_workers  # what its input pipeline runs
     described = Model(parameters=model.parameter_count(), expected_parameters=spec.expected_parameters,
                       layout=model.layout, note=getattr(model, "parameter_note", None),
                       weights=_sha256(Path(request.weights)) if request.weights else None,
                       flops_per_example=flops.step_flops_per_example(spec, options.input_shape))
-    more = (implementation(spec, options) for _ in range(settings.repeats - 1))  # a fresh model per repeat
+    more = (implementation(spec, options) for _ in range(settings.repeats))  # a fresh model per repeat
     with memory.NvmlPeakSampler(nvml, os.environ.get("CUDA_VISIBLE_DEVICES")) as sampler:
         if request.mode == "throughput":
             metrics = measure_throughput(model, spec, data, settings, options)
-        elif spec.kind == INFER:
-            metrics = infer_full(itertools.chain([model], more), spec, data, options)
-        else:
-            metrics = train_full(itertools.chain([model], more), spec, data, settings, options)
+        else:  # the first step on a model of its own, over one batch: the timed runs start cold
+            first = ThroughputBlocks(model, spec, data, options, pool=options.global_batch_size).timed(1)
+            if spec.kind == INFER:
+                metrics = infer_full(more, spec, data, options)
+            else:
+                metrics = train_full(more, spec, data, settings, options)
+            metrics.first_step_s, metrics.loss_first = first
+    metrics.import_s, metrics.build_s = import_s, build_s
+    metrics.time_to_first_step_s = import_s + build_s + metrics.first_step_s
     if hasattr(model, "math_modes"):  # what the framework chose while it ran, where it may differ
         facts["math_modes"].update(model.math_modes())
     allocator_peak = framework.device_memory_peak(options)
@@ -171,7 +192,7 @@ def _sha256(path: Path) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     request, out = parse_args(argv)
-    spec = TASKS[request.task]
+    spec = task_spec(request.task)
     options = request.run_options(compute_device(request.device))
     cell, settings = request.cell(), request.settings()
     started = utc_now()

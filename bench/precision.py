@@ -54,12 +54,14 @@ def set_tf32_override(precision: str, environ: MutableMapping[str, str] = os.env
 
 
 def math_modes(precision: str, tf32_matmul: Optional[bool], tf32_convolutions: Optional[bool],
-               loss_scaling: Optional[str], autotuner: Optional[bool], xla: Optional[bool]) -> Dict[str, Any]:
+               loss_scaling: Optional[str], autotuner: Optional[bool], xla: Optional[bool],
+               compiler: Optional[str]) -> Dict[str, Any]:
     """The math modes in force, the same keys for every framework (None: no such switch, or
     not on this device): the dtype layers compute in, and the one the optimiser keeps the
     weights in (its master copy); whether matrix products and convolutions may use TF32; the
     loss scaling of fp16 ("dynamic"); whether the cuDNN or XLA autotuner picks algorithms;
-    whether the model is compiled by XLA."""
+    whether the model is compiled by XLA; the compiler the model runs through, if any (the
+    cell's compile profile decides it, specs.FrameworkSpec)."""
     return {
         "compute_dtype": COMPUTE_DTYPES[precision],
         "weights_dtype": "float32",
@@ -68,5 +70,6 @@ def math_modes(precision: str, tf32_matmul: Optional[bool], tf32_convolutions: O
         "loss_scaling": loss_scaling,
         "autotuner": autotuner,
         "xla": xla,
+        "compiler": compiler,
         "nvidia_tf32_override": os.environ.get("NVIDIA_TF32_OVERRIDE"),
     }

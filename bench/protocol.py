@@ -32,10 +32,17 @@ An implementation (one class per task in each ``bench/frameworks/<name>.py``) of
                             slices of the reordered arrays. For a data-parallel run whose
                             replicas load their own shards of the arrays they hold
 
-throughput: warm-up steps (never timed), then ``repeats`` timed blocks of ``steps`` steps; the
-clock stops only after the device has finished (a loss or an output is read back).
+throughput: the first step (timed alone: the time to the first step), the rest of the warm-up,
+then timed blocks of ``steps`` steps, each block lasting at least ``min_block_s`` when the steps
+are calibrated; at least ``repeats`` blocks, then more until the median's 95% interval is within
+±``target_ci`` of it, ``max_repeats`` blocks are timed or ``budget_s`` is spent (the result says
+which). The clock stops only after the device has finished (a loss or an output is read back).
 full: the seed's protocol: training tasks train ``epochs`` epochs (timed) then score the test
-set; inference tasks time ``timed_batches`` batches after one untimed batch.
+set; inference tasks time ``timed_batches`` batches after one untimed batch; a fresh model per
+repeat, each after a first model has taken the first step (the time to the first step), so
+what only happens once per process (tracing, compiling, autotuning) is outside the epochs;
+what happens per model (a tf.function's tracing) stays in each repeat's first epoch, which the
+result also gives alone.
 Array data is put in the model's layout outside the timers; the per-batch copy to the device
 happens inside them. Image-folder data is decoded inside them: that is what it measures.
 """
@@ -91,14 +98,14 @@ def _train(model: Any, batches: Iterable[Batch], steps: Optional[int] = None) ->
     return trained
 
 
-def _endless(model: Any, data: Data, run: RunOptions, inference: bool) -> Iterator[Batch]:
-    """Batches for throughput mode, round and round: for training as the model takes them, for
-    inference the arrays themselves."""
+def _endless(model: Any, data: Data, run: RunOptions, inference: bool, pool: Optional[int]) -> Iterator[Batch]:
+    """Batches round and round, of the first ``pool`` examples (None: all): for training as the
+    model takes them, for inference the arrays themselves."""
     if isinstance(data, ImageFolderDataset):
         return itertools.chain.from_iterable(
             model.input_pipeline(data.train, data.stored_size, run.global_batch_size, True, run.seed + epoch)
             for epoch in itertools.count())
-    arrays = to_layout(data.x_train, model.layout), data.y_train
+    arrays = to_layout(data.x_train[:pool], model.layout), data.y_train[:pool]
     batches = (_batches if inference else functools.partial(_training_batches, model))(*arrays, run.global_batch_size)
     if not batches:
         raise ValueError("the data set has fewer than one batch of {} examples".format(run.global_batch_size))
@@ -108,41 +115,85 @@ def _endless(model: Any, data: Data, run: RunOptions, inference: bool) -> Iterat
 class ThroughputBlocks:
     """Throughput mode's unit of work: ``run(steps)`` trains on the next ``steps`` batches and
     reads the loss back (the device barrier), or infers ``steps`` batches, each output a numpy
-    array (the device has finished); the first output is kept for its moments."""
+    array (the device has finished); the first output is kept for its moments. Full mode's
+    first step uses one too, over the first batch alone (``pool``)."""
 
-    def __init__(self, model: Any, spec: TaskSpec, data: Data, run: RunOptions):
+    def __init__(self, model: Any, spec: TaskSpec, data: Data, run: RunOptions, pool: Optional[int] = None):
         self.model = model
         self.inference = spec.kind == INFER
-        self.batches = _endless(model, data, run, self.inference)
+        self.batches = _endless(model, data, run, self.inference, pool)
         self.first_output = None  # type: Optional[np.ndarray]
 
     def run(self, steps: int) -> Optional[float]:
         if not self.inference:
             _train(self.model, self.batches, steps)
-            return self.model.loss()
+            return _check_loss(self.model.loss())
         for _ in range(steps):
             output = self.model.predict(next(self.batches)[0])
             if self.first_output is None:
                 self.first_output = output
         return None
 
+    def timed(self, steps: int) -> Tuple[float, Optional[float]]:
+        """Seconds per step of ``steps`` steps, and the loss after them."""
+        start = time.perf_counter()
+        loss = self.run(steps)
+        return (time.perf_counter() - start) / steps, loss
+
+
+def calibrated_steps(blocks: ThroughputBlocks, min_block_s: float) -> int:
+    """Steps per block so that a block lasts at least ``min_block_s``: blocks of 1, 2, 4...
+    steps (untimed, like warm-up) until one lasts a fifth of it, scaled up from that one."""
+    steps = 1
+    while True:
+        per_step, _ = blocks.timed(steps)
+        if per_step * steps >= min_block_s / 5:
+            return max(1, math.ceil(min_block_s / per_step))
+        steps *= 2
+
+
+def ci_half_width(summary: Summary) -> Optional[float]:
+    """The larger side of the median's 95% interval, as a fraction of the median."""
+    if summary.ci95 is None or not summary.median:
+        return None
+    low, high = summary.ci95
+    return max(summary.median - low, high - summary.median) / summary.median
+
 
 def measure_throughput(model: Any, spec: TaskSpec, data: Data, settings: ResultSettings,
                        run: RunOptions) -> Metrics:
+    """The first step timed alone, the rest of the warm-up, then timed blocks of
+    ``settings.steps`` steps (calibrated when 0): ``settings.repeats`` of them, and with
+    ``settings.timing`` more until the median's 95% interval is within ±target_ci of it, the
+    budget is spent or max_repeats are timed. Writes the steps and repeats reached into ``settings``."""
     blocks = ThroughputBlocks(model, spec, data, run)
+    timing = settings.timing
     metrics = Metrics()
-    if settings.warmup_steps:
-        first = blocks.run(1)
-        metrics.loss_first = None if first is None else _check_loss(first)
+    metrics.first_step_s, metrics.loss_first = blocks.timed(1)
+    if settings.warmup_steps > 1:
         blocks.run(settings.warmup_steps - 1)
-    step_times = []
-    for _ in range(settings.repeats):
-        start = time.perf_counter()
-        last = blocks.run(settings.steps)
-        step_times.append((time.perf_counter() - start) / settings.steps)
-        metrics.loss_last = None if last is None else _check_loss(last)
-    metrics.step_time_s = Summary.of(step_times)
-    metrics.throughput_per_s = run.global_batch_size / metrics.step_time_s.median
+    if not settings.steps:
+        settings.steps = calibrated_steps(blocks, timing.min_block_s)
+    step_times = []  # type: List[float]
+    timed_s = 0.0
+    while True:
+        per_step, metrics.loss_last = blocks.timed(settings.steps)
+        step_times.append(per_step)
+        timed_s += per_step * settings.steps
+        if len(step_times) < settings.repeats:
+            continue
+        summary = Summary.of(step_times)
+        if timing is None:
+            break
+        timing.ci_half_width = ci_half_width(summary)
+        stopped_by = ("target" if timing.target_reached else "max_repeats" if len(step_times) >= timing.max_repeats
+                      else "budget" if timed_s >= timing.budget_s else None)
+        if stopped_by:
+            timing.stopped_by, timing.timed_s = stopped_by, timed_s
+            break
+    settings.repeats = len(step_times)
+    metrics.step_time_s = summary
+    metrics.throughput_per_s = run.global_batch_size / summary.median
     if spec.kind == INFER:
         metrics.seconds_per_1000 = Summary.of([t * 1000 / run.global_batch_size for t in step_times])
         metrics.output_mean, metrics.output_std = _moments(blocks.first_output)
@@ -176,7 +227,7 @@ def infer_full(models: Iterable[Any], spec: TaskSpec, data: Dataset, run: RunOpt
 def train_full(models: Iterable[Any], spec: TaskSpec, data: Data, settings: ResultSettings,
                run: RunOptions) -> Metrics:
     """``epochs`` epochs of training per repeat (a fresh model each), then the test score."""
-    train_times, epoch_times, scores = [], [], []  # type: List[float], List[float], List[float]
+    train_times, epoch_times, first_epochs, scores = [], [], [], []  # type: List[float], List[float], List[float], List[float]
     loss_last = None
     batch_size = run.global_batch_size
     prepared = {}  # array data, in each layout once (not per repeat)
@@ -198,6 +249,8 @@ def train_full(models: Iterable[Any], spec: TaskSpec, data: Data, settings: Resu
             loss_last = _check_loss(model.loss())
             elapsed = time.perf_counter() - start
             epoch_times.append(elapsed)
+            if epoch == 0:
+                first_epochs.append(elapsed)
             repeat_time += elapsed
             trained_per_epoch = steps * batch_size
         train_times.append(repeat_time)
@@ -205,7 +258,8 @@ def train_full(models: Iterable[Any], spec: TaskSpec, data: Data, settings: Resu
     epoch_time = Summary.of(epoch_times)
     score = Summary.of(scores)
     metrics = Metrics(train_time_s=Summary.of(train_times), epoch_time_s=epoch_time,
-                      throughput_per_s=trained_per_epoch / epoch_time.median, loss_last=loss_last)
+                      throughput_per_s=trained_per_epoch / epoch_time.median, loss_last=loss_last,
+                      first_epoch_s=Summary.of(first_epochs))
     if spec.kind == CLASSIFY:
         metrics.test_accuracy = score
     else:

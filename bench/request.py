@@ -16,10 +16,15 @@ from typing import Any, Dict, Optional
 
 from . import precision
 from .host import cpu_cores
-from .result import ResultCell, ResultSettings
-from .specs import FRAMEWORK_SPECS, INFER, TASKS, RunOptions
+from .result import ResultCell, ResultSettings, Timing
+from .specs import CALIBRATIONS, CEILING, COMPILE_PROFILES, FRAMEWORK_SPECS, INFER, TASKS, RunOptions, task_spec
 
 DEVICES = ("cpu", "gpu")
+# Throughput mode's defaults per device: a timed block lasts at least MIN_BLOCK_S (long enough
+# that the clock's and the launch's jitter vanish, and on a CPU a scheduler's time slice), and a
+# cell's timed blocks stop after BUDGET_S whether or not the median has settled.
+MIN_BLOCK_S = {"cpu": 1.0, "gpu": 0.25}
+BUDGET_S = {"cpu": 12.0, "gpu": 30.0}
 MODES = ("throughput", "full")
 DATA = ("synthetic", "real")
 
@@ -39,9 +44,19 @@ class Request:
     mode: str = "throughput"  # bench/protocol.py: throughput, or the seed's full protocol
     data: str = "synthetic"  # "synthetic": seeded random data of the real shapes; "real": the data set
     data_dir: Optional[str] = None  # where the data set is, or is fetched to; None: bench/data.py's default
-    warmup_steps: int = 5
-    steps: int = 20  # timed steps per repeat (throughput mode)
+    compile: str = "default"  # specs.COMPILE_PROFILES: out of the box, or through the framework's compiler
+    warmup_steps: int = 2  # untimed steps, the first included (the time to the first step)
+    # Throughput mode times blocks of steps (bench/protocol.py). ``steps`` per block; None: as
+    # many as last at least ``min_block_s`` (None: the device's default), calibrated after warm-up.
+    steps: Optional[int] = None
+    min_block_s: Optional[float] = None
+    # At least ``repeats`` blocks (full mode: exactly, a fresh model each), then more until the
+    # median's 95% interval lies within ±target_ci of it, ``max_repeats`` blocks are timed, or the
+    # timed blocks have taken ``budget_s`` (None: the device's default).
     repeats: int = 5
+    max_repeats: int = 50
+    target_ci: float = 0.03
+    budget_s: Optional[float] = None
     epochs: Optional[int] = None  # full mode; None: the task's
     batch_size: Optional[int] = None  # per device; None: the task's (smaller on a CPU for some tasks)
     # Input height and width, for tasks ending in global pooling; None: the task's (smaller on a CPU).
@@ -66,8 +81,8 @@ class Request:
             raise RequestError("{}: unknown field {}; the fields are {}".format(
                 source, ", ".join(unknown), ", ".join(known)))
         for name, value in values.items():
-            wanted = int if known[name].type in (int, Optional[int]) else str
-            if value is not None and (type(value) is not wanted):
+            wanted = field_type(known[name])
+            if value is not None and type(value) is not wanted and not (wanted is float and type(value) is int):
                 raise RequestError("{}: {} is {!r}; it takes {}".format(source, name, value, wanted.__name__))
         try:
             return cls(**values)
@@ -80,18 +95,26 @@ class Request:
 
     def checked(self) -> "Request":
         """The request, after checking each field's range and how the fields fit together."""
-        for name, choices in (("framework", FRAMEWORK_SPECS), ("task", TASKS), ("device", DEVICES),
-                              ("precision", precision.PRECISIONS), ("mode", MODES), ("data", DATA)):
+        for name, choices in (("framework", FRAMEWORK_SPECS), ("task", tuple(TASKS) + tuple(CALIBRATIONS)),
+                              ("device", DEVICES), ("precision", precision.PRECISIONS), ("mode", MODES),
+                              ("data", DATA), ("compile", COMPILE_PROFILES)):
             if getattr(self, name) not in choices:
                 raise RequestError("{} {!r}: use one of {}".format(name, getattr(self, name), ", ".join(choices)))
-        for name in ("steps", "repeats", "epochs", "batch_size", "threads", "devices", "image_size",
+        for name in ("steps", "repeats", "max_repeats", "epochs", "batch_size", "threads", "devices", "image_size",
                      "cells_at_once", "loader_workers"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise RequestError("{} {}: must be at least 1".format(name, value))
-        if self.warmup_steps < 0:
-            raise RequestError("warmup_steps {}: must be at least 0".format(self.warmup_steps))
-        spec = TASKS[self.task]
+        if self.warmup_steps < 1:
+            raise RequestError("warmup_steps {}: must be at least 1 (the first step is never timed)".format(
+                self.warmup_steps))
+        for name in ("min_block_s", "target_ci", "budget_s"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise RequestError("{} {}: must be above 0".format(name, value))
+        if self.max_repeats < self.repeats:
+            raise RequestError("max_repeats {}: must be at least repeats ({})".format(self.max_repeats, self.repeats))
+        spec = task_spec(self.task)
         if self.devices > 1 and not spec.data_parallel:
             raise RequestError("devices {}: {} runs on one device; only data-parallel tasks ({}) take more".format(
                 self.devices, spec.name, ", ".join(t.name for t in TASKS.values() if t.data_parallel)))
@@ -111,17 +134,19 @@ class Request:
 
     def resolved(self) -> "Request":
         """The request with the task's defaults filled in for the device: batch size, image
-        size, epochs, and the cell id."""
-        spec = TASKS[self.task]
+        size, epochs, timing, and the cell id."""
+        spec = task_spec(self.task)
         filled = replace(self, batch_size=self.batch_size or spec.default_batch_size(self.device),
                          image_size=self.image_size or spec.default_image_size(self.device),
-                         epochs=self.epochs or spec.epochs)
-        return replace(filled, cell_id=self.cell_id or "{}-{}-{}-{}".format(
-            self.task, self.framework, self.device, self.precision))
+                         epochs=self.epochs or spec.epochs,
+                         min_block_s=self.min_block_s or MIN_BLOCK_S[self.device],
+                         budget_s=self.budget_s or BUDGET_S[self.device])
+        return replace(filled, cell_id=self.cell_id or "{}-{}-{}-{}-{}".format(
+            self.task, self.framework, self.device, self.precision, self.compile))
 
     @property
     def input_shape(self):
-        return TASKS[self.task].input_shape_at(self.resolved().image_size)
+        return task_spec(self.task).input_shape_at(self.resolved().image_size)
 
     def cannot_run(self, mpi_workers: int = 1) -> Optional[str]:
         """Why the framework cannot run this request, or None: a precision it has not on the
@@ -135,6 +160,8 @@ class Request:
                 self.framework, self.precision, self.device, ": " + why if why else "", ", ".join(offered))
         if self.devices > 1 and framework.data_parallel is None:
             return framework.no_data_parallel
+        if self.compile == "compiled" and framework.compiler is None:
+            return framework.no_compiler
         if self.devices > 1 and framework.data_parallel_under_mpi and mpi_workers != self.devices:
             return ("{} trains on several devices with {}: the bench must be started by mpiexec -n {} "
                     "({} process(es) here)".format(self.framework, framework.data_parallel, self.devices, mpi_workers))
@@ -148,23 +175,38 @@ class Request:
             id=asked.cell_id, framework=asked.framework, task=asked.task, device=asked.device,
             gpu=asked.gpu_model if on_gpu else None, cuda=asked.cuda if on_gpu else None,
             threads=asked.threads, precision=asked.precision, batch_size=asked.batch_size,
-            devices=asked.devices, input_shape=list(self.input_shape), mode=asked.mode, data=asked.data)
+            devices=asked.devices, input_shape=list(self.input_shape), mode=asked.mode, data=asked.data,
+            compile=asked.compile)
 
     def settings(self) -> ResultSettings:
+        """How the cell is to be measured; throughput mode writes what its timing reached
+        (steps per block, repeats) over the asked values."""
         asked = self.resolved()
-        return ResultSettings(warmup_steps=asked.warmup_steps, steps=asked.steps, repeats=asked.repeats,
-                              epochs=asked.epochs, seed=asked.seed)
+        timing = None
+        if asked.mode == "throughput" and task_spec(asked.task).kind != CEILING:
+            timing = Timing(min_block_s=asked.min_block_s, target_ci=asked.target_ci, budget_s=asked.budget_s,
+                            max_repeats=asked.max_repeats, steps_calibrated=asked.steps is None)
+        return ResultSettings(warmup_steps=asked.warmup_steps, steps=asked.steps or 0, repeats=asked.repeats,
+                              epochs=asked.epochs, seed=asked.seed, timing=timing)
 
     def run_options(self, device: str) -> RunOptions:
         """What the framework's implementation is given; ``device`` is where it computes (the
         CPU when it stands in for a GPU)."""
         asked = self.resolved()
-        spec = TASKS[self.task]
+        spec = task_spec(self.task)
         return RunOptions(device=device, devices=asked.devices, seed=asked.seed, threads=asked.threads,
                           batch_size=asked.batch_size, input_shape=self.input_shape,
                           learning_rate=spec.learning_rate * (asked.devices if spec.data_parallel else 1),
                           weights=asked.weights, precision=asked.precision,
-                          loader_workers=asked.loader_workers or cpu_cores())
+                          loader_workers=asked.loader_workers or cpu_cores(), compile=asked.compile)
+
+
+def field_type(field: Any) -> type:
+    """int, float or str: what a request field holds (when it is not None)."""
+    for kind in (int, float):
+        if field.type in (kind, Optional[kind]):
+            return kind
+    return str
 
 
 def read_fields(path: Path) -> Dict[str, Any]:

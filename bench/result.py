@@ -18,8 +18,9 @@ from .flops import step_flops_per_example
 from .specs import TASKS
 
 # 3: summaries carry mean, coefficient of variation and a 95% interval; 4: env.launcher (was
-# env.backend), env.published for published numbers.
-SCHEMA_VERSION = 4
+# env.backend), env.published for published numbers; 5: cell.compile, settings.timing (calibrated
+# throughput timing), the time to the first step, full mode's first epochs.
+SCHEMA_VERSION = 5
 SCHEMA_PATH = Path(__file__).with_name("result.schema.json")
 BENCH_DIR = Path(__file__).resolve().parent
 
@@ -41,6 +42,25 @@ class ResultCell:
     input_shape: List[int]  # one example as the model takes it (C, H, W) or (T,)
     mode: str  # "throughput" or "full"
     data: str  # "real" or "synthetic"
+    compile: str = "default"  # "default" (out of the box) or "compiled" (the framework's compiler)
+
+
+@dataclass
+class Timing:
+    """Throughput mode's calibrated timing: what was asked, and what it reached."""
+
+    min_block_s: float  # each timed block lasts at least this long
+    target_ci: float  # stop once the median's 95% interval is within ±this fraction of it...
+    budget_s: float  # ...or once the timed blocks have taken this long...
+    max_repeats: int  # ...or after this many blocks
+    steps_calibrated: bool  # steps per block chosen to last min_block_s (False: steps were given)
+    ci_half_width: Optional[float] = None  # reached: the interval's larger side, over the median
+    stopped_by: Optional[str] = None  # "target", "budget" or "max_repeats"
+    timed_s: Optional[float] = None  # the timed blocks' total
+
+    @property
+    def target_reached(self) -> bool:
+        return self.ci_half_width is not None and self.ci_half_width <= self.target_ci
 
 
 @dataclass
@@ -56,6 +76,7 @@ class ResultSettings:
     train_examples: Optional[int] = None
     # Workers of the framework's input pipeline, where it read image files; None: arrays in memory.
     loader_workers: Optional[int] = None
+    timing: Optional[Timing] = None  # throughput mode: how steps and repeats were reached
 
 
 # Bootstrap resamples for the median's confidence interval; seeded, so the same values always
@@ -138,6 +159,15 @@ class Metrics:
     # the same weights file and seed).
     output_mean: Optional[float] = None
     output_std: Optional[float] = None
+    # Until the first step: the framework's import and set-up, the model's build, the first step
+    # (tracing, compiling, autotuning, running it); data loading is left out. Seconds.
+    import_s: Optional[float] = None
+    build_s: Optional[float] = None
+    first_step_s: Optional[float] = None
+    time_to_first_step_s: Optional[float] = None
+    first_epoch_s: Optional[Summary] = None  # full mode: each repeat's first epoch (in epoch_time_s too)
+    # gemm_ceiling: each matrix size's rate (bench/ceiling.py); tflops_per_s is the fastest.
+    gemm_tflops_per_s: Optional[Dict[str, float]] = None
 
 
 @dataclass
@@ -172,10 +202,12 @@ class Result:
             # Results written before a statistic existed (schema 2) get it from their values.
             metrics = Metrics(**{
                 key: (Summary(**value) if "ci95" in value else Summary.of(value["values"]))
-                if isinstance(value, dict) else value
+                if isinstance(value, dict) and "values" in value else value
                 for key, value in metrics.items()
             })
-        settings, model = data.get("settings"), data.get("model")
+        settings, model = dict(data.get("settings") or {}), data.get("model")
+        if settings.get("timing"):
+            settings["timing"] = Timing(**settings["timing"])
         env = dict(data.get("env") or {})
         if "backend" in env:  # schema 3 and before: what launched the bench
             env["launcher"] = env.pop("backend")

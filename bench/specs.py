@@ -13,6 +13,7 @@ from typing import Dict, Optional, Tuple
 CLASSIFY = "classify"  # train with softmax cross-entropy; test accuracy
 INFER = "infer"  # forward passes only, in inference mode; features out
 MULTILABEL = "multilabel"  # train with sigmoid cross-entropy per label; mean ROC-AUC
+CEILING = "ceiling"  # no model: the device's achievable dense matrix-multiply rate (bench/ceiling.py)
 
 # ChestX-ray14's findings, in the order of the model's 14 outputs.
 CHESTXRAY14_LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
@@ -146,6 +147,27 @@ DENSENET121_XRAY = TaskSpec(
     cpu_batch_size=8,
     cpu_image_size=64,
 )
+
+# The calibration each run makes once per device kind and precision: products of square matrices
+# of this size and smaller ones (bench/ceiling.py), in the framework's own matrix multiply.
+GEMM_CEILING = TaskSpec(
+    name="gemm_ceiling",
+    title="dense matrix multiply, the device's achievable rate",
+    kind=CEILING,
+    expected_parameters=0,
+    batch_size=1,
+    epochs=1,
+    learning_rate=0.0,
+    num_classes=0,
+    input_shape=(8192, 8192),
+    train_examples=0,
+    test_examples=0,
+    item="products",
+    dataset=None,
+    resizable=True,
+    cpu_image_size=2048,
+)
+
 
 # Initialisers, by kind. Fans are those of the layer's kernel as PyTorch shapes it
 # (out, in, kh, kw): fan_in = in × kh × kw, fan_out = out × kh × kw.
@@ -281,6 +303,13 @@ DENSENET121 = DensenetArchitecture()
 
 TASKS = {spec.name: spec for spec in (CNN_CIFAR10, RESNET50_INFERENCE, GRU_IMDB,
                                       DENSENET121_XRAY)}  # type: Dict[str, TaskSpec]
+# What the bench runs beside the tasks: calibrations the harness adds to every run.
+CALIBRATIONS = {GEMM_CEILING.name: GEMM_CEILING}  # type: Dict[str, TaskSpec]
+
+
+def task_spec(name: str) -> TaskSpec:
+    """A task's or a calibration's spec."""
+    return TASKS[name] if name in TASKS else CALIBRATIONS[name]
 
 
 @dataclass(frozen=True)
@@ -299,6 +328,12 @@ class FrameworkSpec:
     data_parallel_under_mpi: bool = False
     # Why it installs only in its own image, not in an environment beside the others; None: anywhere.
     image_only: Optional[str] = None
+    # The compile profiles (COMPILE_PROFILES): the framework's own compiler, which the compiled
+    # profile turns on; None: it has none, and ``no_compiler`` says why.
+    compiler: Optional[str] = None
+    no_compiler: Optional[str] = None
+    # Its default already runs that compiler: the two profiles are one, run once, as default.
+    compiles_by_default: bool = False
 
 
 # PyTorch's autocast, TensorFlow's and Keras's mixed_bfloat16 policy, and Flax's mixed precision
@@ -308,33 +343,46 @@ _EVERY_PRECISION = {"cpu": ("fp32", "bf16"), "gpu": ("fp32", "tf32", "fp16", "bf
 # Matrix names, in the tables' order. Keras 3 runs on three backends; each is its own
 # framework environment.
 FRAMEWORK_SPECS = {spec.name: spec for spec in (
-    FrameworkSpec("pytorch", _EVERY_PRECISION, "DistributedDataParallel, one process per device"),
-    FrameworkSpec("tensorflow", _EVERY_PRECISION, "tf.distribute.MirroredStrategy"),
-    FrameworkSpec("keras-tensorflow", _EVERY_PRECISION, "tf.distribute.MirroredStrategy"),
-    FrameworkSpec("keras-jax", _EVERY_PRECISION, "keras.distribution.DataParallel"),
+    FrameworkSpec("pytorch", _EVERY_PRECISION, "DistributedDataParallel, one process per device",
+                  compiler="torch.compile (TorchInductor)"),
+    FrameworkSpec("tensorflow", _EVERY_PRECISION, "tf.distribute.MirroredStrategy",
+                  compiler="XLA (tf.function(jit_compile=True))"),
+    # Keras's compile(jit_compile="auto") picks XLA on TensorFlow only where every layer allows it.
+    FrameworkSpec("keras-tensorflow", _EVERY_PRECISION, "tf.distribute.MirroredStrategy",
+                  compiler="XLA (compile(jit_compile=True))"),
+    FrameworkSpec("keras-jax", _EVERY_PRECISION, "keras.distribution.DataParallel",
+                  compiler="XLA (jax.jit, which Keras's JAX backend always applies)", compiles_by_default=True),
     # Keras's PyTorch multi-GPU guide drives torch's DistributedDataParallel from a hand-written
     # torch loop, outside compile() and Keras's training loop: PyTorch's mechanism, not Keras's.
     FrameworkSpec("keras-torch", _EVERY_PRECISION, None, no_data_parallel=(
-        "Keras 3 has no data-parallel mechanism for the torch backend (its distribution API is JAX-only)")),
-    FrameworkSpec("jax", _EVERY_PRECISION, "jax.shard_map over a one-axis device mesh, a replica per device"),
+        "Keras 3 has no data-parallel mechanism for the torch backend (its distribution API is JAX-only)"),
+        compiler="torch.compile (compile(jit_compile=True))"),
+    FrameworkSpec("jax", _EVERY_PRECISION, "jax.shard_map over a one-axis device mesh, a replica per device",
+                  compiler="XLA (jax.jit)", compiles_by_default=True),
     # MXNet's AMP computes in float16 on NVIDIA GPUs; its bfloat16 is oneDNN's, for CPUs with
     # AVX-512 only (elsewhere it cannot create its convolutions): CPUs run fp32 alone.
     FrameworkSpec("mxnet", {"cpu": ("fp32",), "gpu": ("fp32", "tf32", "fp16")},
-                  "an NCCL kvstore over the GPUs, a local one over CPU devices (gluon.utils.split_and_load)"),
+                  "an NCCL kvstore over the GPUs, a local one over CPU devices (gluon.utils.split_and_load)",
+                  compiler="hybridize(static_alloc=True, static_shape=True)", compiles_by_default=True),
     # Chainer's fp16 is mixed16, in float16 kernels of cuDNN and cuBLAS; numpy has no fast float16
     # (no BLAS for it) and neither numpy nor CuPy a bfloat16 type.
     FrameworkSpec("chainer", {"cpu": ("fp32",), "gpu": ("fp32", "tf32", "fp16")},
                   "one process per device, gradients averaged (NCCL all-reduce on GPUs, shared memory on CPUs), "
-                  "as MultiprocessParallelUpdater and ChainerMN do"),
+                  "as MultiprocessParallelUpdater and ChainerMN do",
+                  no_compiler="Chainer is define-by-run only: it has no graph compiler"),
     # CNTK 2.7 is built for CUDA 10.0 and cuDNN 7, which predate TF32 and bfloat16, and its float16
     # builds whole networks, weights included, in float16: not the mixed precision of fp16 cells.
     FrameworkSpec("cntk", {"cpu": ("fp32",), "gpu": ("fp32",)},
                   "the data-parallel distributed learner, one MPI process per device",
                   data_parallel_under_mpi=True,
                   image_only="CNTK 2.7 installs only on Python 3.5/3.6 and links OpenMPI 1.10: it runs in its "
-                             "own image (Python 3.6, CUDA 10.0, cuDNN 7)"),
+                             "own image (Python 3.6, CUDA 10.0, cuDNN 7)",
+                  no_compiler="CNTK always runs the static graph it builds and has no further compiler to turn on"),
 )}  # type: Dict[str, FrameworkSpec]
 FRAMEWORKS = tuple(FRAMEWORK_SPECS)
+# default: each framework as its users run it out of the box; compiled: through its own compiler
+# (FrameworkSpec.compiler).
+COMPILE_PROFILES = ("default", "compiled")
 # Names that stand for several frameworks in matrix.yml.
 FRAMEWORK_GROUPS = {"keras": ("keras-tensorflow", "keras-jax", "keras-torch")}
 
@@ -359,6 +407,7 @@ class RunOptions:
     weights: Optional[str] = None  # a weights file in the canonical format, or None: random
     precision: str = "fp32"  # bench/precision.py: fp32, tf32, fp16 or bf16
     loader_workers: int = 1  # workers of the input pipeline over image files, in every framework
+    compile: str = "default"  # COMPILE_PROFILES: "compiled" turns on the framework's own compiler
 
     @property
     def global_batch_size(self) -> int:

@@ -6,7 +6,7 @@
 A and B are results folders or the names of runs under results/. Cells are matched on what
 was measured (framework, task, mode, data, batch size, input, devices) and on every axis the
 two sets do not differ in; the axes they do differ in (GPU, CUDA, cuDNN, driver, framework
-version, precision, math modes, launcher, threads, image, bench code, host) are what is being
+version, precision, compile profile, math modes, launcher, threads, image, bench code, host) are what is being
 compared, and are named at the top. For each pair: the medians, the ratio B/A of the times with its 95%
 bootstrap interval, and a verdict: slower or faster when the interval excludes 1, else no
 significant difference.
@@ -45,6 +45,7 @@ AXES: dict[str, Callable[[ResultRow], object]] = {
     "driver": lambda r: r.gpu_driver,
     "framework version": lambda r: r.framework_version,
     "precision": lambda r: r.cell.precision,
+    "compile": lambda r: r.cell.compile,
     "math modes": lambda r: r.math_modes or None,
     "launcher": lambda r: r.launcher,
     "threads": lambda r: r.cell.threads,

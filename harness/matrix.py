@@ -22,14 +22,14 @@ from ruamel.yaml.error import MarkedYAMLError
 
 from bench.precision import PRECISIONS
 from bench.request import DATA, DEFAULTS, MODES, Request
-from bench.specs import FRAMEWORK_GROUPS, FRAMEWORKS, INFER, TASKS
+from bench.specs import COMPILE_PROFILES, FRAMEWORK_GROUPS, FRAMEWORK_SPECS, FRAMEWORKS, GEMM_CEILING, INFER, TASKS
 
 from .gpus import names_model
 
 if typing.TYPE_CHECKING:
     from .backends.base import Inventory
 
-AXES = ("framework", "task", "gpu", "cuda", "threads", "devices", "precision")
+AXES = ("framework", "task", "gpu", "cuda", "threads", "devices", "precision", "compile")
 
 # A group name ("keras") stands for each of its frameworks, in axes, include and exclude alike.
 FrameworkName = Literal[FRAMEWORKS + tuple(FRAMEWORK_GROUPS)]  # type: ignore[valid-type]
@@ -43,6 +43,8 @@ Threads = typing.Union[Literal["auto"], typing.Annotated[int, Field(ge=1)]]
 Devices = typing.Annotated[int, Field(ge=1)]
 # fp32 (TF32 off), tf32, or mixed precision fp16 / bf16: bench/precision.py.
 Precision = Literal[PRECISIONS]  # type: ignore[valid-type]
+# default: each framework out of the box; compiled: through its own compiler (bench/specs.py).
+CompileProfile = Literal[COMPILE_PROFILES]  # type: ignore[valid-type]
 
 
 Model = typing.TypeVar("Model", bound=BaseModel)
@@ -66,9 +68,17 @@ class Settings(BaseModel):
     mode: Literal[MODES] = DEFAULTS.mode  # type: ignore[valid-type]
     data: Literal[DATA] = DEFAULTS.data  # type: ignore[valid-type]
     data_dir: Optional[str] = None  # extracted data sets; default: the bench's cache folder
-    warmup_steps: int = Field(DEFAULTS.warmup_steps, ge=0)
-    steps: int = Field(DEFAULTS.steps, ge=1)
+    # Throughput mode's timing (bench/protocol.py): untimed steps, the first included; steps per
+    # timed block (None: calibrated to last min_block_s, None: the device's default); at least
+    # ``repeats`` blocks, more until the median's 95% interval is within ±target_ci of it, or
+    # max_repeats, or budget_s of timed blocks (None: the device's default). Full mode: repeats runs.
+    warmup_steps: int = Field(DEFAULTS.warmup_steps, ge=1)
+    steps: Optional[int] = Field(DEFAULTS.steps, ge=1)
+    min_block_s: Optional[float] = Field(DEFAULTS.min_block_s, gt=0)
     repeats: int = Field(DEFAULTS.repeats, ge=1)
+    max_repeats: int = Field(DEFAULTS.max_repeats, ge=1)
+    target_ci: float = Field(DEFAULTS.target_ci, gt=0, lt=1)
+    budget_s: Optional[float] = Field(DEFAULTS.budget_s, gt=0)
     epochs: Optional[int] = Field(None, ge=1)  # None: the task's (full mode)
     batch_size: Optional[int] = Field(None, ge=1)  # per device; None: the task's
     # Input height and width of tasks that end in global pooling (resnet50_inference,
@@ -98,6 +108,7 @@ class _Entry(BaseModel):
     threads: Optional[Threads] = None
     devices: Optional[Devices] = None
     precision: Optional[Precision] = None
+    compile: Optional[CompileProfile] = None
 
     def axis_values(self) -> dict[str, str]:
         return {axis: getattr(self, axis) for axis in AXES if getattr(self, axis) is not None}
@@ -121,6 +132,7 @@ class Axes(BaseModel):
     threads: list[Threads] = Field(["auto"], min_length=1)
     devices: list[Devices] = Field([1], min_length=1)
     precision: list[Precision] = Field(["fp32"], min_length=1)
+    compile: list[CompileProfile] = Field(["default"], min_length=1)
     include: list[IncludeEntry] = []
     exclude: list[ExcludeEntry] = []
 
@@ -146,6 +158,7 @@ class Cell:
     devices: int  # data-parallel replicas; 1 for tasks that are not data-parallel
     precision: str  # fp32, tf32, fp16 or bf16
     settings: Settings
+    compile: str = "default"  # or "compiled"
 
     @property
     def device(self) -> str:
@@ -158,9 +171,10 @@ class Cell:
         s = self.settings
         return Request(
             framework=self.framework, task=self.task, device=self.device, devices=self.devices,
-            precision=self.precision, threads=None if self.threads == "auto" else self.threads, mode=s.mode,
-            data=s.data, data_dir=str(data_dir) if data_dir else None,
-            warmup_steps=s.warmup_steps, steps=s.steps, repeats=s.repeats, epochs=s.epochs,
+            precision=self.precision, compile=self.compile, threads=None if self.threads == "auto" else self.threads,
+            mode=s.mode, data=s.data, data_dir=str(data_dir) if data_dir else None,
+            warmup_steps=s.warmup_steps, steps=s.steps, min_block_s=s.min_block_s, repeats=s.repeats,
+            max_repeats=s.max_repeats, target_ci=s.target_ci, budget_s=s.budget_s, epochs=s.epochs,
             batch_size=s.batch_size, image_size=s.image_size, weights=str(weights) if weights else None, seed=s.seed,
             loader_workers=s.loader_workers,
             cell_id=self.id, gpu_model=self.gpu if self.device == "gpu" else None,
@@ -183,7 +197,7 @@ class Cell:
         digest = hashlib.sha256(json.dumps(measured, sort_keys=True).encode()).hexdigest()[:8]
         gpu = re.sub(r"[^a-z0-9]+", "-", self.gpu.lower()).strip("-")
         return (f"{self.task}.{self.framework}.{gpu}.cuda-{self.cuda}.threads-{self.threads}"
-                f".devices-{self.devices}.{self.precision}.{digest}")
+                f".devices-{self.devices}.{self.precision}.{self.compile}.{digest}")
 
     def to_dict(self) -> dict[str, Any]:
         """The cell as JSON can carry it (to a cluster job); ``from_dict`` reads it back."""
@@ -212,7 +226,8 @@ class Matrix:
                 if chosen["gpu"] == "auto" and not combo.included and self._excluded_on_host(chosen, gpu):
                     continue
                 cell = _fitted(Cell(chosen["framework"], chosen["task"], gpu, chosen["cuda"], chosen["threads"],
-                                    chosen["devices"], chosen["precision"], self.spec.settings.merged(combo.settings)))
+                                    chosen["devices"], chosen["precision"], self.spec.settings.merged(combo.settings),
+                                    chosen["compile"]))
                 cells.setdefault(cell.id, cell)
         return list(cells.values())
 
@@ -281,7 +296,28 @@ def _fitted(cell: Cell) -> Cell:
     if spec.dataset is None and (settings.data != "synthetic" or settings.data_dir):
         settings = settings.model_copy(update={"data": "synthetic", "data_dir": None})
     devices = cell.devices if spec.data_parallel else 1
-    return dataclasses.replace(cell, devices=devices, settings=settings)
+    # Where the default already compiles, the compiled profile is the same run.
+    compiled = "default" if FRAMEWORK_SPECS[cell.framework].compiles_by_default else cell.compile
+    return dataclasses.replace(cell, devices=devices, compile=compiled, settings=settings)
+
+
+def with_ceilings(cells: list[Cell], runnable: typing.Callable[[Cell], bool]) -> list[Cell]:
+    """The cells after a ``gemm_ceiling`` cell for each GPU model (or the CPU), CUDA version and
+    precision they use (bench/ceiling.py), run by the first of the cells' frameworks, in the
+    tables' order, that ``runnable`` allows; once per run, whatever the cells' settings."""
+    ceilings: dict[tuple[str, str, str], Cell] = {}
+    ordered = sorted(cells, key=lambda cell: FRAMEWORKS.index(cell.framework))
+    for cell in ordered:
+        key = (cell.gpu, cell.cuda, cell.precision)
+        if key in ceilings:
+            continue
+        settings = cell.settings.model_copy(update={
+            "mode": "throughput", "data": "synthetic", "data_dir": None, "batch_size": None, "image_size": None,
+            "weights": None, "loader_workers": None})
+        ceiling = Cell(cell.framework, GEMM_CEILING.name, cell.gpu, cell.cuda, "auto", 1, cell.precision, settings)
+        if runnable(ceiling):
+            ceilings[key] = ceiling
+    return [*ceilings.values(), *cells]
 
 
 def _members(framework: str) -> tuple[str, ...]:

@@ -103,7 +103,7 @@ def headline_time(result: Result) -> Summary | None:
 
 
 def describe_math_modes(modes: dict | None) -> str:
-    """env.math_modes in a few words ("bfloat16 compute, TF32 off, autotuner on, XLA"); empty
+    """env.math_modes in a few words ("bfloat16 compute, TF32 off, autotuner on, XLA (jax.jit)"); empty
     for results that predate it."""
     if not modes:
         return ""
@@ -117,7 +117,9 @@ def describe_math_modes(modes: dict | None) -> str:
         parts.append(f"{modes['loss_scaling']} loss scaling")
     if modes["autotuner"] is not None:
         parts.append(f"autotuner {_on(modes['autotuner'])}")
-    if modes["xla"]:
+    if modes.get("compiler"):  # schema 5 on
+        parts.append(modes["compiler"])
+    elif modes["xla"]:
         parts.append("XLA")
     return ", ".join(parts)
 

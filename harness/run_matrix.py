@@ -28,9 +28,10 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from tabulate import tabulate  # noqa: E402
 
+from bench.specs import GEMM_CEILING  # noqa: E402
 from harness import backends  # noqa: E402
 from harness.backends.base import REPO_ROOT  # noqa: E402
-from harness.matrix import AXES, Cell, MatrixError, load, only  # noqa: E402
+from harness.matrix import AXES, Cell, MatrixError, load, only, with_ceilings  # noqa: E402
 from harness.report import report  # noqa: E402
 from harness.results import FolderInUse, RunFolder  # noqa: E402
 from harness.runner import is_done, run_cells  # noqa: E402
@@ -51,8 +52,9 @@ def print_plan(cells: list[Cell], folder: RunFolder, backend: backends.Backend, 
         rows.append([getattr(cell, axis) for axis in AXES]
                     + [s.mode, s.data, cell.batch_size, "×".join(map(str, cell.input_shape)), plan])
     print(tabulate(rows, headers=[*AXES, "mode", "data", "batch", "input", "plan"]))
-    selected = f" (of {expanded}, chosen by --only)" if expanded != len(cells) else ""
-    print(f"\n{len(cells)} cells{selected} on {backend.inventory().describe()}; "
+    ceilings = sum(cell.task == GEMM_CEILING.name for cell in cells)
+    selected = f" (of {expanded}, chosen by --only)" if expanded != len(cells) - ceilings else ""
+    print(f"\n{len(cells) - ceilings} cells{selected} and {ceilings} matrix-multiply ceiling(s) on {backend.inventory().describe()}; "
           f"{backend.name} runs up to {backend.placement(serial=False).at_once} at once; results go to {folder.root}")
 
 
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         matrix = load(args.matrix)
         backend = backends.select(args, matrix)
         expanded = matrix.cells(backend.inventory())
-        cells = only(expanded, args.only)
+        cells = with_ceilings(only(expanded, args.only), lambda cell: backend.skip_reason(cell) is None)
     except (MatrixError, backends.BackendError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -12,12 +12,16 @@ import pandas as pd
 
 from bench.precision import PRECISIONS
 from bench.result import Result, write_text_atomic
-from bench.specs import FRAMEWORKS, INFER, MULTILABEL, TASKS
+from bench.specs import CEILING, COMPILE_PROFILES, GEMM_CEILING, FRAMEWORK_SPECS, FRAMEWORKS, INFER, MULTILABEL, task_spec
 
 from .rows import ResultRow, rows_of
 
-# A result whose timings' coefficient of variation is above this is marked unstable: its
-# median is not a number to compare at the precision the tables print.
+GEMM_TASK = GEMM_CEILING.name
+
+# A result is marked unstable when its median is not a number to compare at the precision the
+# tables print: its 95% interval wider than the ±target_ci its calibrated timing asked for; for a
+# result without one (full mode, results before schema 5), timings whose coefficient of
+# variation is above UNSTABLE_CV.
 UNSTABLE_CV = 0.05
 
 
@@ -94,6 +98,10 @@ def results_frame(results: list[Result]) -> pd.DataFrame:
             "ci95_low_s": summary.ci95[0] if summary and summary.ci95 else None,
             "ci95_high_s": summary.ci95[1] if summary and summary.ci95 else None,
             "cv": summary.cv if summary else None,
+            "compile": cell.compile,
+            **_timing(settings),
+            **_fields(metrics, "time_to_first_step_s", "import_s", "build_s", "first_step_s"),
+            "first_epoch_s": metrics.first_epoch_s.median if metrics and metrics.first_epoch_s else None,
             **_fields(metrics, "throughput_per_s", "tflops_per_s", "device_memory_peak_bytes",
                       "device_memory_source", "host_peak_rss_bytes"),
             **_fields(model, "parameters", "expected_parameters"),
@@ -111,7 +119,32 @@ def results_frame(results: list[Result]) -> pd.DataFrame:
             "cell_id": cell.id,
             "finished_utc": row.finished_utc,
         })
-    return pd.DataFrame(rows)
+    return with_ceilings(pd.DataFrame(rows)) if rows else pd.DataFrame(rows)
+
+
+def _timing(settings: object | None) -> dict[str, object]:
+    """Calibrated timing's target and what it reached (None each without it)."""
+    timing = settings.timing if settings is not None else None
+    return {"target_ci": timing.target_ci if timing else None,
+            "ci_half_width": timing.ci_half_width if timing else None,
+            "stopped_by": timing.stopped_by if timing else None,
+            "unstable_by_target": None if timing is None else not timing.target_reached}
+
+
+def with_ceilings(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each result with the measured matrix-multiply ceiling of its device and precision (the
+    ``gemm_ceiling`` cell of the same device column; bench/ceiling.py) in ``ceiling_tflops_per_s``:
+    per device, times the devices of a data-parallel GPU cell (CPU devices split one CPU)."""
+    ceilings = frame[(frame["task"] == GEMM_TASK) & (frame["status"] == "ok")]
+    rate = {(_ceiling_key(row), row.precision): row.tflops_per_s for row in ceilings.itertuples()}
+    return frame.assign(ceiling_tflops_per_s=[
+        rate.get((_ceiling_key(row), row.precision), float("nan"))
+        * (row.devices if row.device_key[0] == "gpu" else 1) for row in frame.itertuples()])
+
+
+def _ceiling_key(row) -> tuple[str, str, str]:
+    kind, device, _, launcher = row.device_key
+    return (kind, device, launcher)
 
 
 def _fields(part: object | None, *names: str) -> dict[str, object]:
@@ -120,18 +153,34 @@ def _fields(part: object | None, *names: str) -> dict[str, object]:
 
 
 def _work(row: pd.Series) -> str:
-    """Achieved TFLOP/s and, on a GPU whose peak is known, the fraction of that peak."""
+    """Achieved TFLOP/s, with the fractions of the measured matrix-multiply ceiling and, on a
+    GPU whose datasheet peak is known, of that peak."""
     if pd.isna(row.tflops_per_s):
         return ""
-    text = f", {row.tflops_per_s:.3g} TFLOP/s"
+    fractions = []
+    if not pd.isna(row.ceiling_tflops_per_s):
+        fractions.append(f"{row.tflops_per_s / row.ceiling_tflops_per_s:.0%} of measured ceiling")
     if not pd.isna(row.peak_tflops_per_s):
-        text += f" ({row.tflops_per_s / row.peak_tflops_per_s:.0%} of {row.precision} peak)"
+        fractions.append(f"{row.tflops_per_s / row.peak_tflops_per_s:.0%} of {row.precision} datasheet peak")
+    return f", {row.tflops_per_s:.3g} TFLOP/s" + (f" ({', '.join(fractions)})" if fractions else "")
+
+
+def _first_step(row: pd.Series) -> str:
+    """The time to the first step (import, build, compile, first step); in full mode the first
+    epoch too, which the training time includes."""
+    if pd.isna(row.time_to_first_step_s):
+        return ""
+    text = f"; first step after {row.time_to_first_step_s:.1f} s"
+    if not pd.isna(row.first_epoch_s):
+        text += f", first epoch {row.first_epoch_s:.1f} s"
     return text
 
 
 def _unit(task: str, mode: str) -> str:
-    spec = TASKS.get(task)
-    if spec and spec.kind == INFER:
+    spec = task_spec(task)
+    if spec.kind == CEILING:
+        return "seconds per matrix product"
+    if spec.kind == INFER:
         return f"seconds per 1,000 {spec.item}"
     return "seconds per training step" if mode == "throughput" else "seconds of training"
 
@@ -144,7 +193,12 @@ def _rate(per_second: float) -> str:
 def _format(row: pd.Series, item: str) -> str:
     if row.status != "ok":
         return row.status
-    if TASKS[row.task].kind == INFER:
+    if row.task == GEMM_TASK:
+        text = f"{row.tflops_per_s:.3g} TFLOP/s"
+        if not pd.isna(row.peak_tflops_per_s):
+            text += f" ({row.tflops_per_s / row.peak_tflops_per_s:.0%} of {row.precision} datasheet peak)"
+        return text
+    if task_spec(row.task).kind == INFER:
         text = (f"{row.median_s:.2f} s [{row.q1_s:.2f}–{row.q3_s:.2f}], "
                 f"{_rate(row.throughput_per_s)} {item}/s")
     elif row["mode"] == "throughput":
@@ -155,32 +209,40 @@ def _format(row: pd.Series, item: str) -> str:
         text = f"{row.median_s:.1f} s{spread}"
         if not pd.isna(row.score):
             text += f", {row.score_name} {row.score:.3f}"
-    return text + _work(row)
+    return text + _work(row) + _first_step(row)
 
 
 def _describe(task: str, mode: str, data: str, batch_size: int, input_shape: str,
               group: pd.DataFrame) -> str:
     def values(column: str) -> str:
-        return "/".join(str(int(v)) for v in sorted(group[column].dropna().unique())) or "?"
+        present = sorted(int(v) for v in group[column].dropna().unique())
+        if len(present) > 2:
+            return f"{present[0]}–{present[-1]}"
+        return "/".join(str(v) for v in present) or "?"
 
-    spec = TASKS[task]
+    spec = task_spec(task)
+    if spec.kind == CEILING:
+        return (f"The measured ceiling: the fastest dense matrix multiply of the framework named, over square "
+                f"matrices up to {input_shape} (bench/ceiling.py), in TFLOP/s; the other tables give each cell's "
+                f"TFLOP/s as a fraction of it.")
     if spec.kind == INFER and mode == "throughput":
         what = (f"Seconds per 1,000 {spec.item} (the seed's unit), median [interquartile range] over "
-                f"{values('repeats')} repeats of {values('steps')} timed batches after "
+                f"{values('repeats')} timed blocks of {values('steps')} batches after "
                 f"{values('warmup_steps')} warm-up batches, and {spec.item} per second")
     elif spec.kind == INFER:
         what = (f"Seconds per 1,000 {spec.item} over {spec.timed_batches} batches after one untimed "
                 f"batch (the seed's protocol), median [interquartile range] over {values('repeats')} runs")
     elif mode == "throughput":
-        what = (f"Median time per training step [interquartile range] over {values('repeats')} repeats "
-                f"of {values('steps')} timed steps after {values('warmup_steps')} warm-up steps, "
-                f"and {TASKS[task].item} per second at the median")
+        what = (f"Median time per training step [interquartile range] over {values('repeats')} timed blocks "
+                f"of {values('steps')} steps after {values('warmup_steps')} warm-up steps, "
+                f"and {spec.item} per second at the median")
     else:
         score = "test accuracy with dropout off" if spec.kind != MULTILABEL else "mean test ROC-AUC"
         what = (f"Training time for {values('epochs')} epochs, median [interquartile range] over "
                 f"{values('repeats')} runs, then {score}")
     per_device = " per device" if spec.data_parallel else ""
-    return f"{what}; batch {batch_size}{per_device}; inputs {input_shape}; {data} data."
+    return (f"{what}; batch {batch_size}{per_device}; inputs {input_shape}; {data} data. The time to the first "
+            f"step counts the framework's import, the model's build and the first step (compiling included).")
 
 
 def build_tables(results: list[Result], mixed_bench: bool = False,
@@ -199,11 +261,11 @@ def build_tables(results: list[Result], mixed_bench: bool = False,
     tables = []
     for (task, mode, data, batch_size, input_shape), group in frame.groupby(
             ["task", "mode", "data", "batch_size", "input_shape"], sort=True):
-        spec = TASKS.get(task)
+        spec = task_spec(task)
         group = group.assign(row=_row_labels(group))
-        display, notes = annotate(group, labels, spec.item if spec else "items")
+        display, notes = annotate(group, labels, spec.item)
         shown, numbers, q1, q3 = pivot(group.assign(display=display), labels)
-        title = f"{task}: {spec.title if spec else task} ({mode} mode)"
+        title = f"{task}: {spec.title} ({mode} mode)" if spec.kind != CEILING else f"{task}: {spec.title}"
         name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{task}-{mode}-{data}-batch{batch_size}-{input_shape.replace('×', 'x')}")
         tables.append(Table(name, title, _describe(task, mode, data, batch_size, input_shape, group),
                             shown.fillna("–"), numbers, notes, q1, q3, _unit(task, mode)))
@@ -226,7 +288,7 @@ def comparable(frame: pd.DataFrame, mixed_bench: bool = False) -> tuple[pd.DataF
                     f"result's is {str(newest_bench)[:12]}), not compared; pass --mixed-bench to compare anyway"
                     for row in frame[other].itertuples()]
         frame = frame[~other]
-    place = ["task", "mode", "data", "batch_size", "input_shape", "framework", "precision", "device_key"]
+    place = ["task", "mode", "data", "batch_size", "input_shape", "framework", "precision", "compile", "device_key"]
     duplicated = frame.duplicated(place, keep="last")
     dropped += [f"{row.cell_id}: an older duplicate, not shown" for row in frame[duplicated].itertuples()]
     return frame[~duplicated], dropped
@@ -269,11 +331,16 @@ def annotate(group: pd.DataFrame, labels: dict, item: str) -> tuple[pd.Series, l
             notes.append(f"† {row.row}: {int(row.parameters):,} trainable parameters, "
                          f"the task specifies {int(row.expected_parameters):,}{reason}")
             display[index] += " †"
-        if row.cv is not None and row.cv > UNSTABLE_CV:
-            notes.append(f"⚠ {row.row}, {where}: unstable: the {int(row.samples)} "
-                         f"timings vary by {row.cv:.0%} (coefficient of variation; above {UNSTABLE_CV:.0%}), "
-                         f"95% interval of the median {row.ci95_low_s / row.median_s - 1:+.0%} to "
-                         f"{row.ci95_high_s / row.median_s - 1:+.0%}")
+        if is_unstable(row):
+            interval = (f"95% interval of the median {row.ci95_low_s / row.median_s - 1:+.1%} to "
+                        f"{row.ci95_high_s / row.median_s - 1:+.1%}")
+            if row.unstable_by_target is None:
+                why = (f"the {int(row.samples)} timings vary by {row.cv:.0%} (coefficient of variation; above "
+                       f"{UNSTABLE_CV:.0%}), {interval}")
+            else:
+                why = (f"{interval} after {int(row.samples)} timed blocks ({row.stopped_by.replace('_', ' ')} "
+                       f"reached), wider than the ±{row.target_ci:.0%} asked; the timings vary by {row.cv:.0%}")
+            notes.append(f"⚠ {row.row}, {where}: unstable: {why}")
             display[index] += " ⚠"
         if row.cells_at_once > 1:
             notes.append(f"‡ {row.row}, {where}: ran with up to {int(row.cells_at_once)} cells at once on its "
@@ -286,6 +353,13 @@ def annotate(group: pd.DataFrame, labels: dict, item: str) -> tuple[pd.Series, l
     return display, notes
 
 
+def is_unstable(row: pd.Series) -> bool:
+    """Whether a successful result's median is too uncertain to compare (see UNSTABLE_CV)."""
+    if row.unstable_by_target is not None and not pd.isna(row.unstable_by_target):
+        return bool(row.unstable_by_target)
+    return row.cv is not None and not pd.isna(row.cv) and row.cv > UNSTABLE_CV
+
+
 def pivot(group: pd.DataFrame, labels: dict) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Pivot: framework rows by device columns, of the ``display`` text and of the median, first
     and third quartile (seconds). Rows in the order frameworks and precisions are listed in
@@ -293,8 +367,9 @@ def pivot(group: pd.DataFrame, labels: dict) -> tuple[pd.DataFrame, pd.DataFrame
     columns = [labels[key] for key in dict.fromkeys(group["device_key"])]
     layout = group.assign(column=group["device_key"].map(labels))
     ordered = group.assign(order=group["framework"].map(_framework_order),
-                           precision_order=group["precision"].map(PRECISIONS.index))
-    rows = list(dict.fromkeys(ordered.sort_values(["order", "framework", "precision_order"])["row"]))
+                           precision_order=group["precision"].map(PRECISIONS.index),
+                           compile_order=group["compile"].map(COMPILE_PROFILES.index))
+    rows = list(dict.fromkeys(ordered.sort_values(["order", "framework", "precision_order", "compile_order"])["row"]))
     frames = tuple(layout.pivot(index="row", columns="column", values=value).reindex(index=rows, columns=columns)
                    for value in ("display", "median_s", "q1_s", "q3_s"))
     for frame in frames:
@@ -308,10 +383,18 @@ def _framework_order(framework: str) -> int:
 
 def _row_labels(group: pd.DataFrame) -> pd.Series:
     """A row per framework; per framework and precision ("pytorch, bf16") once a table holds
-    another precision than fp32."""
-    if set(group["precision"]) == {"fp32"}:
-        return group["framework"]
-    return group["framework"] + ", " + group["precision"]
+    another precision than fp32; per compile profile ("pytorch, compiled") once it holds
+    compiled cells, where a framework whose default compiles is labelled so ("jax, compiled
+    by default") rather than run twice."""
+    labels = group["framework"]
+    if set(group["precision"]) != {"fp32"}:
+        labels = labels + ", " + group["precision"]
+    if "compiled" in set(group["compile"]):
+        by_default = group["framework"].map(lambda name: name in FRAMEWORK_SPECS and
+                                            FRAMEWORK_SPECS[name].compiles_by_default)
+        labels = labels + group["compile"].where(~by_default, "compiled by default").map(
+            lambda profile: f", {profile}")
+    return labels
 
 
 def write_tables(tables: list[Table], results: list[Result], folder: Path) -> Path:

@@ -173,7 +173,7 @@ def result_payload(framework: str = "pytorch", status: str = "ok", error: str | 
                            "gpu": {"name": gpu_name} if gpu_name else None,
                            "math_modes": math_modes(precision, tf32_matmul=None, tf32_convolutions=None,
                                                     loss_scaling="dynamic" if precision == "fp16" else None,
-                                                    autotuner=None, xla=False)})
+                                                    autotuner=None, xla=False, compiler=None)})
     return result.to_dict()
 
 

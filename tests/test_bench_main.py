@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import time
+import types
 
+import numpy as np
 import pytest
 
 from bench import __main__ as bench_main
-from bench import environment
+from bench import environment, precision
 from bench.environment import mpi_rank
+from harness.results import read_result
 
 
 @pytest.mark.parametrize("environ, rank", [
@@ -51,3 +55,76 @@ def test_xla_flags_come_before_the_bare_thread_count_xla_stops_reading_at(monkey
     environment.expose_cpu_devices(2)
     assert os.environ["XLA_FLAGS"] == ("--xla_dump_to=/tmp/x --xla_cpu_multi_thread_eigen=false "
                                        "--xla_force_host_platform_device_count=2 intra_op_parallelism_threads=2")
+
+
+class FakeGru:
+    """A numpy stand-in for a framework's GRU model: building takes 50 ms, the first step 100 ms
+    (as if compiling), every later step 1 ms."""
+
+    layout = "NTC"
+
+    def __init__(self, spec, run):
+        time.sleep(0.05)
+        self.steps = 0
+
+    def parameter_count(self) -> int:
+        return 3_818_302
+
+    def train_step(self, ids, labels) -> None:
+        time.sleep(0.1 if self.steps == 0 else 0.001)
+        self.steps += 1
+
+    def loss(self) -> float:
+        return 0.69
+
+    def predict(self, ids):
+        return np.zeros((len(ids), 2), np.float32)
+
+
+def fake_framework() -> types.SimpleNamespace:
+    def gemm(size, run):
+        a = np.ones((size, size), np.float32)
+        return lambda: float((a @ a)[0, 0])
+
+    modes = precision.math_modes("fp32", None, None, None, None, xla=False, compiler=None)
+    return types.SimpleNamespace(configure=lambda run: None, device_memory_peak=lambda run: None,
+                                 describe=lambda run: {"framework_version": "0", "threads": 2, "cuda": None,
+                                                       "cudnn": None, "math_modes": modes},
+                                 TASKS={"gru_imdb": FakeGru}, gemm=gemm)
+
+
+def test_the_time_to_the_first_step_is_measured_apart_from_the_timed_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_main.frameworks, "load", lambda name: fake_framework())
+    out = tmp_path / "cell.json"
+    assert bench_main.main(["--framework", "pytorch", "--task", "gru_imdb", "--min-block-s", "0.02",
+                            "--max-repeats", "6", "--out", str(out)]) == 0
+    result = read_result(out)  # valid against the schema
+    metrics, timing = result.metrics, result.settings.timing
+    assert metrics.build_s >= 0.05 and metrics.first_step_s >= 0.1
+    assert metrics.time_to_first_step_s == pytest.approx(metrics.import_s + metrics.build_s + metrics.first_step_s)
+    assert max(metrics.step_time_s.values) < 0.05  # the first step is in no block
+    assert timing.steps_calibrated and result.settings.steps >= 10  # 1 ms steps fill 20 ms blocks
+    assert 5 <= result.settings.repeats <= 6 and timing.stopped_by in ("target", "max_repeats")
+
+
+def test_full_mode_takes_the_first_step_on_a_model_of_its_own_and_gives_the_first_epochs(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_main.frameworks, "load", lambda name: fake_framework())
+    out = tmp_path / "cell.json"
+    assert bench_main.main(["--framework", "pytorch", "--task", "gru_imdb", "--mode", "full", "--repeats", "2",
+                            "--epochs", "2", "--out", str(out)]) == 0
+    metrics = read_result(out).metrics
+    assert metrics.first_step_s >= 0.1
+    # Each run's model is fresh: its first step (100 ms here) is in its first epoch, which says so.
+    assert len(metrics.first_epoch_s.values) == 2 and min(metrics.first_epoch_s.values) >= 0.1
+    assert len(metrics.epoch_time_s.values) == 4
+
+
+def test_the_ceiling_cell_times_the_frameworks_matrix_multiply(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_main.frameworks, "load", lambda name: fake_framework())
+    out = tmp_path / "cell.json"
+    assert bench_main.main(["--framework", "pytorch", "--task", "gemm_ceiling", "--image-size", "256",
+                            "--out", str(out)]) == 0
+    result = read_result(out)
+    assert result.cell.input_shape == [256, 256] and result.settings.timing is None
+    assert sorted(result.metrics.gemm_tflops_per_s, key=int) == ["128", "192", "256"]
+    assert result.metrics.tflops_per_s == pytest.approx(max(result.metrics.gemm_tflops_per_s.values()))

@@ -73,6 +73,18 @@ def test_a_mixed_precision_set_is_compared_with_an_fp32_set_framework_by_framewo
     assert [p.verdict() for p in comparison.pairs] == ["faster by 50.0%"] * 2
 
 
+def test_a_compiled_run_is_compared_with_the_default_run_framework_by_framework():
+    a = [row(gpu_result("pytorch"))]
+    compiled = gpu_result("pytorch", times=(0.008, 0.0081, 0.0079, 0.008, 0.0082))
+    compiled["cell"]["compile"] = "compiled"
+    compiled["env"]["math_modes"]["compiler"] = "torch.compile (TorchInductor)"
+    comparison = compare(a, [row(compiled)])
+    assert comparison.differing == {"compile": (["default"], ["compiled"]),
+                                    "math modes": (["float32 compute"], ["float32 compute, torch.compile (TorchInductor)"])}
+    (pair,) = comparison.pairs
+    assert pair.verdict() == "faster by 20.0%"
+
+
 def test_the_interval_needs_two_runs_a_side_and_is_seeded():
     assert ratio_interval([1.0], [1.0, 1.1]) is None
     assert ratio_interval([1.0, 1.1, 0.9], [2.0, 2.1, 1.9]) == ratio_interval([1.0, 1.1, 0.9], [2.0, 2.1, 1.9])

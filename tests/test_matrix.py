@@ -127,7 +127,7 @@ def test_keras_stands_for_its_three_backends_everywhere(tmp_path):
             "  include:\n    - {framework: keras, task: cnn_cifar10, gpu: cpu, cuda: auto, settings: {steps: 2}}\n")
     cells = load(write_matrix(tmp_path / "m.yml", text)).cells(host_inventory([]))
     assert [(c.framework, c.settings.steps) for c in cells] == [
-        ("pytorch", 20), ("keras-tensorflow", 2), ("keras-jax", 2), ("keras-torch", 2)]
+        ("pytorch", None), ("keras-tensorflow", 2), ("keras-jax", 2), ("keras-torch", 2)]
 
 
 def test_precision_is_an_axis_like_the_others(tmp_path):
@@ -177,7 +177,7 @@ def test_cell_ids_change_with_measured_settings_only(tmp_path):
     ("matrix:\n  framework: [pytorch\n  task: [x]\n", r"m.yml:\d: not valid YAML"),
     ("- just a list\n", r"m.yml:1: the file must be a mapping"),
     ("matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10]\n  include:\n    - framework: pytorch\n      bogus: 1\n",
-     r"m.yml:6: matrix.include\[0\].bogus: unknown key 'bogus'; allowed keys here: framework, task, gpu, cuda, threads, devices, precision, settings"),
+     r"m.yml:6: matrix.include\[0\].bogus: unknown key 'bogus'; allowed keys here: framework, task, gpu, cuda, threads, devices, precision, compile, settings"),
 ])
 def test_validation_errors_name_file_line_field_and_fix(tmp_path, text, expected):
     with pytest.raises(MatrixError, match=expected):
@@ -198,7 +198,7 @@ def test_cli_rejects_a_bad_matrix_with_one_line_exit_2_and_nothing_written(tmp_p
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"error: {path}:4: matrix.gpus: unknown key 'gpus'; allowed keys here: "
-        "framework, task, gpu, cuda, threads, devices, precision, include, exclude"]
+        "framework, task, gpu, cuda, threads, devices, precision, compile, include, exclude"]
     assert not results.exists()
 
 
@@ -237,11 +237,50 @@ def test_cli_dry_run_shows_every_axis_and_what_only_chose(tmp_path):
                            "--backend", "current", "--only", "gpu=cpu", "threads=2"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    header, _, *rows = done.stdout.splitlines()[:6]
-    assert header.split() == ["framework", "task", "gpu", "cuda", "threads", "devices", "precision", "mode", "data",
-                              "batch", "input", "plan"]
+    header, _, *rows = done.stdout.splitlines()[:8]
+    ceilings, rows = rows[:2], rows[2:]  # one per precision, first
+    assert [row.split()[:7] for row in ceilings] == [
+        ["pytorch", "gemm_ceiling", "cpu", "auto", "auto", "1", precision] for precision in ("fp32", "bf16")]
+    assert header.split() == ["framework", "task", "gpu", "cuda", "threads", "devices", "precision", "compile",
+                              "mode", "data", "batch", "input", "plan"]
     assert [row.split()[:7] for row in rows] == [
         ["pytorch", "cnn_cifar10", "cpu", "auto", "2", "1", "fp32"], ["pytorch", "cnn_cifar10", "cpu", "auto", "2", "1", "bf16"],
         ["tensorflow", "cnn_cifar10", "cpu", "auto", "2", "1", "fp32"],
         ["tensorflow", "cnn_cifar10", "cpu", "auto", "2", "1", "bf16"]]
     assert "4 cells (of 16, chosen by --only)" in done.stdout
+
+
+def test_compile_profiles_are_cells_of_their_own_but_a_default_that_compiles_is_run_once(tmp_path):
+    path = write_matrix(tmp_path / "m.yml", """
+matrix:
+  framework: [pytorch, jax, mxnet, chainer]
+  task: [gru_imdb]
+  gpu: [cpu]
+  compile: [default, compiled]
+""")
+    cells = load(path).cells(host_inventory([]))
+    assert [(c.framework, c.compile) for c in cells] == [
+        ("pytorch", "default"), ("pytorch", "compiled"), ("jax", "default"), ("mxnet", "default"),
+        ("chainer", "default"), ("chainer", "compiled")]
+    assert len({c.id for c in cells}) == 6 and ".compiled." in cells[1].id and ".default." in cells[0].id
+    assert cells[1].request().compile == "compiled"
+    assert cells[5].request().cannot_run() == "Chainer is define-by-run only: it has no graph compiler"
+
+
+def test_a_ceiling_per_gpu_cuda_and_precision_by_the_first_framework_that_can_run_it(tmp_path):
+    from harness.matrix import with_ceilings
+    path = write_matrix(tmp_path / "m.yml", """
+matrix:
+  framework: [chainer, mxnet, jax]
+  task: [gru_imdb, cnn_cifar10]
+  gpu: [cpu, H100]
+  precision: [fp32, bf16]
+""")
+    cells = load(path).cells(host_inventory([H100]))
+    # What a backend allows: what the bench would run, and (say) no jax here.
+    everything = with_ceilings(cells, lambda cell: cell.framework != "jax" and cell.request().cannot_run() is None)
+    ceilings = [(c.framework, c.gpu, c.precision) for c in everything if c.task == "gemm_ceiling"]
+    # mxnet and chainer run no bf16 on a CPU: the bench would skip those, and so no ceiling there.
+    assert ceilings == [("mxnet", "cpu", "fp32"), ("mxnet", "H100", "fp32")]
+    assert everything[len(ceilings):] == cells  # the ceilings first, then the cells as they were
+    assert all(c.settings.image_size is None and c.devices == 1 for c in everything[:len(ceilings)])

@@ -38,5 +38,5 @@ def test_tables_show_achieved_tflops_and_the_fraction_of_peak():
     (table,), _ = build_tables([Result.from_dict(gpu), Result.from_dict(cpu)])
     # 64 images per 10 ms, 373,585,920 FLOPs each: 2.39 TFLOP/s of the H100's 67 in fp32.
     row = table.display.loc["pytorch"]
-    assert row["NVIDIA H100 80GB HBM3 / CUDA 12.8 / cuDNN 9"].endswith("6,400 images/s, 2.39 TFLOP/s (4% of fp32 peak)")
+    assert row["NVIDIA H100 80GB HBM3 / CUDA 12.8 / cuDNN 9"].endswith("6,400 images/s, 2.39 TFLOP/s (4% of fp32 datasheet peak)")
     assert row["CPU (Test CPU, 2 cores)"].endswith("213 images/s, 0.0797 TFLOP/s")

@@ -70,8 +70,8 @@ def test_a_matrix_cell_asks_the_bench_for_exactly_its_axes_and_settings():
     request = cell.request("docker", cells_at_once=2)
     assert request == Request(
         framework="keras-jax", task="densenet121_xray", device="gpu", devices=2, precision="bf16", threads=4,
-        steps=7, image_size=96, batch_size=64, epochs=5, cell_id=cell.id, gpu_model="H100", cuda="12.8",
-        launcher="docker", cells_at_once=2)
+        steps=7, image_size=96, batch_size=64, epochs=5, min_block_s=0.25, budget_s=30.0, cell_id=cell.id,
+        gpu_model="H100", cuda="12.8", launcher="docker", cells_at_once=2)
     assert cell.batch_size == 64 and cell.input_shape == (3, 96, 96)
     assert Request.from_dict(request.to_dict()).checked() == request  # what the bench reads back
 
@@ -110,9 +110,12 @@ matrix:
 """)
     assert run_matrix.main([str(matrix), "--dry-run", "--backend", "current", "--results", str(tmp_path / "r")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    rows = [line.split() for line in lines[2:14]]
+    rows = [line.split() for line in lines[2:16] if "densenet121_xray" in line]
     assert len({tuple(row[:7]) for row in rows}) == 12  # threads and precision tell the cells apart
-    plans = {(row[0], row[4], row[6]): " ".join(row[11:]) for row in rows}
+    plans = {(row[0], row[4], row[6]): " ".join(row[12:]) for row in rows}
+    ceilings = [line.split()[:8] for line in lines[2:16] if "gemm_ceiling" in line]
+    assert ceilings == [["pytorch", "gemm_ceiling", "cpu", "auto", "auto", "1", precision, "default"]
+                        for precision in ("fp32", "bf16")]  # once per precision, by the first framework
     assert plans[("pytorch", "2", "bf16")] == "run"
     assert plans[("keras-torch", "auto", "fp32")].startswith("skip: Keras 3 has no data-parallel mechanism")
     assert plans[("mxnet", "2", "bf16")] == "skip: mxnet does not run bf16 on cpu (it runs fp32 there)"
@@ -177,4 +180,4 @@ def test_loader_workers_default_to_the_cores_the_cell_may_use():
     cell = Cell("jax", "densenet121_xray", "cpu", "auto", "auto", 1, "fp32", Settings(loader_workers=3))
     assert cell.request().loader_workers == 3
     unset = Cell("jax", "densenet121_xray", "cpu", "auto", "auto", 1, "fp32", Settings())
-    assert cell.id != unset.id and unset.id.endswith(".fp32." + unset.id.rsplit(".", 1)[1])
+    assert cell.id != unset.id and unset.id.endswith(".fp32.default." + unset.id.rsplit(".", 1)[1])

@@ -35,7 +35,7 @@ def test_one_row_per_framework_one_column_per_device_median_and_spread():
     assert table.display.loc["pytorch", "CPU (Test CPU, 2 cores)"] == "300.0 ms [295.0–305.0], 213 images/s, 0.0797 TFLOP/s"
     assert table.display.loc["tensorflow", "NVIDIA H100 80GB HBM3 / CUDA 12.8 / cuDNN 91002"] == "–"
     assert table.numbers.loc["tensorflow", "CPU (Test CPU, 2 cores)"] == 0.20
-    assert "over 3/5 repeats" in table.description and "batch 64; inputs 3×32×32; synthetic data" in table.description
+    assert "over 3/5 timed blocks of 20 steps" in table.description and "batch 64; inputs 3×32×32; synthetic data" in table.description
 
 
 def test_gpu_columns_keep_the_asked_cuda_when_frameworks_bring_different_versions():
@@ -175,7 +175,7 @@ def test_precisions_get_a_row_each_with_their_math_modes():
     assert list(table.display.index) == ["pytorch, fp32", "pytorch, fp16", "pytorch, bf16", "jax, fp32"]
     assert table.numbers.loc["pytorch, bf16"].iloc[0] == 0.004
     # The fraction of peak is of the row's precision: 5.98 of the H100 SXM's 989 TFLOP/s in bf16.
-    assert "5.98 TFLOP/s (1% of bf16 peak)" in table.display.loc["pytorch, bf16"].iloc[0]
+    assert "5.98 TFLOP/s (1% of bf16 datasheet peak)" in table.display.loc["pytorch, bf16"].iloc[0]
     cells = pd.DataFrame([{"precision": r.cell.precision, "math": describe_math_modes(r.env["math_modes"])}
                           for r in frame_results])
     assert list(cells["math"]) == ["bfloat16 compute", "float32 compute", "float32 compute",
@@ -183,10 +183,14 @@ def test_precisions_get_a_row_each_with_their_math_modes():
 
 
 def test_math_modes_in_words():
-    modes = math_modes("fp32", tf32_matmul=False, tf32_convolutions=True, loss_scaling=None, autotuner=True, xla=False)
+    modes = math_modes("fp32", tf32_matmul=False, tf32_convolutions=True, loss_scaling=None, autotuner=True, xla=False,
+                       compiler=None)
     assert describe_math_modes(modes) == "float32 compute, TF32 matmul off, TF32 convolutions on, autotuner on"
-    modes = math_modes("tf32", tf32_matmul=True, tf32_convolutions=True, loss_scaling=None, autotuner=True, xla=True)
+    modes = math_modes("tf32", tf32_matmul=True, tf32_convolutions=True, loss_scaling=None, autotuner=True, xla=True,
+                       compiler=None)
     assert describe_math_modes(modes) == "float32 compute, TF32 on, autotuner on, XLA"
+    modes["compiler"] = "XLA (jax.jit)"  # schema 5 names the compiler
+    assert describe_math_modes(modes) == "float32 compute, TF32 on, autotuner on, XLA (jax.jit)"
     assert describe_math_modes(None) == ""
 
 
@@ -248,3 +252,42 @@ def test_pivot_orders_rows_as_the_specs_list_frameworks_and_precisions():
     shown, numbers, q1, q3 = pivot(group, {key: "CPU" for key in group["device_key"]})
     assert list(shown.index) == ["pytorch, fp32", "pytorch, bf16", "jax, fp32"] and list(shown.columns) == ["CPU"]
     assert numbers.loc["jax, fp32", "CPU"] == 0.3 and q1.loc["jax, fp32", "CPU"] <= q3.loc["jax, fp32", "CPU"]
+
+
+def test_the_measured_ceiling_gets_a_table_and_every_cell_its_fraction():
+    cell = result_payload("pytorch", step_times=(0.30, 0.30, 0.30))
+    ceiling = result_payload("pytorch", step_times=(0.02, 0.021, 0.022), cell_id="gemm_ceiling.pytorch.cpu")
+    ceiling["cell"].update(task="gemm_ceiling", batch_size=1, input_shape=[2048, 2048])
+    ceiling["model"].update(parameters=0, expected_parameters=0, flops_per_example=2 * 2048 ** 3)
+    ceiling["metrics"].update(tflops_per_s=0.8, throughput_per_s=50.0, gemm_tflops_per_s={"1024": 0.6, "2048": 0.8})
+    tables = {table.name.split("-")[0]: table for table in build_tables(results(cell, ceiling))[0]}
+    assert tables["gemm_ceiling"].display.loc["pytorch"].iloc[0] == "0.8 TFLOP/s"
+    text = tables["cnn_cifar10"].display.loc["pytorch"].iloc[0]
+    achieved = float(text.split(", ")[2].split()[0])  # the cell's TFLOP/s
+    assert f"({achieved / 0.8:.0%} of measured ceiling)" in text
+
+
+def test_compiled_cells_get_rows_of_their_own_and_a_framework_that_always_compiles_says_so():
+    compiled = result_payload("pytorch", step_times=(0.2, 0.2, 0.2), cell_id="cnn.pytorch.compiled")
+    compiled["cell"]["compile"] = "compiled"
+    table = build_tables(results(result_payload("pytorch"), compiled, result_payload("jax")))[0][0]
+    assert list(table.display.index) == ["pytorch, default", "pytorch, compiled", "jax, compiled by default"]
+    assert table.numbers.loc["pytorch, compiled"].iloc[0] == 0.2
+
+
+def test_calibrated_results_are_unstable_when_their_interval_missed_the_target():
+    def timed(framework: str, reached: float, stopped_by: str, step_times) -> dict:
+        payload = result_payload(framework, step_times=step_times)
+        payload["settings"]["timing"] = dict(min_block_s=1.0, target_ci=0.03, budget_s=12.0, max_repeats=50,
+                                             steps_calibrated=True, ci_half_width=reached, stopped_by=stopped_by,
+                                             timed_s=12.5)
+        return payload
+
+    # tensorflow's blocks vary (a CV over 5%), but enough of them pin the median within ±3%.
+    table = build_tables(results(timed("pytorch", 0.06, "budget", (0.30, 0.32, 0.29, 0.33, 0.31)),
+                                 timed("tensorflow", 0.02, "target", (0.2, 0.23, 0.2, 0.2, 0.17, 0.2, 0.2))))[0][0]
+    assert table.display.loc["pytorch"].iloc[0].endswith(" ⚠")
+    assert not table.display.loc["tensorflow"].iloc[0].endswith("⚠")
+    (note,) = table.notes
+    assert note.startswith("⚠ pytorch, CPU (Test CPU, 2 cores): unstable: 95% interval of the median ")
+    assert "after 5 timed blocks (budget reached), wider than the ±3% asked" in note

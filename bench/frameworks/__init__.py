@@ -2,6 +2,8 @@
 
     describe(run)       -> what the framework reports about itself (version, threads, CUDA, cuDNN)
     configure(run)      -> seeds and performance switches (autotuner, thread pools, CPU devices)
+    device_memory_peak(run) -> the allocator's peak device memory, where it keeps one
+    gemm(size, run)     -> a function computing one size × size matrix product (bench/ceiling.py)
     class CnnCifar10    -> the seed's CNN
     class Resnet50Inference -> ResNet-50 v1.5 feature extractor
     class GruImdb       -> the seed's GRU classifier

@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import queue
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import chainer
@@ -44,7 +45,7 @@ def describe(run: RunOptions) -> dict:
             tf32_convolutions=os.environ.get("NVIDIA_TF32_OVERRIDE") != "0" if on_gpu else None,
             loss_scaling="dynamic" if run.precision == "fp16" else None,
             autotuner=chainer.config.autotune if on_gpu else None,
-            xla=False),
+            xla=False, compiler=None),
         "framework_settings": {
             "use_cudnn": chainer.config.use_cudnn,
             "type_check": chainer.config.type_check,
@@ -122,6 +123,25 @@ def _threads_per_process(run: RunOptions) -> int | None:
 def device_memory_peak(run: RunOptions) -> int | None:
     # CuPy's memory pool reports what it holds now, no peak: NVML measures the cell.
     return None
+
+
+def gemm(size: int, run: RunOptions) -> Callable[[], None]:
+    """A function computing one product of two ``size`` x ``size`` matrices with the framework's
+    own matrix multiply, returning once the device has finished (bench/ceiling.py). The two
+    matrices are made once, here: seeded standard-normal values on the cell's device, in the
+    precision's compute dtype."""
+    device = _chainer_device(run.device)
+    _seed(run.device, run.seed)
+    normal = chainer.initializers.Normal(scale=1.0)  # drawn by numpy, or by CuPy on the GPU
+    a, b = (chainer.initializers.generate_array(normal, (size, size), device.xp,
+                                                dtype=precision.COMPUTE_DTYPES[run.precision], device=device)
+            for _ in range(2))
+
+    def product() -> None:
+        with chainer.no_backprop_mode():  # no graph kept for a backward pass
+            F.matmul(a, b)
+        _synchronize(device)
+    return product
 
 
 def _chainer_device(device: str, index: int = 0) -> chainer.backend.Device:

@@ -11,7 +11,7 @@ import ctypes
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, Iterator, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import cntk as C
@@ -37,7 +37,7 @@ def describe(run: RunOptions) -> dict:
             loss_scaling=None,
             # On unless deterministic algorithms are forced (configure).
             autotuner=not C.cntk_py.should_force_deterministic_algorithms() if on_gpu else None,
-            xla=False),
+            xla=False, compiler=None),
         "framework_settings": {
             "device": _device_name(),
             # Data-parallel tasks: one MPI process per device, gradients all-reduced by the
@@ -91,6 +91,22 @@ def configure(run: RunOptions) -> None:
 def device_memory_peak(run: RunOptions) -> Optional[int]:
     # CNTK reports no allocator statistics: NVML measures the cell.
     return None
+
+
+def gemm(size: int, run: RunOptions) -> Callable[[], None]:
+    """A function computing one product of two ``size`` x ``size`` matrices with the framework's
+    own matrix multiply, returning once the device has finished (bench/ceiling.py). The two
+    matrices are made once, here: seeded standard-normal values on the cell's device, in the
+    precision's compute dtype."""
+    rng = np.random.RandomState(run.seed)  # CNTK draws random values only inside a graph
+    a, b = (C.constant(rng.standard_normal((size, size)).astype(precision.COMPUTE_DTYPES[run.precision]))
+            for _ in range(2))  # on the default device (configure)
+    # Evaluated for its first element: CNTK computes the whole product and copies that element back.
+    first = C.slice(C.slice(C.times(a, b), 0, 0, 1), 1, 0, 1)
+
+    def product() -> None:
+        first.eval()
+    return product
 
 
 def _seed(run: RunOptions) -> None:

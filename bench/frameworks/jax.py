@@ -23,8 +23,8 @@ from PIL import Image
 
 from .. import precision
 from .. import weights as canonical
-from ..specs import (BATCH_NORM, CNN, DENSENET121, GLOROT_UNIFORM, GRU, HE_NORMAL, ONES, ORTHOGONAL, RESNET50,
-                     UNIFORM, ZEROS, Init, RunOptions, TaskSpec)
+from ..specs import (BATCH_NORM, CNN, DENSENET121, FRAMEWORK_SPECS, GLOROT_UNIFORM, GRU, HE_NORMAL, ONES, ORTHOGONAL,
+                     RESNET50, UNIFORM, ZEROS, Init, RunOptions, TaskSpec)
 
 if TYPE_CHECKING:  # for annotations only: the bench's data module is not imported at run time
     from ..data import ImageFiles
@@ -78,7 +78,8 @@ def describe(run: RunOptions) -> dict:
         "math_modes": precision.math_modes(
             run.precision, tf32_matmul=tf32, tf32_convolutions=tf32,
             loss_scaling="dynamic" if run.precision == "fp16" else None,
-            autotuner=_xla_autotuner(run), xla=True),
+            # Every step is jax.jit-compiled, in both compile profiles.
+            autotuner=_xla_autotuner(run), xla=True, compiler=FRAMEWORK_SPECS["jax"].compiler),
         "framework_settings": {
             "flax_version": flax.__version__,
             "optax_version": optax.__version__,
@@ -124,6 +125,22 @@ def device_memory_peak(run: RunOptions) -> int | None:
         return None
     stats = [device.memory_stats() for device in _jax_devices(run)]
     return max(s["peak_bytes_in_use"] for s in stats) if all(stats) else None
+
+
+def gemm(size: int, run: RunOptions) -> Callable[[], None]:
+    """A function computing one product of two ``size`` x ``size`` matrices with the framework's
+    own matrix multiply, returning once the device has finished (bench/ceiling.py). The two
+    matrices are made once, here: seeded standard-normal values on the cell's device, in the
+    precision's compute dtype."""
+    dtype = jnp.dtype(precision.COMPUTE_DTYPES[run.precision])
+    device = _jax_devices(run)[0]
+    a, b = (jax.device_put(jax.random.normal(key, (size, size), dtype), device)
+            for key in jax.random.split(jax.random.key(run.seed)))
+    multiply = jax.jit(jnp.matmul)
+
+    def product() -> None:
+        multiply(a, b).block_until_ready()
+    return product
 
 
 def _platform(run: RunOptions) -> str:

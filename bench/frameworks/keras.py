@@ -23,7 +23,7 @@ from .. import weights as canonical
 from ..data import ImageFiles
 from ..shards import Rows, global_batches
 from ..specs import (BATCH_NORM, CNN, DENSENET121, FRAMEWORK_SPECS, GLOROT_UNIFORM, GRU, HE_NORMAL, ONES,
-                     ORTHOGONAL, RESNET50, UNIFORM, ZEROS, Init, RunOptions, TaskSpec)
+                     ORTHOGONAL, RESNET50, UNIFORM, ZEROS, Init, RunOptions, TaskSpec, Unsupported)
 
 BACKEND = keras.backend.backend()  # "tensorflow", "jax" or "torch"
 # Each backend's CPU layout. TensorFlow's CPU convolutions (oneDNN) only take NHWC (NCHW
@@ -39,6 +39,8 @@ def describe(run: RunOptions) -> dict:
     on_gpu = run.device == "gpu"
     cuda, cudnn = _cuda_cudnn() if on_gpu else (None, None)
     tf32_matmul, tf32_convolutions = _tf32_in_force() if on_gpu else (None, None)
+    # What compile() is asked for; a model that Keras compiles otherwise corrects it (_Compiled).
+    xla, compiler = _compiled_by(_jit_compile(run))
     return {
         "framework": f"keras-{BACKEND}",
         "framework_version": keras.__version__,
@@ -50,8 +52,8 @@ def describe(run: RunOptions) -> dict:
             run.precision, tf32_matmul=tf32_matmul, tf32_convolutions=tf32_convolutions,
             # compile() wraps the optimizer of a mixed_float16 model in a LossScaleOptimizer.
             loss_scaling="dynamic" if keras.mixed_precision.global_policy().name == "mixed_float16" else None,
-            autotuner=_autotuner(_jit_compile(run)) if on_gpu else None,
-            xla=_jit_compile(run)),
+            autotuner=_autotuner(xla) if on_gpu else None,
+            xla=xla, compiler=compiler),
         "framework_settings": {
             "keras_version": keras.__version__,
             "keras_backend": BACKEND,
@@ -124,6 +126,26 @@ def device_memory_peak(run: RunOptions) -> int | None:
                    for index in range(run.devices))
     stats = [device.memory_stats() for device in module.devices("gpu")[:run.devices]]
     return max(s["peak_bytes_in_use"] for s in stats) if all(stats) else None
+
+
+def gemm(size: int, run: RunOptions) -> Callable[[], None]:
+    """A function computing one product of two ``size`` x ``size`` matrices with the framework's
+    own matrix multiply, returning once the device has finished (bench/ceiling.py). The two
+    matrices are made once, here: seeded standard-normal values on the cell's device, in the
+    precision's compute dtype."""
+    device = _keras_device(run.device)
+    with _device_scope(device):
+        seed = keras.random.SeedGenerator(run.seed)
+        a, b = (keras.random.normal((size, size), dtype=precision.COMPUTE_DTYPES[run.precision], seed=seed)
+                for _ in range(2))
+
+    def product() -> None:
+        with _device_scope(device):
+            # One element read back waits for the product on every backend (JAX dispatches
+            # asynchronously, on CPUs too); as a 1 x 1 array, since Keras cannot convert a
+            # bfloat16 scalar of TensorFlow's to numpy.
+            keras.ops.convert_to_numpy(keras.ops.matmul(a, b)[:1, :1])
+    return product
 
 
 def _backend_module():
@@ -203,30 +225,43 @@ def _autotuner(xla: bool) -> bool:
 
 
 def _jit_compile(run: RunOptions, data_parallel: bool = False) -> bool:
-    """What compile(jit_compile="auto") picks on a host that has only the cell's devices: XLA
-    always for JAX; eager for torch; for TensorFlow on GPUs only (Keras turns it off on CPU,
-    slower there). Keras on TensorFlow cannot compile a step under tf.distribute (one XLA
-    cluster cannot reach the other replicas' variables: "Trying to access resource ...
-    located in device ...:1 from device ...:0"), so a data-parallel task runs without XLA on
-    one device too, the same at every device count. Said explicitly so that a CPU cell on a
-    GPU host gets the same."""
+    """compile()'s jit_compile. The compiled profile: True on every backend (XLA on TensorFlow
+    and JAX, torch.compile on torch). By default, what compile(jit_compile="auto") picks on a
+    host that has only the cell's devices: XLA always for JAX; eager for torch; for TensorFlow
+    on GPUs only (Keras turns it off on CPU, slower there). Keras on TensorFlow cannot compile
+    a step under tf.distribute (one XLA cluster cannot reach the other replicas' variables:
+    "Trying to access resource ... located in device ...:1 from device ...:0"), so by default
+    a data-parallel task runs without XLA on one device too, the same at every device count.
+    Said explicitly so that a CPU cell on a GPU host gets the same."""
+    if run.compile == "compiled":
+        return True
     if BACKEND == "tensorflow":
         return run.device == "gpu" and not data_parallel
     return BACKEND == "jax"
 
 
+def _compiled_by(jit_compile: bool) -> tuple[bool, str | None]:
+    """For a model compiled with ``jit_compile``: whether XLA compiles it, and the compiler it
+    runs through (specs.FRAMEWORK_SPECS): XLA on TensorFlow and JAX, torch.compile on torch;
+    None without jit_compile (TensorFlow's tf.function graph, torch's eager modules)."""
+    if not jit_compile:
+        return False, None
+    return BACKEND != "torch", FRAMEWORK_SPECS[f"keras-{BACKEND}"].compiler
+
+
 class _Compiled:
     """A task whose compiled Keras model says after the run what compile() really chose
     (protocol.py: math_modes): Keras turns jit_compile off for a model with a layer XLA cannot
-    compile (on TensorFlow, a GRU that runs cuDNN's kernel), whatever was asked."""
+    compile (on TensorFlow, a GRU that runs cuDNN's kernel), whatever was asked, and the model
+    then runs through no compiler."""
 
     model: keras.Model
     on_gpu: bool
     held: tuple[np.ndarray, np.ndarray] | None = None  # the array data fit() is given rows of
 
     def math_modes(self) -> dict:
-        xla = bool(self.model.jit_compile)
-        return {"xla": xla, "autotuner": _autotuner(xla) if self.on_gpu else None}
+        xla, compiler = _compiled_by(bool(self.model.jit_compile))
+        return {"xla": xla, "autotuner": _autotuner(xla) if self.on_gpu else None, "compiler": compiler}
 
     def array_batches(self, inputs: np.ndarray, labels: np.ndarray, batch_size: int,
                       order: np.ndarray | None) -> Iterator[tuple[Rows, None]]:
@@ -715,7 +750,12 @@ class Densenet121Xray(_Compiled):
         self.crop_size = run.input_shape[-1]
         self.loader_workers = run.loader_workers
         self.strategy = None  # TensorFlow's MirroredStrategy when data-parallel
+        jit_compile = _jit_compile(run, spec.data_parallel)
         if run.devices > 1:
+            if BACKEND == "tensorflow" and jit_compile:
+                raise Unsupported("Keras on TensorFlow cannot XLA-compile a step under tf.distribute: "
+                                  "compile(jit_compile=True) fails, one XLA cluster cannot reach the other "
+                                  "replicas' variables")
             if BACKEND == "jax":
                 # Data parallelism the Keras way: a one-axis device mesh; variables replicated,
                 # fit() splits each global batch along it, and XLA all-reduces the gradients
@@ -731,7 +771,7 @@ class Densenet121Xray(_Compiled):
                                            run.devices if BACKEND == "jax" else 1)
             self.model.compile(optimizer=_adam(run.learning_rate),
                                loss=keras.losses.BinaryCrossentropy(from_logits=True),  # mean over labels and batch
-                               jit_compile=_jit_compile(run, spec.data_parallel))
+                               jit_compile=jit_compile)
         if self.strategy is not None:
             # Keras builds a compiled loss from the shapes of the first batch it sees, which
             # values split over replicas do not have: build it from one plain example first.

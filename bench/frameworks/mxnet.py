@@ -8,6 +8,7 @@ import os
 import platform
 import re
 from importlib import metadata
+from typing import Callable
 
 import numpy as np
 import mxnet as mx
@@ -17,8 +18,8 @@ from mxnet.gluon import nn
 
 from .. import precision
 from .. import weights as canonical
-from ..specs import (BATCH_NORM, CNN, DENSENET121, GLOROT_UNIFORM, GRU, HE_NORMAL, ONES, ORTHOGONAL, RESNET50,
-                     UNIFORM, ZEROS, Init, RunOptions, TaskSpec)
+from ..specs import (BATCH_NORM, CNN, DENSENET121, FRAMEWORK_SPECS, GLOROT_UNIFORM, GRU, HE_NORMAL, ONES, ORTHOGONAL,
+                     RESNET50, UNIFORM, ZEROS, Init, RunOptions, TaskSpec)
 
 # Runtime features worth recording: the CPU kernels (oneDNN, still called MKLDNN) and the GPU stack.
 _FEATURES = ("MKLDNN", "OPENMP", "CUDA", "CUDNN", "NCCL", "TENSORRT")
@@ -42,7 +43,8 @@ def describe(run: RunOptions) -> dict:
             loss_scaling="dynamic" if run.precision == "fp16" else None,
             # MXNet's cuDNN autotuner: on ("1", limited workspace) unless the environment says otherwise.
             autotuner=os.environ.get("MXNET_CUDNN_AUTOTUNE_DEFAULT", "1") != "0" if on_gpu else None,
-            xla=False),
+            # Every network is hybridized, in both compile profiles.
+            xla=False, compiler=FRAMEWORK_SPECS["mxnet"].compiler),
         "framework_settings": {
             "features": [name for name in _FEATURES if features.is_enabled(name)],
             "hybridize": {"static_alloc": True, "static_shape": True},
@@ -111,6 +113,21 @@ def configure(run: RunOptions) -> None:
 def device_memory_peak(run: RunOptions) -> int | None:
     # MXNet's storage pool reports free and total memory, no peak: NVML measures the cell.
     return None
+
+
+def gemm(size: int, run: RunOptions) -> Callable[[], None]:
+    """A function computing one product of two ``size`` x ``size`` matrices with the framework's
+    own matrix multiply, returning once the device has finished (bench/ceiling.py). The two
+    matrices are made once, here: seeded standard-normal values on the cell's device, in the
+    precision's compute dtype."""
+    ctx = _contexts(run)[0]
+    mx.random.seed(run.seed)
+    a, b = (mx.nd.random.normal(shape=(size, size), ctx=ctx, dtype=precision.COMPUTE_DTYPES[run.precision])
+            for _ in range(2))
+
+    def product() -> None:
+        mx.nd.dot(a, b).wait_to_read()  # the engine runs operators asynchronously
+    return product
 
 
 def _contexts(run: RunOptions) -> list[mx.Context]:

@@ -29,8 +29,8 @@ from .. import precision
 from .. import weights as canonical
 from ..data import ImageFiles
 from ..shards import LoaderStep, RankGroup, Rows, rank_share
-from ..specs import (BATCH_NORM, CNN, DENSENET121, GLOROT_UNIFORM, GRU, HE_NORMAL, ONES, ORTHOGONAL, RESNET50,
-                     UNIFORM, ZEROS, Init, RunOptions, TaskSpec)
+from ..specs import (BATCH_NORM, CNN, DENSENET121, FRAMEWORK_SPECS, GLOROT_UNIFORM, GRU, HE_NORMAL, ONES, ORTHOGONAL,
+                     RESNET50, UNIFORM, ZEROS, Init, RunOptions, TaskSpec)
 
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -50,7 +50,8 @@ def describe(run: RunOptions) -> dict:
             tf32_convolutions=torch.backends.cudnn.allow_tf32 if on_gpu else None,
             loss_scaling="dynamic" if run.precision == "fp16" else None,
             autotuner=torch.backends.cudnn.benchmark if on_gpu else None,
-            xla=False),
+            xla=False,
+            compiler=FRAMEWORK_SPECS["pytorch"].compiler if run.compile == "compiled" else None),
         "framework_settings": {
             "nccl": ".".join(map(str, torch.cuda.nccl.version())) if on_gpu else None,
             "data_parallel": (f"DistributedDataParallel, {_distributed_backend(run.device)}, "
@@ -82,6 +83,23 @@ def device_memory_peak(run: RunOptions) -> int | None:
     if run.device != "gpu" or run.devices > 1:
         return None
     return torch.cuda.max_memory_allocated()
+
+
+def gemm(size: int, run: RunOptions) -> Callable[[], None]:
+    """A function computing one product of two ``size`` x ``size`` matrices with the framework's
+    own matrix multiply, returning once the device has finished (bench/ceiling.py). The two
+    matrices are made once, here: seeded standard-normal values on the cell's device, in the
+    precision's compute dtype."""
+    device = _torch_device(run.device)
+    dtype = getattr(torch, precision.COMPUTE_DTYPES[run.precision])
+    generator = torch.Generator(device).manual_seed(run.seed)
+    a, b = (torch.randn(size, size, generator=generator, device=device, dtype=dtype) for _ in range(2))
+
+    def product() -> None:
+        torch.matmul(a, b)
+        if device.type == "cuda":  # CPU products return when done; CUDA ones are queued
+            torch.cuda.synchronize(device)
+    return product
 
 
 def _threads_per_process(run: RunOptions) -> int | None:
@@ -134,6 +152,13 @@ def _to_device(images: np.ndarray | torch.Tensor, layout: str, device: torch.dev
 
 def _batch_norm(channels: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, eps=BATCH_NORM.epsilon, momentum=BATCH_NORM.momentum)
+
+
+def _compiled(module: nn.Module, run: RunOptions) -> nn.Module:
+    """The module through torch.compile (TorchInductor) in the compiled profile: it compiles
+    what the module runs (forward, and backward in training) on the first call, and again for
+    a mode it has not seen (train or eval, inference or not). By default the module as it is, eager."""
+    return torch.compile(module) if run.compile == "compiled" else module
 
 
 def _parameter_count(model: nn.Module) -> int:
@@ -228,7 +253,7 @@ class _SoftmaxClassifier:
     parameter_note = None
 
     def __init__(self, model: nn.Module, optimizer: Callable[..., torch.optim.Optimizer], run: RunOptions):
-        self.model = model.to(self.device, memory_format=self.memory_format)
+        self.model = _compiled(model.to(self.device, memory_format=self.memory_format), run)
         self.criterion = nn.CrossEntropyLoss()
         self.optimizer = optimizer(self.model.parameters())
         self.mixed = MixedPrecision(run, self.device)
@@ -336,7 +361,7 @@ class Resnet50Inference:
             missing = [name for name in missing if not name.endswith("num_batches_tracked")]
             if missing:
                 raise ValueError(f"{run.weights}: no weights for {', '.join(missing)}")
-        self.model = self.model.to(self.device, memory_format=self.memory_format).eval()
+        self.model = _compiled(self.model.to(self.device, memory_format=self.memory_format).eval(), run)
         self.mixed = MixedPrecision(run, self.device)
 
     def parameter_count(self) -> int:
@@ -512,15 +537,18 @@ class DensenetReplica:
         # The run's loader workers decode a global batch: each rank's loader has its share.
         self.loader_workers = max(1, run.loader_workers // run.devices)
         torch.manual_seed(run.seed)  # the same initial weights on every rank
-        self.model = DenseNet121(spec).to(self.device, memory_format=self.memory_format)
+        model = DenseNet121(spec).to(self.device, memory_format=self.memory_format)
+        self.model = _compiled(model, run)  # scoring (rank 0), and training on one device
         self.replica: nn.Module = self.model
         if run.devices > 1:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             dist.init_process_group(_distributed_backend(run.device), rank=rank, world_size=run.devices,
                                     timeout=_COLLECTIVE_TIMEOUT)
-            self.replica = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            # Compiled once wrapped, as PyTorch's DDP notes ask: TorchDynamo then splits the graph
+            # at DDP's gradient buckets (DDPOptimizer), so their all-reduces still overlap backward.
+            self.replica = _compiled(DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None), run)
         self.criterion = nn.BCEWithLogitsLoss()  # mean over labels and examples
         self.optimizer = torch.optim.Adam(self.replica.parameters(), lr=run.learning_rate)
         self.mixed = MixedPrecision(run, self.device)  # a scaler per rank, all seeing the same reduced gradients

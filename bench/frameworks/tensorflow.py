@@ -3,6 +3,7 @@ pipelines and tf.distribute.MirroredStrategy for data-parallel training; mixed p
 tf.keras's dtype policies and, for float16, its LossScaleOptimizer."""
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable
 
@@ -11,8 +12,8 @@ import tensorflow as tf
 
 from .. import precision
 from .. import weights as canonical
-from ..specs import (BATCH_NORM, CNN, DENSENET121, GLOROT_UNIFORM, GRU, HE_NORMAL, ONES, ORTHOGONAL, RESNET50,
-                     UNIFORM, ZEROS, Init, RunOptions, TaskSpec, Unsupported)
+from ..specs import (BATCH_NORM, CNN, DENSENET121, FRAMEWORK_SPECS, GLOROT_UNIFORM, GRU, HE_NORMAL, ONES, ORTHOGONAL,
+                     RESNET50, UNIFORM, ZEROS, Init, RunOptions, TaskSpec, Unsupported)
 
 # Float32 variables, layers computing in the 16-bit type; other precisions keep "float32".
 DTYPE_POLICIES = {"fp16": "mixed_float16", "bf16": "mixed_bfloat16"}
@@ -36,8 +37,9 @@ def describe(run: RunOptions) -> dict:
             loss_scaling="dynamic" if tf.keras.mixed_precision.global_policy().name == "mixed_float16" else None,
             # TensorFlow autotunes cuDNN convolutions unless TF_CUDNN_USE_AUTOTUNE=0.
             autotuner=os.environ.get("TF_CUDNN_USE_AUTOTUNE", "1").lower() not in ("0", "false") if on_gpu else None,
-            # The tf.functions are not jit-compiled; XLA only runs them if auto-clustering is on.
-            xla=bool(tf.config.optimizer.get_jit())),
+            # By default the tf.functions are not jit-compiled: XLA only runs them if auto-clustering is on.
+            xla=bool(_jit_compile(run) or tf.config.optimizer.get_jit()),
+            compiler=FRAMEWORK_SPECS["tensorflow"].compiler if _jit_compile(run) else None),
         "framework_settings": {
             "keras_version": tf.keras.__version__,
             # The devices TensorFlow sees: logical CPU devices, one per replica of a data-parallel
@@ -82,6 +84,31 @@ def device_memory_peak(run: RunOptions) -> int | None:
     if run.device != "gpu":
         return None
     return max(tf.config.experimental.get_memory_info(f"GPU:{index}")["peak"] for index in range(run.devices))
+
+
+def gemm(size: int, run: RunOptions) -> Callable[[], None]:
+    """A function computing one product of two ``size`` x ``size`` matrices with the framework's
+    own matrix multiply, returning once the device has finished (bench/ceiling.py). The two
+    matrices are made once, here: seeded standard-normal values on the cell's device, in the
+    precision's compute dtype."""
+    device = _tf_device(run.device)
+    with tf.device(device):
+        generator = tf.random.Generator.from_seed(run.seed)
+        a, b = (generator.normal((size, size), dtype=precision.COMPUTE_DTYPES[run.precision]) for _ in range(2))
+    multiply = tf.function(tf.linalg.matmul, jit_compile=_jit_compile(run))
+
+    def product() -> None:
+        with tf.device(device):
+            multiply(a, b)
+        if run.device == "gpu":  # GPU steps are queued (configure()); CPU ones return when done
+            tf.test.experimental.sync_devices()
+    return product
+
+
+def _jit_compile(run: RunOptions) -> bool | None:
+    """The tf.functions' jit_compile: True in the compiled profile (XLA compiles each function
+    whole); None by default, TensorFlow's own choice: XLA only where auto-clustering is on."""
+    return True if run.compile == "compiled" else None
 
 
 def _tf_device(device: str) -> str:
@@ -140,16 +167,23 @@ def _reinitialise(variable: tf.Variable, init: Init) -> None:
     variable.assign(_initializer(init)(variable.shape, variable.dtype))
 
 
-def _optimiser_step(model: tf.keras.Model, optimizer: tf.keras.optimizers.Optimizer,
-                    loss_fn: Callable, inputs: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
-    """Forward in training mode, gradients with tf.GradientTape, one update; the loss."""
+def _loss_and_gradients(model: tf.keras.Model, optimizer: tf.keras.optimizers.Optimizer, loss_fn: Callable,
+                        inputs: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
+    """Forward in training mode and gradients with tf.GradientTape: the loss and the gradients."""
     with tf.GradientTape() as tape:
         # Keras losses compute in float32 whatever the dtype of the outputs.
         loss = loss_fn(labels, model(inputs, training=True))
         # A LossScaleOptimizer (fp16) multiplies by its dynamic scale; other optimizers return
         # the loss as it is.
         scaled_loss = optimizer.scale_loss(loss)
-    gradients = tape.gradient(scaled_loss, model.trainable_variables)
+    return loss, tape.gradient(scaled_loss, model.trainable_variables)
+
+
+def _optimiser_step(model: tf.keras.Model, optimizer: tf.keras.optimizers.Optimizer, loss_and_gradients: Callable,
+                    inputs: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """``loss_and_gradients`` (_loss_and_gradients with the model, optimizer and loss given), then
+    one update; the loss."""
+    loss, gradients = loss_and_gradients(inputs, labels)
     # A LossScaleOptimizer unscales the gradients, and skips the step (halving its scale) when
     # they overflowed.
     optimizer.apply_gradients(zip(gradients, model.trainable_variables))
@@ -206,7 +240,8 @@ def build_cnn_cifar10(spec: TaskSpec, data_format: str) -> tf.keras.Model:
 
 class _SoftmaxClassifier:
     """The CNN and the GRU: one model trained batch by batch with softmax cross-entropy on
-    logits, its training step and inference traced once each by tf.function."""
+    logits, its training step and inference traced once each by tf.function (and compiled
+    whole by XLA in the compiled profile)."""
     parameter_note = None
 
     def __init__(self, run: RunOptions, build_model: Callable[[], tf.keras.Model],
@@ -219,9 +254,12 @@ class _SoftmaxClassifier:
             self.loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
             self.optimizer = _with_loss_scaling(build_optimizer())
         signature = [inputs, tf.TensorSpec((None,), tf.int32)]
+        loss_and_gradients = functools.partial(_loss_and_gradients, self.model, self.optimizer, self.loss_fn)
         self._train_step = tf.function(
-            lambda x, y: _optimiser_step(self.model, self.optimizer, self.loss_fn, x, y), input_signature=signature)
-        self._predict = tf.function(lambda x: _float32(self.model(x, training=False)), input_signature=signature[:1])
+            lambda x, y: _optimiser_step(self.model, self.optimizer, loss_and_gradients, x, y),
+            input_signature=signature, jit_compile=_jit_compile(run))
+        self._predict = tf.function(lambda x: _float32(self.model(x, training=False)), input_signature=signature[:1],
+                                    jit_compile=_jit_compile(run))
         self._last_loss: tf.Tensor | None = None
 
     def parameter_count(self) -> int:
@@ -326,7 +364,8 @@ class Resnet50Inference:
             load_resnet50(self.model, run.weights)
         # Inference mode: batch norm uses its running statistics; no tape, so no gradients.
         self._predict = tf.function(lambda x: _float32(self.model(x, training=False)),
-                                    input_signature=[tf.TensorSpec((None, *shape), tf.float32)])
+                                    input_signature=[tf.TensorSpec((None, *shape), tf.float32)],
+                                    jit_compile=_jit_compile(run))
 
     def parameter_count(self) -> int:
         return _parameter_count(self.model)
@@ -411,24 +450,33 @@ class Densenet121Xray:
             self.optimizer.build(self.model.trainable_variables)
         # Per example: the mean over the 14 labels of sigmoid cross-entropy.
         self.per_example_loss = tf.keras.losses.BinaryCrossentropy(from_logits=True, reduction=None)
+        # Each replica's forward and backward, compiled by XLA in the compiled profile. The
+        # gradients' all-reduce and the update stay outside it: XLA cannot compile a step that
+        # reaches every replica's variables ("Trying to access resource ... located in device
+        # ...:1 from device ...:0"). One device runs the same split, so that device counts compare.
+        self._loss_and_gradients = tf.function(
+            functools.partial(_loss_and_gradients, self.model, self.optimizer, self._average_loss),
+            jit_compile=_jit_compile(run))
         # No input signature: the batches come as the strategy distributes them (one trace a run).
         self._train_step = tf.function(self._replicated_step)
         # The sigmoid in float32, as the loss's.
         self._predict = tf.function(lambda x: tf.sigmoid(_float32(self.model(x, training=False))),
-                                    input_signature=[tf.TensorSpec((None, *shape), tf.float32)])
+                                    input_signature=[tf.TensorSpec((None, *shape), tf.float32)],
+                                    jit_compile=_jit_compile(run))
         self._last_loss: tf.Tensor | None = None
 
     def parameter_count(self) -> int:
         return _parameter_count(self.model)
 
+    def _average_loss(self, labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+        # Divided by the global batch: the all-reduce sums the replicas' gradients.
+        return tf.nn.compute_average_loss(self.per_example_loss(labels, logits))
+
     def _replicated_step(self, images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
         """One step on every replica's share of the global batch; the global batch's mean loss."""
-        def average_loss(y: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
-            # Divided by the global batch: the all-reduce sums the replicas' gradients.
-            return tf.nn.compute_average_loss(self.per_example_loss(y, logits))
-
         losses = self.strategy.run(
-            lambda x, y: _optimiser_step(self.model, self.optimizer, average_loss, x, y), args=(images, labels))
+            lambda x, y: _optimiser_step(self.model, self.optimizer, self._loss_and_gradients, x, y),
+            args=(images, labels))
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
 
     def train_step(self, images: np.ndarray | tf.Tensor, labels: np.ndarray | tf.Tensor) -> None:
