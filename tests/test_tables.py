@@ -256,7 +256,8 @@ def test_pivot_orders_rows_as_the_specs_list_frameworks_and_precisions():
 
 def test_the_measured_ceiling_gets_a_table_and_every_cell_its_fraction():
     cell = result_payload("pytorch", step_times=(0.30, 0.30, 0.30))
-    ceiling = result_payload("pytorch", step_times=(0.02, 0.021, 0.022), cell_id="gemm_ceiling.pytorch.cpu")
+    # Its calls vary by 30%: the ceiling is their fastest, not a median, and is not marked unstable.
+    ceiling = result_payload("pytorch", step_times=(0.02, 0.03, 0.02), cell_id="gemm_ceiling.pytorch.cpu")
     ceiling["cell"].update(task="gemm_ceiling", batch_size=1, input_shape=[2048, 2048])
     ceiling["model"].update(parameters=0, expected_parameters=0, flops_per_example=2 * 2048 ** 3)
     ceiling["metrics"].update(tflops_per_s=0.8, throughput_per_s=50.0, gemm_tflops_per_s={"1024": 0.6, "2048": 0.8})
