@@ -302,19 +302,19 @@ def _fitted(cell: Cell) -> Cell:
 
 
 def with_ceilings(cells: list[Cell], runnable: typing.Callable[[Cell], bool]) -> list[Cell]:
-    """The cells after a ``gemm_ceiling`` cell for each GPU model (or the CPU), CUDA version and
-    precision they use (bench/ceiling.py), run by the first of the cells' frameworks, in the
+    """The cells after a ``gemm_ceiling`` cell for each GPU model (or the CPU), CUDA version,
+    thread count and precision they use (bench/ceiling.py), run by the first of the cells' frameworks, in the
     tables' order, that ``runnable`` allows; once per run, whatever the cells' settings."""
-    ceilings: dict[tuple[str, str, str], Cell] = {}
+    ceilings: dict[tuple[str, str, str | int, str], Cell] = {}
     ordered = sorted(cells, key=lambda cell: FRAMEWORKS.index(cell.framework))
     for cell in ordered:
-        key = (cell.gpu, cell.cuda, cell.precision)
+        key = (cell.gpu, cell.cuda, cell.threads, cell.precision)
         if key in ceilings:
             continue
         settings = cell.settings.model_copy(update={
             "mode": "throughput", "data": "synthetic", "data_dir": None, "batch_size": None, "image_size": None,
             "weights": None, "loader_workers": None})
-        ceiling = Cell(cell.framework, GEMM_CEILING.name, cell.gpu, cell.cuda, "auto", 1, cell.precision, settings)
+        ceiling = Cell(cell.framework, GEMM_CEILING.name, cell.gpu, cell.cuda, cell.threads, 1, cell.precision, settings)
         if runnable(ceiling):
             ceilings[key] = ceiling
     return [*ceilings.values(), *cells]

@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serial", action="store_true",
                         help="run one cell at a time, also on a host with several GPUs (by default GPU cells "
                              "run side by side, one per GPU, and share the host's CPUs)")
+    parser.add_argument("--no-ceiling", action="store_true",
+                        help="leave out the matrix-multiply ceiling cells (the tables then show no fraction of it)")
     backends.add_arguments(parser)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # a cluster job makes the same backend from it
@@ -84,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         matrix = load(args.matrix)
         backend = backends.select(args, matrix)
         expanded = matrix.cells(backend.inventory())
-        cells = with_ceilings(only(expanded, args.only), lambda cell: backend.skip_reason(cell) is None)
+        cells = only(expanded, args.only)
+        if not args.no_ceiling:
+            cells = with_ceilings(cells, lambda cell: backend.skip_reason(cell) is None)
     except (MatrixError, backends.BackendError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -127,7 +127,7 @@ def test_two_real_cpu_runs_that_differ_in_threads(tmp_path):
     for threads in (1, 2):
         matrix = write_matrix(tmp_path / f"t{threads}.yml", (
             "matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10, gru_imdb]\n  gpu: [cpu]\n"
-            f"  threads: [{threads}]\nsettings:\n  warmup_steps: 1\n  steps: 2\n  repeats: 3\n  batch_size: 16\n"))
+            f"  threads: [{threads}]\nsettings:\n  warmup_steps: 1\n  steps: 2\n  repeats: 3\n  max_repeats: 3\n  batch_size: 16\n"))
         folder = tmp_path / f"threads-{threads}"
         done = subprocess.run([sys.executable, str(REPO / "harness" / "run_matrix.py"), str(matrix),
                                "--backend", "local", "--results", str(folder)], capture_output=True, text=True)

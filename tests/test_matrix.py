@@ -240,7 +240,7 @@ def test_cli_dry_run_shows_every_axis_and_what_only_chose(tmp_path):
     header, _, *rows = done.stdout.splitlines()[:8]
     ceilings, rows = rows[:2], rows[2:]  # one per precision, first
     assert [row.split()[:7] for row in ceilings] == [
-        ["pytorch", "gemm_ceiling", "cpu", "auto", "auto", "1", precision] for precision in ("fp32", "bf16")]
+        ["pytorch", "gemm_ceiling", "cpu", "auto", "2", "1", precision] for precision in ("fp32", "bf16")]
     assert header.split() == ["framework", "task", "gpu", "cuda", "threads", "devices", "precision", "compile",
                               "mode", "data", "batch", "input", "plan"]
     assert [row.split()[:7] for row in rows] == [

@@ -23,7 +23,7 @@ from harness.results import RunFolder, read_result
 
 pytestmark = [pytest.mark.integration, pytest.mark.slurm]
 
-QUICK = "settings: {warmup_steps: 1, steps: 2, repeats: 1, batch_size: 8, timeout_s: 600}\nslurm: {poll_s: 1}\n"
+QUICK = "settings: {warmup_steps: 1, steps: 2, repeats: 1, max_repeats: 1, batch_size: 8, timeout_s: 600}\nslurm: {poll_s: 1}\n"
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def cluster():
 
 def harness(matrix: Path, results: Path, *options: str) -> list[str]:
     return [sys.executable, str(REPO / "harness" / "run_matrix.py"), str(matrix), "--results", str(results),
-            "--backend", "slurm", *options]
+            "--backend", "slurm", "--no-ceiling", *options]
 
 
 def run_matrix(matrix: Path, results: Path, *options: str) -> subprocess.CompletedProcess:
@@ -84,7 +84,7 @@ matrix:
   gpu: [H100, A100, V100]
   include:
     - {framework: pytorch, task: densenet121_xray, gpu: H100, devices: 2,
-       settings: {warmup_steps: 1, steps: 1, repeats: 1, batch_size: 2, image_size: 64, timeout_s: 600}}
+       settings: {warmup_steps: 1, steps: 1, repeats: 1, max_repeats: 1, batch_size: 2, image_size: 64, timeout_s: 600}}
 """ + QUICK)
     folder = RunFolder(tmp_path / "results")
     plan = run_matrix(matrix, folder.root, "--dry-run")
@@ -146,7 +146,7 @@ matrix:
     - {framework: pytorch, task: cnn_cifar10, gpu: H100, settings: {LONG, timeout_s: 60}}
 settings: {LONG, timeout_s: 600}
 slurm: {poll_s: 1}
-""".replace("LONG", "warmup_steps: 1, steps: 100000, repeats: 1, batch_size: 8"))
+""".replace("LONG", "warmup_steps: 1, steps: 100000, repeats: 1, max_repeats: 1, batch_size: 8"))
     folder = RunFolder(tmp_path / "results")
     running = subprocess.Popen(harness(matrix, folder.root), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env={**os.environ, "DLBENCH_GPU_STAND_IN": "cpu"})
@@ -194,7 +194,7 @@ def test_a_cell_runs_in_its_image_through_the_nodes_engine(cluster, engine, whee
 def test_an_interrupted_harness_cancels_its_jobs_and_records_none(cluster, tmp_path):
     matrix = write_matrix(tmp_path / "m.yml", """
 matrix: {framework: [pytorch], task: [cnn_cifar10], gpu: [A100]}
-settings: {warmup_steps: 1, steps: 100000, repeats: 1, batch_size: 8, timeout_s: 600}
+settings: {warmup_steps: 1, steps: 100000, repeats: 1, max_repeats: 1, batch_size: 8, timeout_s: 600}
 slurm: {poll_s: 1}
 """)
     folder = RunFolder(tmp_path / "results")
