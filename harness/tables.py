@@ -128,7 +128,9 @@ def _timing(settings: object | None) -> dict[str, object]:
     return {"target_ci": timing.target_ci if timing else None,
             "ci_half_width": timing.ci_half_width if timing else None,
             "stopped_by": timing.stopped_by if timing else None,
-            "unstable_by_target": None if timing is None else not timing.target_reached}
+            # One block has no interval to judge: like any single timing, not marked.
+            "unstable_by_target": None if timing is None or timing.ci_half_width is None
+            else not timing.target_reached}
 
 
 def with_ceilings(frame: pd.DataFrame) -> pd.DataFrame:

@@ -292,3 +292,12 @@ def test_calibrated_results_are_unstable_when_their_interval_missed_the_target()
     (note,) = table.notes
     assert note.startswith("⚠ pytorch, CPU (Test CPU, 2 cores): unstable: 95% interval of the median ")
     assert "after 5 timed blocks (budget reached), wider than the ±3% asked" in note
+
+
+def test_a_single_timed_block_has_no_interval_and_is_not_marked():
+    payload = result_payload("pytorch", step_times=(0.3,))
+    payload["settings"]["timing"] = dict(min_block_s=1.0, target_ci=0.03, budget_s=12.0, max_repeats=1,
+                                         steps_calibrated=False, ci_half_width=None, stopped_by="max_repeats",
+                                         timed_s=6.0)
+    table = build_tables(results(payload))[0][0]
+    assert not table.display.loc["pytorch"].iloc[0].endswith("⚠") and table.notes == []
