@@ -101,6 +101,8 @@ def _train(model: Any, batches: Iterable[Batch], steps: Optional[int] = None) ->
 def _endless(model: Any, data: Data, run: RunOptions, inference: bool, pool: Optional[int]) -> Iterator[Batch]:
     """Batches round and round, of the first ``pool`` examples (None: all): for training as the
     model takes them, for inference the arrays themselves."""
+    if isinstance(data, ImageFolderDataset) and pool is not None:  # one epoch's pipeline, as the model takes it
+        return model.input_pipeline(data.train, data.stored_size, run.global_batch_size, True, run.seed)
     if isinstance(data, ImageFolderDataset):
         return itertools.chain.from_iterable(
             model.input_pipeline(data.train, data.stored_size, run.global_batch_size, True, run.seed + epoch)
