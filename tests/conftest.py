@@ -2,6 +2,7 @@
 folder, and the framework environments the integration tests run in."""
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import struct
@@ -11,6 +12,7 @@ import tarfile
 import zipfile
 import zlib
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -175,6 +177,15 @@ def result_payload(framework: str = "pytorch", status: str = "ok", error: str | 
                                                     loss_scaling="dynamic" if precision == "fp16" else None,
                                                     autotuner=None, xla=False, compiler=None)})
     return result.to_dict()
+
+
+@pytest.fixture
+def cntk_module(monkeypatch):
+    """CNTK installs only in its own image: its module with the cntk package stubbed out."""
+    monkeypatch.setitem(sys.modules, "cntk", mock.MagicMock())
+    monkeypatch.delitem(sys.modules, "bench.frameworks.cntk", raising=False)
+    yield importlib.import_module("bench.frameworks.cntk")
+    sys.modules.pop("bench.frameworks.cntk", None)
 
 
 @pytest.fixture

@@ -3,22 +3,11 @@ into cuDNN's one weight blob. CNTK installs only in its own image, so its module
 checked here with the cntk package stubbed out; the image runs the rest."""
 from __future__ import annotations
 
-import importlib
-import sys
-from unittest import mock
 
 import numpy as np
 import pytest
 
 from bench.specs import GRU, GRU_IMDB
-
-
-@pytest.fixture
-def cntk_module(monkeypatch):
-    monkeypatch.setitem(sys.modules, "cntk", mock.MagicMock())
-    monkeypatch.delitem(sys.modules, "bench.frameworks.cntk", raising=False)
-    yield importlib.import_module("bench.frameworks.cntk")
-    sys.modules.pop("bench.frameworks.cntk", None)
 
 
 def test_the_blob_is_cudnns_layout_as_cntk_reads_it(cntk_module):

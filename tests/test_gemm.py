@@ -4,12 +4,9 @@ dtype with the framework's own matrix multiply (watched here by a spy on that fu
 from __future__ import annotations
 
 import ast
-import importlib
 import json
 import os
 import subprocess
-import sys
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -99,15 +96,6 @@ def test_gemm_multiplies_matrices_of_the_compute_dtype_with_the_frameworks_own_p
     # Traced once per size (JAX, TensorFlow), or called on every product.
     assert {json.dumps(call) for call in calls} == {
         json.dumps([[[size, size], dtype]] * 2) for size in (64, 128)}, calls
-
-
-@pytest.fixture
-def cntk_module(monkeypatch):
-    """CNTK installs only in its own image: its module with the cntk package stubbed out."""
-    monkeypatch.setitem(sys.modules, "cntk", mock.MagicMock())
-    monkeypatch.delitem(sys.modules, "bench.frameworks.cntk", raising=False)
-    yield importlib.import_module("bench.frameworks.cntk")
-    sys.modules.pop("bench.frameworks.cntk", None)
 
 
 def test_cntk_multiplies_seeded_constants_and_reads_back_one_element(cntk_module):
