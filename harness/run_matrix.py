@@ -54,7 +54,8 @@ def print_plan(cells: list[Cell], folder: RunFolder, backend: backends.Backend, 
     print(tabulate(rows, headers=[*AXES, "mode", "data", "batch", "input", "plan"]))
     ceilings = sum(cell.task == GEMM_CEILING.name for cell in cells)
     selected = f" (of {expanded}, chosen by --only)" if expanded != len(cells) - ceilings else ""
-    print(f"\n{len(cells) - ceilings} cells{selected} and {ceilings} matrix-multiply ceiling(s) on {backend.inventory().describe()}; "
+    with_ceilings = f" and {ceilings} matrix-multiply ceiling{'s' if ceilings > 1 else ''}" if ceilings else ""
+    print(f"\n{len(cells) - ceilings} cells{selected}{with_ceilings} on {backend.inventory().describe()}; "
           f"{backend.name} runs up to {backend.placement(serial=False).at_once} at once; results go to {folder.root}")
 
 
