@@ -190,7 +190,12 @@ def _remove(path: Path) -> None:
 
 def _extract(tarball: Path, data_dir: Path, folder: str) -> None:
     # Extract next to the target and rename, so a killed extraction never looks complete.
-    staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=str(data_dir)))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=str(data_dir)))
+    except OSError as error:  # a container's data folder is mounted read-only
+        raise DataUnavailable("{}: cannot extract it into {} ({}); extract it there first, where the folder "
+                              "is writable (tar -xzf {} gives {}/)".format(tarball, data_dir, error.strerror,
+                                                                          tarball.name, folder)) from error
     try:
         with tarfile.open(str(tarball)) as archive:
             for member in archive.getmembers():

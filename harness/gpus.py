@@ -1,6 +1,7 @@
 """The host's GPUs, through NVML (nvidia-ml-py). No NVML or no driver means no GPUs."""
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from types import ModuleType
@@ -13,6 +14,8 @@ class Gpu:
     name: str  # e.g. "NVIDIA H100 80GB HBM3"
     memory_total_bytes: int
     compute_capability: str | None = None  # "9.0"; None where NVML does not say
+    # The CPU cores nearest the GPU (its NUMA node), as NVML gives them; empty where it does not say.
+    near_cpus: tuple[int, ...] = ()
 
 
 def _text(value: str | bytes) -> str:
@@ -37,7 +40,8 @@ def detect_gpus(nvml: ModuleType | None = None) -> list[Gpu]:
             gpus.append(Gpu(index=index, uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
                             name=_text(nvml.nvmlDeviceGetName(handle)),
                             memory_total_bytes=int(nvml.nvmlDeviceGetMemoryInfo(handle).total),
-                            compute_capability=_compute_capability(nvml, handle)))
+                            compute_capability=_compute_capability(nvml, handle),
+                            near_cpus=_near_cpus(nvml, handle)))
         return gpus
     finally:
         nvml.nvmlShutdown()
@@ -48,6 +52,17 @@ def _compute_capability(nvml: ModuleType, handle: object) -> str | None:
         return "{}.{}".format(*nvml.nvmlDeviceGetCudaComputeCapability(handle))
     except nvml.NVMLError:  # drivers before CUDA 11's NVML
         return None
+
+
+def _near_cpus(nvml: ModuleType, handle: object) -> tuple[int, ...]:
+    """The cores of NVML's ideal CPU affinity for the GPU: a bit mask in 64-bit words."""
+    words = ((os.cpu_count() or 1) + 63) // 64
+    try:
+        mask = nvml.nvmlDeviceGetCpuAffinity(handle, words)
+    except nvml.NVMLError:  # not supported on this platform or driver
+        return ()
+    return tuple(word_index * 64 + bit for word_index, word in enumerate(mask)
+                 for bit in range(64) if int(word) >> bit & 1)
 
 
 def _words(name: str) -> list[str]:

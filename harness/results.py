@@ -21,8 +21,9 @@ class FolderInUse(Exception):
 
 @dataclass(frozen=True)
 class RunFolder:
-    """results/<run>/: cells/<cell id>.json, logs/<cell id>.log, tables/, .staging/ where a
-    cell writes before its result is checked and moved into cells/, and jobs/ where a cluster
+    """results/<run>/: cells/<cell id>.json, logs/<cell id>.log, tables/, .staging/<cell id>/
+    where a cell finds its request and writes its result before that is checked and moved into
+    cells/ (a container sees that folder alone), and jobs/ where a cluster
     backend keeps the jobs it submitted until their results are collected."""
 
     root: Path
@@ -38,6 +39,9 @@ class RunFolder:
     @property
     def staging(self) -> Path:
         return self.root / ".staging"
+
+    def cell_staging(self, cell_id: str) -> Path:
+        return self.staging / cell_id
 
     @property
     def tables(self) -> Path:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import sys
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -18,7 +19,7 @@ from tqdm import tqdm
 from bench import result as contract
 from bench.host import host_facts, utc_now
 
-from .backends import Backend, BackendError, Exit, Launch
+from .backends import Backend, BackendError, Exit, Launch, Progress, quiet
 from .gpus import Gpu
 from .matrix import Cell
 from .results import RunFolder, read_result
@@ -70,7 +71,8 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(line for line in text.splitlines()[-lines:])
 
 
-def check_and_prepare(cell: Cell, folder: RunFolder, backend: Backend) -> CellOutcome | None:
+def check_and_prepare(cell: Cell, folder: RunFolder, backend: Backend,
+                      progress: Progress = quiet) -> CellOutcome | None:
     """Skip the cell, or make its environment ready; the outcome when it will not run."""
     started = utc_now()
     reason = backend.skip_reason(cell)
@@ -78,7 +80,7 @@ def check_and_prepare(cell: Cell, folder: RunFolder, backend: Backend) -> CellOu
         record(folder, cell, "skipped", reason, backend, started)
         return CellOutcome(cell, "skipped", reason)
     try:
-        backend.prepare(cell)
+        backend.prepare(cell, progress)
     except BackendError as error:
         message = f"environment not ready: {error}"
         record(folder, cell, "failed", message, backend, started)
@@ -86,17 +88,28 @@ def check_and_prepare(cell: Cell, folder: RunFolder, backend: Backend) -> CellOu
     return None
 
 
-def prepare_all(cells: list[Cell], folder: RunFolder, backend: Backend) -> list[tuple[Cell, CellOutcome | None]]:
+def prepare_all(cells: list[Cell], folder: RunFolder, backend: Backend,
+                show: Progress = quiet) -> list[tuple[Cell, CellOutcome | None]]:
     """check_and_prepare for every cell: first one cell per environment, up to the backend's
     ``prepare_at_once`` of them side by side (a build mostly waits on downloads and disks),
-    then the others, whose environments are ready by then."""
+    then the others, whose environments are ready by then. ``show`` is told, in one line,
+    what each environment being prepared is doing."""
     first_of_each: dict[tuple[str, str, str], Cell] = {}
     for cell in cells:
         first_of_each.setdefault((cell.framework, cell.device, cell.cuda), cell)
     firsts = list(first_of_each.values())
+    doing = {f"{cell.framework} ({cell.device})": "" for cell in firsts}
+    lock = threading.Lock()
+
+    def prepare(cell: Cell) -> CellOutcome | None:
+        def progress(text: str) -> None:
+            with lock:
+                doing[f"{cell.framework} ({cell.device})"] = text
+                show("preparing " + "; ".join(text or name for name, text in sorted(doing.items())))
+        return check_and_prepare(cell, folder, backend, progress)
+
     with ThreadPoolExecutor(max_workers=backend.prepare_at_once, thread_name_prefix="prepare") as pool:
-        early = dict(zip([cell.id for cell in firsts],
-                         pool.map(lambda cell: check_and_prepare(cell, folder, backend), firsts)))
+        early = dict(zip([cell.id for cell in firsts], pool.map(prepare, firsts)))
     return [(cell, early[cell.id] if cell.id in early else check_and_prepare(cell, folder, backend))
             for cell in cells]
 
@@ -108,36 +121,38 @@ def launch_cell(cell: Cell, folder: RunFolder, backend: Backend, gpus: list[Gpu]
     outside the harness (a detached cluster job: the next run collects it)."""
     started = utc_now()
     log_path = folder.logs / f"{cell.id}.log"
-    folder.staging.mkdir(parents=True, exist_ok=True)
-    staged = folder.staging / f"{cell.id}.json"
+    staging = folder.cell_staging(cell.id)
+    staging.mkdir(parents=True, exist_ok=True)
+    staged = staging / f"{cell.id}.json"
     staged.unlink(missing_ok=True)  # left by a run that was killed
     weights = _settings_path(cell.settings.weights, matrix_dir)
     data_dir = _settings_path(cell.settings.data_dir, matrix_dir) if cell.settings.data == "real" else None
-    request_path = folder.staging / f"{cell.id}.request.json"
+    request_path = staging / f"{cell.id}.request.json"
     contract.write_json_atomic(request_path, cell.request(backend.name, cells_at_once, weights, data_dir).to_dict())
     launch = Launch(cell, request_path, staged, log_path, cell.settings.timeout_s, gpus, weights=weights,
                     data_dir=data_dir, interrupted=interrupted or threading.Event(), folder=folder)
     try:
         ended = backend.run(launch)
     except Exception as error:  # the engine went away, say: this cell fails, the matrix goes on
-        request_path.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
         message = f"the {backend.name} backend could not run the cell: {type(error).__name__}: {error}"
         record(folder, cell, "failed", message, backend, started)
         return CellOutcome(cell, "failed", message)
     if ended.pending:  # the job reads its request when it starts
         return None
-    request_path.unlink(missing_ok=True)
-    if ended.interrupted:
-        staged.unlink(missing_ok=True)
-        return None
-    if not ended.timed_out:
-        try:
-            result = read_result(staged)
-        except ValueError:
-            pass  # the cell died before writing a valid result: recorded below
-        else:
-            keep_result(folder, cell, staged, ended)
-            return CellOutcome(cell, result.status, result.error)
+    try:
+        if ended.interrupted:
+            return None
+        if not ended.timed_out:
+            try:
+                result = read_result(staged)
+            except ValueError:
+                pass  # the cell died before writing a valid result: recorded below
+            else:
+                keep_result(folder, cell, staged, ended)
+                return CellOutcome(cell, result.status, result.error)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     status = "timeout" if ended.timed_out else "failed"
     if ended.detail:
         message = f"{ended.detail}; see {log_path}"
@@ -195,7 +210,7 @@ def run_cells(cells: list[Cell], folder: RunFolder, backend: Backend, matrix_dir
             else:
                 to_run.append(cell)
         bar.set_description_str("preparing " + ", ".join(sorted({f"{c.framework} ({c.device})" for c in to_run})))
-        for cell, outcome in prepare_all(to_run, folder, backend):
+        for cell, outcome in prepare_all(to_run, folder, backend, bar.set_description_str):
             if outcome:
                 report(outcome)
             else:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
+import os
 import pickle
 import zipfile
 
@@ -54,6 +56,20 @@ def test_fetch_rejects_an_archive_with_the_wrong_checksum(tmp_path):
     with pytest.raises(data.DataUnavailable, match="MD5 is .*expected c58f30108f718f92721af3b95e74349a"):
         data.fetch(data.CIFAR10_ARCHIVE, tarball.parent)
     assert not (tarball.parent / "cifar-10-batches-py").exists()
+
+
+def test_an_archive_in_a_read_only_folder_says_to_extract_it_first(tmp_path, monkeypatch):
+    # As in a container, whose data folder is mounted read-only (root ignores file modes).
+    tarball = write_cifar10_archive(tmp_path / "data" / "cifar-10-python.tar.gz")
+    archive = dataclasses.replace(data.CIFAR10_ARCHIVE, checksum=data.checksum_of(tarball, "md5"))
+
+    def read_only(**kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(data.tempfile, "mkdtemp", read_only)
+    with pytest.raises(data.DataUnavailable, match=r"cannot extract it into .*Read-only file system.*"
+                                                   r"extract it there first.*cifar-10-batches-py/"):
+        data.fetch(archive, tarball.parent)
 
 
 def test_missing_data_says_where_to_put_it_and_offers_synthetic(tmp_path):

@@ -14,7 +14,12 @@ from pathlib import Path
 import pytest
 
 from conftest import BASE_IMAGE, CACHE, REPO, docker_options, write_matrix
-from harness.results import load_results
+from harness.backends.docker import DockerBackend
+from harness.gpus import Gpu
+from harness.images import BuildOptions
+from harness.matrix import Cell, Settings
+from harness.results import RunFolder, load_results
+from harness.runner import run_cells
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
@@ -88,6 +93,25 @@ def test_a_cell_over_its_memory_limit_is_recorded_and_the_next_cell_runs(engine,
     assert "ran out of memory" in results["cnn_cifar10"].error
     assert results["gru_imdb"].status in ("ok", "failed")  # it ran: its own outcome is recorded
     assert not engine.containers.list(all=True, filters={"label": "org.dlbench.run"})
+
+
+def test_two_gpu_cells_run_side_by_side_in_real_containers_and_both_finish(engine, wheelhouse, certificate,
+                                                                          tmp_path, monkeypatch):
+    """The scheduler is given two stand-in GPUs; the cells compute on the CPU, in the CPU image,
+    each in a read-only container of its own that must not stop the other's."""
+    monkeypatch.setenv("DLBENCH_GPU_STAND_IN", "cpu")
+    backend = DockerBackend(CACHE, BuildOptions(cpu_base=BASE_IMAGE, ca_certificates=(certificate,),
+                                                wheelhouse=wheelhouse, offline=True))
+    backend.gpus = [Gpu(index, f"GPU-stand-in-{index}", "NVIDIA H100 80GB HBM3", 80 << 30, "9.0") for index in (0, 1)]
+    settings = Settings(warmup_steps=1, steps=2, repeats=2, max_repeats=2, timeout_s=600)
+    cells = [Cell("pytorch", task, "H100", "auto", "auto", 1, "fp32", settings) for task in ("cnn_cifar10", "gru_imdb")]
+    folder = RunFolder(tmp_path / "run")
+    outcomes = run_cells(cells, folder, backend, tmp_path)
+    assert [o.status for o in outcomes] == ["ok", "ok"], [o.error for o in outcomes]
+    first, second = sorted((r.env["started_utc"], r.env["finished_utc"]) for _, r in load_results(folder.cells).results)
+    assert second[0] < first[1]  # they ran at once
+    assert not engine.containers.list(all=True, filters={"label": f"org.dlbench.run={folder.root}"})
+    assert not list(folder.staging.iterdir())  # each cell's staging folder went with it
 
 
 def test_a_container_has_no_network(engine, wheelhouse, certificate, tmp_path):

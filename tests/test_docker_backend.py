@@ -12,13 +12,16 @@ import types
 
 import pytest
 import requests
+from docker.errors import ImageNotFound
 
-from harness.backends.base import Launch
+from harness.backends.base import BackendError, Launch
 from harness.backends.docker import DockerBackend
 from harness.gpus import Gpu
 from harness.matrix import Cell, Settings
+from harness.results import RunFolder
 
-H100S = [Gpu(0, "GPU-aaaa", "NVIDIA H100 80GB HBM3", 80 << 30), Gpu(1, "GPU-bbbb", "NVIDIA H100 80GB HBM3", 80 << 30)]
+H100S = [Gpu(0, "GPU-aaaa", "NVIDIA H100 80GB HBM3", 80 << 30, "9.0", near_cpus=(0, 1, 2, 3)),
+         Gpu(1, "GPU-bbbb", "NVIDIA H100 80GB HBM3", 80 << 30, "9.0", near_cpus=(2, 3, 4, 5))]
 
 
 class FakeContainer:
@@ -58,9 +61,15 @@ class FakeClient:
         self.created: list[FakeContainer] = []
         image = types.SimpleNamespace(id="sha256:image", attrs={"RepoDigests": ["nvidia/cuda@sha256:base"]})
         self.images = types.SimpleNamespace(get=lambda reference: image)
-        self.containers = types.SimpleNamespace(create=self._create, list=lambda **kwargs: [])
+        self.leftovers = [FakeContainer(["python"], {}, 0, 0)]  # a killed harness's container
+        self.listed: list[dict] = []
+        self.containers = types.SimpleNamespace(create=self._create, list=self._list)
         self.api = types.SimpleNamespace(inspect_container=lambda cid: {"State": {"OOMKilled": oom}})
         self.runs_s, self.status = runs_s, status
+
+    def _list(self, all, filters):
+        self.listed.append(filters)
+        return self.leftovers
 
     def _create(self, image, argv, **kwargs):
         self.created.append(FakeContainer(argv, kwargs, self.runs_s, self.status))
@@ -95,8 +104,17 @@ def test_a_gpu_cell_gets_its_own_gpus_by_uuid_and_nothing_else(tmp_path):
     options = container.kwargs
     assert options["network_mode"] == "none" and options["cap_drop"] == ["ALL"]
     assert options["security_opt"] == ["no-new-privileges"] and options["user"] == f"{os.getuid()}:{os.getgid()}"
-    (out,) = options["mounts"]
+    out, kernel_cache = options["mounts"]
     assert out["Target"] == "/dlbench/out" and out["Source"] == str(cell_launch.result_path.parent)
+    assert not out["ReadOnly"] and kernel_cache["Target"] == "/dlbench/kernel-cache"
+    assert kernel_cache["Source"].startswith(str(tmp_path / "cache" / "kernel-cache"))
+    # Read-only but for /tmp and the mounts; pinned to the cores nearest its GPUs; NVIDIA's limits.
+    assert options["read_only"] and "exec" in options["tmpfs"]["/tmp"].split(",")
+    assert options["cpuset_cpus"] == "0,1,2,3,4,5" and options["shm_size"] == "4g"
+    assert {(u["Name"], u["Soft"]) for u in options["ulimits"]} == {("memlock", -1), ("stack", 64 << 20)}
+    environment = options["environment"]
+    assert environment["NCCL_SOCKET_IFNAME"] == environment["GLOO_SOCKET_IFNAME"] == "lo"
+    assert environment["CUDA_CACHE_PATH"].startswith("/dlbench/kernel-cache/")
     assert container.argv[-4:] == ["--request", "/dlbench/out/cell.request.json", "--out", "/dlbench/out/cell.json"]
     image = json.loads(options["environment"]["DLBENCH_IMAGE"])
     assert image["id"] == "sha256:image" and image["tag"].startswith("dlbench/pytorch:cuda13.0-")
@@ -106,7 +124,7 @@ def test_a_gpu_cell_gets_its_own_gpus_by_uuid_and_nothing_else(tmp_path):
 
 def test_a_cpu_cell_gets_no_gpu(tmp_path):
     _, container, _ = run(tmp_path, FakeClient())
-    assert container.kwargs["device_requests"] == []
+    assert container.kwargs["device_requests"] == [] and container.kwargs["cpuset_cpus"] is None
     assert json.loads(container.kwargs["environment"]["DLBENCH_IMAGE"])["tag"].startswith("dlbench/pytorch:cpu-")
 
 
@@ -135,3 +153,76 @@ def test_the_engine_says_whether_the_memory_limit_killed_the_cell(tmp_path, oom)
     ended, _, _ = run(tmp_path, FakeClient(status=137, oom=oom))
     assert ended.out_of_memory is oom and ended.returncode == 137
     assert ended.describe().startswith("ran out of memory" if oom else "exited with 137")
+
+
+def test_cells_side_by_side_are_labelled_each_and_only_a_killed_harness_leftovers_are_removed(tmp_path):
+    client = FakeClient()
+    made = backend(tmp_path, client)
+    folder = RunFolder(tmp_path / "run")
+    cells = [Cell("pytorch", "cnn_cifar10", "H100", "auto", "auto", 1, "fp32", Settings(data="real", steps=n))
+             for n in (1, 2)]
+    for cell, gpu in zip(cells, H100S):
+        staging = folder.cell_staging(cell.id)
+        made.prepare(cell)
+        made.run(Launch(cell, staging / f"{cell.id}.request.json", staging / f"{cell.id}.json",
+                        tmp_path / "logs" / f"{cell.id}.log", 60, [gpu], data_dir=tmp_path / "data", folder=folder))
+    # Before the first cell only: a second cell of the run must not remove the first one's container.
+    assert client.listed == [{"label": f"org.dlbench.run={folder.root}"}] and client.leftovers[0].removed
+    for cell, container in zip(cells, client.created):
+        assert container.kwargs["labels"] == {"org.dlbench.run": str(folder.root), "org.dlbench.cell": cell.id}
+        out, data, _ = container.kwargs["mounts"]
+        assert out["Source"] == str(folder.cell_staging(cell.id)) and not out["ReadOnly"]
+        assert data["Target"] == "/dlbench/data" and data["ReadOnly"]
+
+
+class BuildingClient(FakeClient):
+    """Has no image of the bench until it builds one, sending the engine's build messages."""
+
+    def __init__(self, messages, tmp_path):
+        super().__init__()
+        self.messages, self.logs_seen, self.built = messages, [], False
+        found = self.images.get
+
+        def get(reference):
+            if reference.startswith("dlbench/") and not self.built:
+                raise ImageNotFound(f"No such image: {reference}")
+            return found(reference)
+
+        self.images = types.SimpleNamespace(get=get)
+        self.api.build = self._build
+        self.log_dir = tmp_path / "cache" / "images"
+
+    def _build(self, decode, **kwargs):
+        assert decode
+        for message in self.messages:
+            yield message
+            self.logs_seen.append("".join(path.read_text() for path in self.log_dir.glob("*.log")))
+        self.built = not any("error" in message for message in self.messages)
+
+
+def test_a_build_writes_its_log_as_it_goes_and_says_which_step_it_is_on(tmp_path):
+    client = BuildingClient([{"stream": "Step 1/3 : FROM debian\n"}, {"stream": " ---> 1234\n"},
+                             {"stream": "Step 2/3 : RUN pip install torch\n"},
+                             {"stream": "Collecting torch==2.5.1\n"}], tmp_path)
+    said = []
+    backend(tmp_path, client).prepare(launch(tmp_path).cell, said.append)
+    assert "Step 1/3 : FROM debian" in client.logs_seen[0]  # written before the build went on
+    assert "Collecting torch" not in client.logs_seen[2] and "Collecting torch" in client.logs_seen[3]
+    assert said[-1] == "building pytorch cpu image, Step 2/3 : RUN pip install torch: Collecting torch==2.5.1"
+
+
+def test_a_failed_build_or_an_engine_error_fails_the_image_with_its_reason(tmp_path):
+    client = BuildingClient([{"stream": "Step 1/3 : FROM debian\n"}, {"error": "pip: no matching distribution"}],
+                            tmp_path)
+    with pytest.raises(BackendError, match=r"building dlbench/pytorch:cpu-\w+ failed: pip: no matching "
+                                           r"distribution; see .*\.log"):
+        backend(tmp_path, client).prepare(launch(tmp_path).cell)
+    assert "pip: no matching distribution" in next(client.log_dir.glob("*.log")).read_text()
+
+    def timed_out(**kwargs):
+        raise requests.exceptions.ReadTimeout("Read timed out. (read timeout=600)")
+
+    client.api.build = timed_out
+    with pytest.raises(BackendError, match="the Docker engine failed while preparing the pytorch cpu image: "
+                                           "ReadTimeout: Read timed out"):
+        backend(tmp_path, client).prepare(launch(tmp_path).cell)

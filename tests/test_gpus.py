@@ -71,6 +71,11 @@ class FakeNvml(types.SimpleNamespace):
     def nvmlDeviceGetCudaComputeCapability(self, handle):
         return (9, 0)
 
+    def nvmlDeviceGetCpuAffinity(self, handle, words):
+        if handle[1] == "GPU-2":
+            raise self.NVMLError("not supported")
+        return [0b1111_0000_0011] + [0] * (words - 1)  # cores 0, 1 and 8-11
+
 
 DEVICES = [("NVIDIA H100 80GB HBM3", "GPU-1", 80 << 30), ("NVIDIA A100-SXM4-40GB", "GPU-2", 40 << 30)]
 
@@ -78,7 +83,7 @@ DEVICES = [("NVIDIA H100 80GB HBM3", "GPU-1", 80 << 30), ("NVIDIA A100-SXM4-40GB
 def test_detect_gpus_lists_every_device():
     nvml = FakeNvml(DEVICES)
     gpus = detect_gpus(nvml)
-    assert gpus == [Gpu(0, "GPU-1", "NVIDIA H100 80GB HBM3", 80 << 30, "9.0"),
+    assert gpus == [Gpu(0, "GPU-1", "NVIDIA H100 80GB HBM3", 80 << 30, "9.0", near_cpus=(0, 1, 8, 9, 10, 11)),
                     Gpu(1, "GPU-2", "NVIDIA A100-SXM4-40GB", 40 << 30, "9.0")]
     assert nvml.shutdowns == 1
 

@@ -14,7 +14,7 @@ import pytest
 
 from bench.result import bench_code_hash
 from conftest import result_payload
-from harness.backends import BackendError, base
+from harness.backends import BackendError, base, quiet
 from harness.backends.base import GpuSlots, HostBackend, cell_environment, run_process
 from harness.backends.local import CurrentInterpreterBackend
 from harness.gpus import Gpu
@@ -33,7 +33,7 @@ class ScriptBackend(HostBackend):
         self.script, self.broken, self.runs = textwrap.dedent(script), broken, 0
         self.gpus = list(gpus)
 
-    def prepare(self, cell):
+    def prepare(self, cell, progress=quiet):
         if self.broken:
             raise BackendError("building pytorch-cpu failed at 'pip install' (exit 1); see build.log")
 
@@ -190,7 +190,7 @@ def test_one_at_a_time_when_asked_or_without_gpus():
 NOTE_AND_WRITE = WRITE_OK + """
     import os, time
     start = time.time(); time.sleep(1.5)
-    with open(sys.argv[1] + ".ran", "w") as note:
+    with open(sys.argv[4], "w") as note:
         note.write(json.dumps([start, time.time(), os.environ["CUDA_VISIBLE_DEVICES"], sys.argv[3]]))
 """
 
@@ -199,12 +199,13 @@ class NotingBackend(ScriptBackend):
     def run(self, launch):
         self.runs += 1
         argv = [sys.executable, "-c", self.script, str(launch.result_path), launch.cell.id,
-                str(json.loads(launch.request_path.read_text())["cells_at_once"])]
+                str(json.loads(launch.request_path.read_text())["cells_at_once"]),
+                str(launch.folder.root / f"{launch.cell.id}.ran")]  # the staging folder goes with the cell
         return run_process(argv, cell_environment(launch), launch.log_path, launch.timeout_s, launch.interrupted)
 
 
 def notes(folder):
-    return sorted(json.loads(path.read_text()) for path in folder.staging.glob("*.ran"))
+    return sorted(json.loads(path.read_text()) for path in folder.root.glob("*.ran"))
 
 
 @pytest.mark.parametrize("serial", [False, True])
@@ -265,19 +266,20 @@ class BuildingBackend(ScriptBackend):
         super().__init__(WRITE_OK)
         self.lock, self.building, self.most_at_once, self.built = threading.Lock(), 0, 0, []
 
-    def prepare(self, cell):
+    def prepare(self, cell, progress=quiet):
         if cell.framework in self.built:
             return
         with self.lock:
             self.building += 1
             self.most_at_once = max(self.most_at_once, self.building)
+        progress(f"{cell.framework}: step 1/2")
         time.sleep(0.3)
         with self.lock:
             self.building -= 1
             self.built.append(cell.framework)
 
 
-def test_environments_are_prepared_side_by_side_once_each(tmp_path):
+def test_environments_are_prepared_side_by_side_once_each_saying_what_they_do(tmp_path, capsys):
     cells = [Cell(framework, task, "cpu", "auto", "auto", 1, "fp32", Settings(steps=1))
              for task in ("cnn_cifar10", "gru_imdb") for framework in ("pytorch", "jax", "mxnet")]
     backend = BuildingBackend()
@@ -285,6 +287,8 @@ def test_environments_are_prepared_side_by_side_once_each(tmp_path):
     assert [o.status for o in outcomes] == ["ok"] * 6 and backend.runs == 6
     assert sorted(backend.built) == ["jax", "mxnet", "pytorch"]
     assert backend.most_at_once == 3
+    # The progress line names each environment's own step while it is prepared.
+    assert "preparing jax: step 1/2; mxnet: step 1/2; pytorch: step 1/2" in capsys.readouterr().err
 
 
 def test_a_results_folder_is_used_by_one_harness_at_a_time(tmp_path, capsys):

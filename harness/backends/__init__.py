@@ -8,8 +8,8 @@ import importlib
 import pkgutil
 from pathlib import Path
 
-from .base import (BACKENDS, Backend, BackendError, Exit, GpuModel, Inventory, Launch, Placement,
-                   register)
+from .base import (BACKENDS, Backend, BackendError, Exit, GpuModel, Inventory, Launch, Placement, Progress,
+                   quiet, register)
 from .docker import engine_answers
 
 for _module in pkgutil.iter_modules(__path__):
@@ -47,5 +47,5 @@ def options(argv: list[str]) -> argparse.Namespace:
     return parser.parse_known_args(argv)[0]
 
 
-__all__ = ["Backend", "BackendError", "Exit", "GpuModel", "Inventory", "Launch", "Placement", "CHOICES",
-           "add_arguments", "options", "register", "select"]
+__all__ = ["Backend", "BackendError", "Exit", "GpuModel", "Inventory", "Launch", "Placement", "Progress", "CHOICES",
+           "add_arguments", "options", "quiet", "register", "select"]

@@ -19,7 +19,7 @@ from bench.result import write_text_atomic
 
 from ..images import Catalog, Variant, load_catalog
 from ..matrix import Cell
-from .base import BackendError, Exit, HostBackend, Launch, cell_environment, register, run_process
+from .base import BackendError, Exit, HostBackend, Launch, Progress, cell_environment, quiet, register, run_process
 
 # Where a cell's files appear inside its container (as in the docker backend's containers).
 OUT_DIR, WEIGHTS_DIR, DATA_DIR = Path("/dlbench/out"), Path("/dlbench/weights"), Path("/dlbench/data")
@@ -71,7 +71,7 @@ class ApptainerBackend(HostBackend):
                     f"`{self.command} build {found} docker-daemon://<its tag>`")
         return None
 
-    def prepare(self, cell: Cell) -> None:
+    def prepare(self, cell: Cell, progress: Progress = quiet) -> None:
         found = self.sif_path(cell)
         assert isinstance(found, Path), found  # cannot_run() said why before
         if found not in self._image_ids:

@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Mapping
+from typing import TYPE_CHECKING, Callable, ClassVar, Mapping
 
 from bench.precision import check_tensor_cores
 from bench.specs import FRAMEWORK_SPECS, Unsupported
@@ -33,6 +33,14 @@ if TYPE_CHECKING:
 TERMINATE_GRACE_S = 10
 # How often a waiting backend looks whether the run was interrupted.
 POLL_S = 0.5
+
+
+# Told, while an environment is prepared, what is being done now (one short line for people).
+Progress = Callable[[str], None]
+
+
+def quiet(text: str) -> None:
+    """A Progress that tells nobody."""
 
 
 class BackendError(Exception):
@@ -275,8 +283,8 @@ class Backend(ABC):
         return None
 
     @abstractmethod
-    def prepare(self, cell: Cell) -> None:
-        """Make the cell's environment ready (build or reuse it)."""
+    def prepare(self, cell: Cell, progress: Progress = quiet) -> None:
+        """Make the cell's environment ready (build or reuse it), telling ``progress`` what it does."""
 
     @abstractmethod
     def run(self, launch: Launch) -> Exit:

@@ -1,16 +1,20 @@
 """The docker backend: one image per framework variant (images/catalog.yml), built when missing
 and found again by its content tag, and one container per cell.
 
-A cell's container has no network, no privileges and the host user's uid; it sees its result
-folder, the weights file and the data folder as mounts, only its own GPUs (an NVIDIA device
-request by UUID), and the memory, CPU and process limits of the run. It is removed afterwards,
-its output kept as the cell's log.
+A cell's container has no network, no privileges, the host user's uid and a read-only root
+filesystem (scratch and HOME on a tmpfs); it sees its own staging folder (read-write), the
+weights file and the data folder (read-only) and its image's kernel cache as mounts, only its
+own GPUs (an NVIDIA device request by UUID) and, on a GPU cell, the cores NVML puts nearest
+them, under the memory, CPU and process limits of the run and NVIDIA's recommended ulimits for
+framework containers. It is removed afterwards, its output kept as the cell's log. Cells on
+different GPUs run side by side, each container labelled with its run and its cell.
 """
 from __future__ import annotations
 
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -20,19 +24,36 @@ from pathlib import Path
 
 import docker
 import requests
-from docker.errors import APIError, BuildError, DockerException, ImageNotFound
-from docker.types import DeviceRequest, Mount
+from docker.errors import APIError, DockerException, ImageNotFound
+from docker.types import DeviceRequest, Mount, Ulimit
+
+from bench.host import GPU_STAND_IN, compute_device
 
 from ..images import DEFAULT_CPU_BASE_IMAGE, BuildOptions, Catalog, Recipe, Variant, load_catalog, recipe
 from ..matrix import Cell
-from .base import POLL_S, TERMINATE_GRACE_S, BackendError, Exit, HostBackend, Launch, register
+from .base import POLL_S, TERMINATE_GRACE_S, BackendError, Exit, HostBackend, Launch, Progress, quiet, register
 from .local import default_cache_dir
 
-# Containers of this harness carry this label, with the run folder as its value, so that the
-# ones a killed harness left behind can be found and removed.
-RUN_LABEL = "org.dlbench.run"
+# Containers of this harness carry these labels: the run folder, so that the ones a killed
+# harness left behind can be found and removed before the run's first cell, and the cell id.
+RUN_LABEL, CELL_LABEL = "org.dlbench.run", "org.dlbench.cell"
 # Where a cell's files appear inside its container.
 OUT_DIR, WEIGHTS_DIR, DATA_DIR = Path("/dlbench/out"), Path("/dlbench/weights"), Path("/dlbench/data")
+KERNEL_CACHE_DIR = Path("/dlbench/kernel-cache")
+# The engine's line for each Dockerfile instruction it builds: "Step 4/9 : RUN pip install ...".
+BUILD_STEP = re.compile(r"^Step \d+/\d+ : ")
+# What every cell's container is told: no network but the loopback (NCCL, Gloo and Open MPI
+# would look for another interface), and JIT-compiled kernels (CUDA's PTX JIT, CuPy's) kept in
+# the image's kernel cache, so that a cell does not compile them again.
+CONTAINER_ENVIRONMENT = {
+    "HOME": "/tmp", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1",
+    "NCCL_SOCKET_IFNAME": "lo", "GLOO_SOCKET_IFNAME": "lo",
+    "OMPI_MCA_oob_tcp_if_include": "lo", "OMPI_MCA_btl_tcp_if_include": "lo",
+    "CUDA_CACHE_PATH": str(KERNEL_CACHE_DIR / "cuda"), "CUDA_CACHE_MAXSIZE": str(4 << 30),
+    "CUPY_CACHE_DIR": str(KERNEL_CACHE_DIR / "cupy"),
+}
+# NVIDIA's recommended limits for framework containers: pinned memory without a cap, 64 MiB stacks.
+ULIMITS = [Ulimit(name="memlock", soft=-1, hard=-1), Ulimit(name="stack", soft=64 << 20, hard=64 << 20)]
 
 
 @dataclass(frozen=True)
@@ -42,9 +63,13 @@ class ContainerLimits:
     memory: str | None = None  # e.g. "16g"; a cell over it is killed and recorded as out of memory
     cpus: float | None = None
     pids: int | None = 4096
-    # PyTorch's DataLoader workers pass batches, and its data-parallel ranks the
-    # cell's arrays, through /dev/shm: 16 global batches of 224-pixel images on 8 GPUs take 5 GB.
-    shm_size: str = "16g"
+    # PyTorch's DataLoader workers pass batches, and its data-parallel ranks the cell's arrays,
+    # through /dev/shm: 16 global batches of 224-pixel images on 8 GPUs take 5 GB; NCCL's
+    # buffers grow with the devices too.
+    shm_per_device_gb: int = 2
+
+    def shm_size(self, devices: int) -> str:
+        return f"{self.shm_per_device_gb * max(1, devices)}g"
 
 
 @dataclass(frozen=True)
@@ -85,7 +110,10 @@ class DockerBackend(HostBackend):
         self.limits = limits
         self.images_dir = cache_dir / "images"  # build contexts' scratch space and build logs
         self.data_dir = cache_dir / "data"
+        self.kernel_cache_dir = cache_dir / "kernel-cache"  # one folder per image
         self._images: dict[tuple[str, str], Image] = {}
+        self._leftovers_removed: set[str] = set()  # run folders whose leftovers are gone
+        self._leftovers_lock = threading.Lock()
 
     @classmethod
     def add_arguments(cls, parser) -> None:
@@ -119,21 +147,31 @@ class DockerBackend(HostBackend):
                    ContainerLimits(memory=args.memory, cpus=args.cpus))
 
     def cannot_run(self, cell: Cell) -> str | None:
-        found = self.catalog.variant_for(cell.framework, cell.device, cell.cuda)
+        found = self._variant_for(cell)
         return found if isinstance(found, str) else None
 
+    def _variant_for(self, cell: Cell) -> Variant | str:
+        # Under a GPU stand-in (tests of the GPU paths) a GPU cell computes on the CPU, in the CPU image.
+        if compute_device(cell.device) == "cpu":
+            return self.catalog.variant_for(cell.framework, "cpu", "auto")
+        return self.catalog.variant_for(cell.framework, cell.device, cell.cuda)
+
     def _variant(self, cell: Cell) -> Variant:
-        variant = self.catalog.variant_for(cell.framework, cell.device, cell.cuda)
+        variant = self._variant_for(cell)
         assert not isinstance(variant, str), variant  # cannot_run() said why before
         return variant
 
-    def prepare(self, cell: Cell) -> None:
+    def prepare(self, cell: Cell, progress: Progress = quiet) -> None:
         variant = self._variant(cell)
         key = (cell.framework, variant.variant)
         if key not in self._images:  # one recipe (and one hash of its files) per image and run
-            self._images[key] = self.image(recipe(cell.framework, variant, self.options))
+            try:
+                self._images[key] = self.image(recipe(cell.framework, variant, self.options), progress)
+            except (DockerException, requests.RequestException) as error:  # the engine failed or timed out
+                raise BackendError(f"the Docker engine failed while preparing the {cell.framework} "
+                                   f"{variant.variant} image: {type(error).__name__}: {error}") from None
 
-    def image(self, made: Recipe) -> Image:
+    def image(self, made: Recipe, progress: Progress = quiet) -> Image:
         """The recipe's image: found by its tag, or built (once, even by two harnesses)."""
         base = self._base(made.base)
         tag = made.tag(base.id if base else None)
@@ -144,7 +182,7 @@ class DockerBackend(HostBackend):
             try:
                 built = self.client.images.get(tag)
             except ImageNotFound:
-                built = self._build(made, tag, self.images_dir / f"{name}.log")
+                built = self._build(made, tag, self.images_dir / f"{name}.log", progress)
         base = base or self._base(made.base)  # a base the build pulled
         return Image(tag=tag, id=built.id, base=made.base, base_digest=_digest(base))
 
@@ -154,24 +192,36 @@ class DockerBackend(HostBackend):
         except ImageNotFound:
             return None
 
-    def _build(self, made: Recipe, tag: str, log_path: Path):
+    def _build(self, made: Recipe, tag: str, log_path: Path, progress: Progress):
+        """Build the image, its log written to ``log_path`` line by line as the engine sends it,
+        and the build step (or pip's latest line) passed to ``progress``."""
         context = Path(tempfile.mkdtemp(prefix="context-", dir=self.images_dir))
         try:
             made.write_context(context)
             with open(log_path, "w") as log:
                 log.write(f"building {tag} from {made.dockerfile}\n"
                           f"build args: {json.dumps(made.build_args, indent=1)}\n")
+                log.flush()
+                step = ""
                 try:
                     # Offline builds get no network at all; others the host's (the engine
                     # runs without a bridge), for pip to reach its index.
-                    image, lines = self.client.images.build(
-                        path=str(context), dockerfile=made.dockerfile, tag=tag, buildargs=made.build_args,
-                        labels=made.labels, network_mode="none" if self.options.offline else "host",
-                        rm=True, forcerm=True)
-                    _write_build_log(log, lines)
-                except BuildError as error:
-                    _write_build_log(log, error.build_log)
-                    raise BackendError(f"building {tag} failed: {error.msg.strip()}; see {log_path}") from None
+                    for chunk in self.client.api.build(
+                            path=str(context), dockerfile=made.dockerfile, tag=tag, buildargs=made.build_args,
+                            labels=made.labels, network_mode="none" if self.options.offline else "host",
+                            rm=True, forcerm=True, decode=True):
+                        if "error" in chunk:
+                            log.write(f"{chunk['error'].rstrip()}\n")
+                            raise BackendError(f"building {tag} failed: {chunk['error'].strip()}; see {log_path}")
+                        text = chunk.get("stream") or chunk.get("status") or ""
+                        if text.strip():
+                            log.write(text if text.endswith("\n") else text + "\n")
+                            log.flush()
+                            line = text.strip().splitlines()[-1]
+                            if BUILD_STEP.match(line):
+                                step, line = line, ""
+                            progress(f"building {made.framework} {made.variant.variant} image, "
+                                     f"{step[:60]}{': ' + line[:60] if line else ''}")
                 except APIError as error:
                     log.write(f"{error}\n")
                     hint = ""
@@ -180,35 +230,46 @@ class DockerBackend(HostBackend):
                                 f"load it, or make one with scripts/make-base-image.sh and pass --base-image)")
                     raise BackendError(f"building {tag} failed: {error.explanation}{hint}; "
                                        f"see {log_path}") from None
-            return image
+            return self.client.images.get(tag)
         finally:
             shutil.rmtree(context, ignore_errors=True)
 
     def run(self, launch: Launch) -> Exit:
         image = self._images[(launch.cell.framework, self._variant(launch.cell).variant)]
+        # The cell's own staging folder, read-write: its request and its result, nobody else's.
         mounts = [Mount(str(OUT_DIR), str(launch.result_path.parent), type="bind")]
         weights = data = None
         if launch.weights:
             weights = WEIGHTS_DIR / launch.weights.name
             mounts.append(Mount(str(WEIGHTS_DIR), str(launch.weights.parent), type="bind", read_only=True))
         if launch.cell.settings.data == "real":
-            # The data set must be on the host already: the container has no network.
+            # The data set must be on the host already, extracted: the container has no network
+            # and cannot write there.
             host_data = launch.data_dir or self.data_dir
             host_data.mkdir(parents=True, exist_ok=True)
             data = DATA_DIR
-            mounts.append(Mount(str(DATA_DIR), str(host_data), type="bind"))
+            mounts.append(Mount(str(DATA_DIR), str(host_data), type="bind", read_only=True))
+        kernel_cache = self.kernel_cache_dir / image.id.split(":")[-1][:16]
+        kernel_cache.mkdir(parents=True, exist_ok=True)
+        mounts.append(Mount(str(KERNEL_CACHE_DIR), str(kernel_cache), type="bind"))
         argv = launch.bench_command("python", launch.bench_args(OUT_DIR / launch.result_path.name, weights, data))
-        run_label = str(launch.result_path.parent)
+        run_label = str(launch.folder.root if launch.folder else launch.result_path.parent)
         self.remove_leftovers(run_label)
+        near_cpus = sorted({core for gpu in launch.gpus for core in gpu.near_cpus})
         container = self.client.containers.create(
-            image.id, argv, detach=True, labels={RUN_LABEL: run_label}, mounts=mounts,
+            image.id, argv, detach=True, labels={RUN_LABEL: run_label, CELL_LABEL: launch.cell.id},
+            mounts=mounts, read_only=True,
+            # exec: torch.compile and XLA load the kernels they build there.
+            tmpfs={"/tmp": "rw,exec,nosuid,nodev"},
             network_mode="none", user=f"{os.getuid()}:{os.getgid()}",
-            environment={"HOME": "/tmp", "PYTHONUNBUFFERED": "1",
-                         "DLBENCH_IMAGE": json.dumps(image.facts())},
+            environment={**CONTAINER_ENVIRONMENT, "DLBENCH_IMAGE": json.dumps(image.facts()),
+                         **{name: os.environ[name] for name in (GPU_STAND_IN,) if name in os.environ}},
             security_opt=["no-new-privileges"], cap_drop=["ALL"],
             mem_limit=self.limits.memory, memswap_limit=self.limits.memory,
             nano_cpus=int(self.limits.cpus * 1e9) if self.limits.cpus else None,
-            pids_limit=self.limits.pids, shm_size=self.limits.shm_size,
+            # A pinned set, not only a quota, so that thread pools size themselves to it.
+            cpuset_cpus=",".join(map(str, near_cpus)) or None,
+            pids_limit=self.limits.pids, shm_size=self.limits.shm_size(launch.cell.devices), ulimits=ULIMITS,
             device_requests=_gpu_request(launch))
         try:
             container.start()
@@ -226,9 +287,14 @@ class DockerBackend(HostBackend):
             container.remove(force=True)
 
     def remove_leftovers(self, run_label: str) -> None:
-        """Remove this run's containers that a killed harness left running."""
-        for container in self.client.containers.list(all=True, filters={"label": f"{RUN_LABEL}={run_label}"}):
-            container.remove(force=True)
+        """Once per run, before its first cell: remove the run's containers that a killed
+        harness left running (never one of this harness's, which run side by side)."""
+        with self._leftovers_lock:
+            if run_label in self._leftovers_removed:
+                return
+            for container in self.client.containers.list(all=True, filters={"label": f"{RUN_LABEL}={run_label}"}):
+                container.remove(force=True)
+            self._leftovers_removed.add(run_label)
 
 
 def _wait(container, deadline: float, interrupted: threading.Event) -> dict | None:
@@ -247,7 +313,7 @@ def _wait(container, deadline: float, interrupted: threading.Event) -> dict | No
 
 def _gpu_request(launch: Launch) -> list[DeviceRequest]:
     """The cell's GPUs by UUID (the NVIDIA container toolkit exposes just those), or none."""
-    if not launch.gpus:
+    if not launch.gpus or compute_device(launch.cell.device) == "cpu":  # none, or stand-ins
         return []
     return [DeviceRequest(driver="nvidia", device_ids=[gpu.uuid for gpu in launch.gpus], capabilities=[["gpu"]])]
 
@@ -257,13 +323,6 @@ def _digest(base) -> str | None:
         return None
     digests = base.attrs.get("RepoDigests") or []
     return digests[0] if digests else base.id
-
-
-def _write_build_log(log, lines) -> None:
-    for line in lines:
-        text = line.get("stream") or line.get("error") or line.get("status")
-        if text:
-            log.write(text if text.endswith("\n") else text + "\n")
 
 
 def _keep_log(container, launch: Launch) -> None:

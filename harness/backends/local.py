@@ -15,8 +15,8 @@ from bench.host import compute_device
 from bench.specs import FRAMEWORK_SPECS
 
 from ..matrix import Cell
-from .base import (BackendError, Exit, HostBackend, Launch, build_constraints_file, cell_environment, register,
-                   requirements_file, run_process)
+from .base import (BackendError, Exit, HostBackend, Launch, Progress, build_constraints_file, cell_environment,
+                   quiet, register, requirements_file, run_process)
 
 
 def local_skip_reason(cell: Cell, backend: str) -> str | None:
@@ -69,10 +69,10 @@ class VirtualenvBackend(HostBackend):
     def cannot_run(self, cell: Cell) -> str | None:
         return local_skip_reason(cell, self.name)
 
-    def prepare(self, cell: Cell) -> None:
-        self.prepare_environment(cell.framework, compute_device(cell.device))
+    def prepare(self, cell: Cell, progress: Progress = quiet) -> None:
+        self.prepare_environment(cell.framework, compute_device(cell.device), progress)
 
-    def prepare_environment(self, framework: str, device: str) -> None:
+    def prepare_environment(self, framework: str, device: str, progress: Progress = quiet) -> None:
         if (framework, device) in self._ready:
             return
         path = self.environment_path(framework, device)
@@ -82,11 +82,11 @@ class VirtualenvBackend(HostBackend):
         with open(path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not complete.is_file():
-                self._build(path, requirements_file(framework, device), build_constraints_file(framework))
+                self._build(path, requirements_file(framework, device), build_constraints_file(framework), progress)
                 complete.touch()
         self._ready[(framework, device)] = path
 
-    def _build(self, path: Path, requirements: Path, build_constraints: Path | None) -> None:
+    def _build(self, path: Path, requirements: Path, build_constraints: Path | None, progress: Progress) -> None:
         # A half-built environment (a killed earlier build) has no .complete marker: start over.
         shutil.rmtree(path, ignore_errors=True)
         log_path = path.with_suffix(".log")
@@ -102,6 +102,7 @@ class VirtualenvBackend(HostBackend):
             env["PIP_CONSTRAINT"] = str(build_constraints)
         with open(log_path, "w") as log:
             for step in steps:
+                progress(f"building {path.name}: {' '.join(step[-3:])} (log: {log_path})")
                 log.write(f"$ {' '.join(step)}\n")
                 log.flush()
                 done = subprocess.run(step, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
@@ -126,7 +127,7 @@ class CurrentInterpreterBackend(HostBackend):
     def cannot_run(self, cell: Cell) -> str | None:
         return local_skip_reason(cell, self.name)
 
-    def prepare(self, cell: Cell) -> None:
+    def prepare(self, cell: Cell, progress: Progress = quiet) -> None:
         pass
 
     def run(self, launch: Launch) -> Exit:

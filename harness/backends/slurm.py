@@ -43,7 +43,7 @@ from bench.result import write_json_atomic
 
 from ..matrix import Cell, MatrixError
 from .base import (BACKENDS, REPO_ROOT, Backend, BackendError, Exit, GpuModel, Inventory, Launch, Placement,
-                   register)
+                   Progress, quiet, register)
 
 # States a job does not leave by itself; any other state is still on its way.
 # LOST is the harness's own word for a job the cluster has forgotten.
@@ -357,10 +357,10 @@ class SlurmBackend(Backend):
     def cannot_run(self, cell: Cell) -> str | None:
         return self.runtime.cannot_run(cell)
 
-    def prepare(self, cell: Cell) -> None:
+    def prepare(self, cell: Cell, progress: Progress = quiet) -> None:
         """The runtime's environment, made on this host before any job is submitted: a virtual
         environment under the shared cache folder, an image on the engine the nodes use."""
-        self.runtime.prepare(cell)
+        self.runtime.prepare(cell, progress)
 
     # Jobs.
 
