@@ -234,12 +234,24 @@ class Result:
             self.metrics.tflops_per_s = self.metrics.throughput_per_s * self.model.flops_per_example / 1e12
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# The mode of a new file under this process's umask (mkstemp's own 0600 would hide results
+# from the rest of a team sharing a filesystem). Read once, at import, before any thread starts.
+FILE_MODE = 0o666 & ~_umask()
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a file so that readers see either the old file or the complete new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".{}.".format(path.name), suffix=".tmp", dir=str(path.parent))
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import json
+import stat
+import subprocess
+import sys
 
 import pytest
 
 from bench.result import Summary, write_json_atomic
+from conftest import REPO
 from harness.results import schema_problem
 
 
@@ -33,6 +37,16 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         write_json_atomic(target, {"a": object()})
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["cell.json"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_written_files_are_as_readable_as_the_umask_allows(tmp_path, umask, mode):
+    # Results are shared on team filesystems: not mkstemp's 0600.
+    target = tmp_path / "cell.json"
+    write = f"from bench.result import write_text_atomic; write_text_atomic({str(target)!r}, '{{}}')"
+    subprocess.run(["sh", "-c", f"umask {umask:03o} && exec \"$0\" -c \"$1\"", sys.executable, write],
+                   cwd=REPO, check=True)
+    assert stat.S_IMODE(target.stat().st_mode) == mode
 
 
 def test_schema_requires_an_error_text_for_cells_that_are_not_ok(make_result):
