@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from ruamel.yaml import YAML
 
+from bench.result import bench_code_hash
 from conftest import BASE_IMAGE, CACHE, REPO, docker_options, write_matrix
 from harness.backends.docker import DockerBackend
 from harness.gpus import Gpu
@@ -127,15 +129,23 @@ def test_a_container_has_no_network(engine, wheelhouse, certificate, tmp_path):
         "Name or service not known" in log, log[-2000:]
 
 
-def test_compose_file_is_valid_for_the_compose_tool(engine):
-    done = subprocess.run(["docker-compose", "--file", str(REPO / "docker-compose.yml"), "config", "--services"],
-                          capture_output=True, text=True, cwd=REPO)
-    assert done.returncode == 0, done.stderr
-    services = done.stdout.split()
-    assert "pytorch" in services and "cntk" in services
-    with_gpus = subprocess.run(["docker-compose", "--file", str(REPO / "docker-compose.yml"), "--profile", "gpu",
-                                "config"], capture_output=True, text=True, cwd=REPO, check=True).stdout
-    assert "pytorch-gpu" in with_gpus and "capabilities:" in with_gpus
+def test_compose_file_is_valid_for_the_compose_tool_and_hardened_as_the_harness_containers(engine):
+    def config(*options: str) -> dict:
+        done = subprocess.run(["bash", str(REPO / "scripts" / "compose.sh"), *options, "config"],
+                              capture_output=True, text=True, cwd=REPO, env={**os.environ, "DLBENCH_GPUS": "1,2"})
+        assert done.returncode == 0, done.stderr
+        return YAML(typ="safe").load(done.stdout)["services"]
+
+    services = config()
+    assert "pytorch" in services and "cntk" in services and "pytorch-gpu" not in services
+    gpu = config("--profile", "gpu")["pytorch-gpu"]
+    (devices,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices["device_ids"] == ["1,2"] and devices["capabilities"] == ["gpu"]
+    for service in (services["pytorch"], gpu):
+        assert service["build"]["args"]["BENCH_HASH"] == bench_code_hash()
+        assert service["user"] == f"{os.getuid()}:{os.getgid()}" and service["read_only"] is True
+        assert service["network_mode"] == "none" and service["cap_drop"] == ["ALL"]
+        assert service["ulimits"]["memlock"] == -1 and service["environment"]["NCCL_SOCKET_IFNAME"] == "lo"
 
 
 def test_the_engine_decides_the_automatic_backend(engine, tmp_path):
