@@ -47,6 +47,35 @@ def detect_gpus(nvml: ModuleType | None = None) -> list[Gpu]:
         nvml.nvmlShutdown()
 
 
+@dataclass(frozen=True)
+class Driver:
+    version: str  # "535.104.05"
+    cuda: str | None  # the newest CUDA it supports, "12.2"; None where NVML does not say
+
+
+def detect_driver(nvml: ModuleType | None = None) -> Driver | None:
+    """The host's NVIDIA driver through NVML, or None without one."""
+    if nvml is None:
+        try:
+            import pynvml as nvml
+        except ImportError:
+            return None
+    try:
+        nvml.nvmlInit()
+    except nvml.NVMLError:
+        return None
+    try:
+        version = _text(nvml.nvmlSystemGetDriverVersion())
+        try:
+            number = int(nvml.nvmlSystemGetCudaDriverVersion())  # 12020 for CUDA 12.2
+            cuda = f"{number // 1000}.{number % 1000 // 10}"
+        except nvml.NVMLError:
+            cuda = None
+        return Driver(version, cuda)
+    finally:
+        nvml.nvmlShutdown()
+
+
 def _compute_capability(nvml: ModuleType, handle: object) -> str | None:
     try:
         return "{}.{}".format(*nvml.nvmlDeviceGetCudaComputeCapability(handle))

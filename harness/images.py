@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,36 @@ LABEL = "org.dlbench"
 FrameworkName = Literal[FRAMEWORKS]  # type: ignore[valid-type]  # each Keras backend is its own image
 
 
+def version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+@dataclass(frozen=True)
+class GpuHost:
+    """What decides whether a GPU image runs on a host: its NVIDIA driver (version, and the
+    newest CUDA it supports) and the GPU's compute capability; None where it cannot be told
+    (a cluster's nodes, an old NVML), which passes every check."""
+
+    driver: str | None = None  # "535.104.05"
+    driver_cuda: str | None = None  # "12.2"
+    compute_capability: str | None = None  # "9.0"
+
+    def describe(self) -> str:
+        parts = [f"driver {self.driver} (CUDA {self.driver_cuda})" if self.driver else None,
+                 f"compute capability {self.compute_capability}" if self.compute_capability else None]
+        return ", ".join(part for part in parts if part) or "an unknown driver and GPU"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The variant a cell runs in, and why: ``jit`` when the GPU is newer than every
+    architecture the build has code for and the driver compiles its PTX at start-up."""
+
+    variant: "Variant"
+    why: str
+    jit: bool = False
+
+
 class Variant(BaseModel):
     """One buildable image of a framework."""
 
@@ -48,12 +79,45 @@ class Variant(BaseModel):
     index: Optional[str] = None  # an extra package index for this variant's wheels
     # Debian/Ubuntu packages the framework's libraries link beyond the base image.
     system_packages: tuple[str, ...] = Field((), strict=False)  # a YAML list
+    # GPU variants: the oldest driver that runs this CUDA build (NVIDIA's minor-version
+    # compatibility), the compute capabilities the framework's build has native code (SASS)
+    # for, and the newest one it carries PTX for, which a driver of the build's CUDA version
+    # or newer compiles for newer GPUs. `harness/catalog.py archs` reads them from the images.
+    min_driver: Optional[str] = Field(None, pattern=r"^\d+(\.\d+)*$")
+    archs: tuple[str, ...] = Field((), strict=False)
+    ptx: Optional[str] = Field(None, pattern=r"^\d+\.\d+$")
 
     @model_validator(mode="after")
     def _cuda_for_gpu_only(self) -> "Variant":
         if (self.device == "gpu") != (self.cuda is not None):
             raise ValueError("a gpu variant names its cuda version and a cpu variant none")
+        if self.device == "gpu" and (self.min_driver is None or not self.archs):
+            raise ValueError("a gpu variant names its min_driver and its archs (compute capabilities)")
+        for arch in self.archs:
+            if not re.fullmatch(r"\d+\.\d+", arch):
+                raise ValueError(f"archs: {arch!r} is not a compute capability such as 8.0")
         return self
+
+    def fit(self, host: GpuHost) -> Choice | str:
+        """Whether this GPU variant runs on ``host``: natively, through the driver's PTX JIT,
+        or not (the reason)."""
+        assert self.cuda is not None and self.min_driver is not None
+        if host.driver and version_tuple(host.driver) < version_tuple(self.min_driver):
+            return f"the {self.variant} image needs driver {self.min_driver} or newer (this host has {host.driver})"
+        capability = host.compute_capability
+        if capability is None:
+            return Choice(self, "the driver runs it")
+        major, minor = version_tuple(capability)
+        # SASS runs on its own major architecture, at its minor revision or a later one.
+        if any(version_tuple(arch)[0] == major and version_tuple(arch)[1] <= minor for arch in self.archs):
+            return Choice(self, f"native code for compute capability {capability}")
+        built = f"built for compute capability {', '.join(self.archs)}" + (f" with PTX {self.ptx}" if self.ptx else "")
+        if self.ptx and version_tuple(capability) >= version_tuple(self.ptx):
+            if host.driver_cuda and version_tuple(host.driver_cuda) < version_tuple(self.cuda):
+                return (f"the {self.variant} image is {built}; a {capability} GPU needs its PTX compiled by a "
+                        f"driver for CUDA {self.cuda} or newer (this host's is for CUDA {host.driver_cuda})")
+            return Choice(self, f"{built}: its PTX compiled for {capability} by the driver at start-up", jit=True)
+        return f"the {self.variant} image is {built}; the GPU is {capability}"
 
 
 class Catalog(BaseModel):
@@ -74,21 +138,31 @@ class Catalog(BaseModel):
                 raise ValueError(f"{name}: no cpu variant; add one")
         return self
 
-    def variant_for(self, framework: str, device: str, cuda: str) -> Variant | str:
+    def variant_for(self, framework: str, device: str, cuda: str, host: GpuHost = GpuHost()) -> Choice | str:
         """The variant a cell runs in, or why there is none: a CPU cell takes the CPU variant;
-        a GPU cell the variant of its CUDA version, ``auto`` the first GPU variant listed."""
+        a GPU cell the variant of its CUDA version, ``auto`` the newest CUDA build that
+        ``host``'s driver runs with native code for its GPU, else the newest it runs through
+        PTX JIT."""
         variants = [v for v in self.frameworks[framework] if v.device == device]
         if device == "cpu":
-            return variants[0]
+            return Choice(variants[0], "the CPU image")
         if not variants:
             return f"images/catalog.yml has no GPU image of {framework}"
-        if cuda == "auto":
-            return variants[0]
-        for variant in variants:
-            if variant.cuda == cuda:
-                return variant
-        offered = ", ".join(v.cuda for v in variants)
-        return f"no {framework} release in images/catalog.yml is built for CUDA {cuda} (it has {offered})"
+        if cuda != "auto":
+            chosen = [v for v in variants if v.cuda == cuda]
+            if not chosen:
+                offered = ", ".join(v.cuda for v in variants)
+                return f"no {framework} release in images/catalog.yml is built for CUDA {cuda} (it has {offered})"
+            return chosen[0].fit(host)
+        fits = [variant.fit(host) for variant in sorted(variants, key=lambda v: version_tuple(v.cuda), reverse=True)]
+        choices = [fit for fit in fits if isinstance(fit, Choice)]
+        if not choices:
+            return f"no {framework} GPU image runs on {host.describe()}: " + "; ".join(fits)
+        best = next((choice for choice in choices if not choice.jit), choices[0])
+        newer = [f"the {fit.variant.variant} image would need PTX JIT" if isinstance(fit, Choice) else fit
+                 for fit in fits[:fits.index(best)]]
+        return Choice(best.variant, best.why + (f" (newer builds passed over: {'; '.join(newer)})" if newer else ""),
+                      best.jit)
 
 
 def load_catalog(path: Path = CATALOG_PATH) -> Catalog:

@@ -36,6 +36,7 @@ class ResultRow:
     framework_version: str | None
     python: str | None
     image: str | None  # the image's tag, where it ran in one
+    ptx_jit: bool  # its image had no native code for the GPU: the driver compiled its PTX
     bench_hash: str | None
     math_modes: str  # in a few words: "bfloat16 compute, TF32 off, XLA"
     cells_at_once: int
@@ -54,7 +55,8 @@ class ResultRow:
             gpu_driver=gpu.get("driver"), cpu_model=env.get("cpu_model"), cpu_cores=env.get("cpu_cores"),
             cuda=env.get("cuda"), cudnn=env.get("cudnn"),
             framework_version=env.get("framework_version"), python=env.get("python"),
-            image=(env.get("image") or {}).get("tag"), bench_hash=env.get("bench_hash"),
+            image=(env.get("image") or {}).get("tag"), ptx_jit=(env.get("image") or {}).get("gpu_code") == "ptx-jit",
+            bench_hash=env.get("bench_hash"),
             math_modes=describe_math_modes(env.get("math_modes")), cells_at_once=env.get("cells_at_once", 1),
             finished_utc=env.get("finished_utc", ""), headline=headline_time(result),
             peak_tflops_per_s=load_peaks().peak(gpu["name"], result.cell.precision) if gpu.get("name") else None)

@@ -44,14 +44,22 @@ def default_results_dir(matrix_path: Path) -> Path:
 
 
 def print_plan(cells: list[Cell], folder: RunFolder, backend: backends.Backend, expanded: int) -> None:
-    rows = []
+    rows, environments = [], {}
     for cell in cells:
         reason = backend.skip_reason(cell)
         plan = f"skip: {reason}" if reason else ("done" if is_done(folder.result_path(cell.id)) else "run")
+        environment = None if reason else backend.environment_of(cell)
+        if environment:
+            environments[f"{cell.framework} on {cell.gpu}, cuda {cell.cuda}"] = environment
+            plan += f" ({environment.split(':')[0]})"
         s = cell.settings
         rows.append([getattr(cell, axis) for axis in AXES]
                     + [s.mode, s.data, cell.batch_size, "×".join(map(str, cell.input_shape)), plan])
     print(tabulate(rows, headers=[*AXES, "mode", "data", "batch", "input", "plan"]))
+    if environments:
+        print("\nwhere the GPU cells run:")
+        for cells_of, environment in environments.items():
+            print(f"  {cells_of}: {environment}")
     ceilings = sum(cell.task == GEMM_CEILING.name for cell in cells)
     selected = f" (of {expanded}, chosen by --only)" if expanded != len(cells) - ceilings else ""
     with_ceilings = f" and {ceilings} matrix-multiply ceiling{'s' if ceilings > 1 else ''}" if ceilings else ""

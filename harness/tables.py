@@ -113,6 +113,7 @@ def results_frame(results: list[Result]) -> pd.DataFrame:
             "score_name": "acc" if metrics and metrics.test_accuracy else "ROC-AUC",
             "cuda": row.cuda, "cudnn": row.cudnn, "framework_version": row.framework_version,
             "launcher": row.launcher, "bench_hash": row.bench_hash, "cells_at_once": row.cells_at_once,
+            "ptx_jit": row.ptx_jit,
             "host": row.host,
             "published_year": row.published.year if row.published else None,
             "published_data": cell.data,  # the data the numbers were published for
@@ -320,7 +321,8 @@ def with_published(fresh: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame
 def annotate(group: pd.DataFrame, labels: dict, item: str) -> tuple[pd.Series, list[str]]:
     """Annotate: each row's text (median, spread, rate) with its marks, and the table's notes:
     cells that did not run, † a parameter count other than the task's, ⚠ unstable timings,
-    ‡ a host shared with other cells, and the hosts when results come from several."""
+    ‡ a host shared with other cells, § GPU code compiled from PTX by the driver, and the
+    hosts when results come from several."""
     notes: list[str] = []
     display = group.apply(lambda row: _format(row, item), axis=1)
     for index, row in group.iterrows():
@@ -348,6 +350,10 @@ def annotate(group: pd.DataFrame, labels: dict, item: str) -> tuple[pd.Series, l
             notes.append(f"‡ {row.row}, {where}: ran with up to {int(row.cells_at_once)} cells at once on its "
                          f"host, one per GPU, sharing its CPUs (--serial runs one at a time)")
             display[index] += " ‡"
+        if row.ptx_jit:
+            notes.append(f"§ {row.row}, {where}: its image has no native code for this GPU; the driver "
+                         f"compiled the build's PTX when the cell started (in its time to the first step)")
+            display[index] += " §"
     ran = group[(group["status"] == "ok") & group["host"].notna()]
     if ran["host"].nunique() > 1:  # results of a cluster's nodes, or of several hosts merged
         notes.append("ran on " + "; ".join(f"{labels[key]}: {', '.join(sorted(set(hosts)))}"

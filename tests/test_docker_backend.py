@@ -16,7 +16,7 @@ from docker.errors import ImageNotFound
 
 from harness.backends.base import BackendError, Launch
 from harness.backends.docker import DockerBackend
-from harness.gpus import Gpu
+from harness.gpus import Driver, Gpu
 from harness.matrix import Cell, Settings
 from harness.results import RunFolder
 
@@ -226,3 +226,50 @@ def test_a_failed_build_or_an_engine_error_fails_the_image_with_its_reason(tmp_p
     with pytest.raises(BackendError, match="the Docker engine failed while preparing the pytorch cpu image: "
                                            "ReadTimeout: Read timed out"):
         backend(tmp_path, client).prepare(launch(tmp_path).cell)
+
+
+STAND_IN_HOST = [Gpu(0, "GPU-v100", "Tesla V100-SXM2-16GB", 16 << 30, "7.0"),
+                 Gpu(1, "GPU-a100", "NVIDIA A100-SXM4-80GB", 80 << 30, "8.0"),
+                 Gpu(2, "GPU-h100", "NVIDIA H100 80GB HBM3", 80 << 30, "9.0")]
+
+
+@pytest.mark.parametrize("framework, gpu, expected", [
+    ("pytorch", "V100", "cuda12.6"), ("pytorch", "A100", "cuda12.8"), ("pytorch", "H100", "cuda12.8"),
+    ("tensorflow", "V100", "cuda12.5"), ("tensorflow", "H100", "skip: no tensorflow GPU image runs"),
+    ("keras-torch", "A100", "skip: no keras-torch GPU image runs"),
+    ("mxnet", "H100", "cuda11.7 PTX JIT"), ("chainer", "H100", "cuda12.2"), ("jax", "V100", "cuda12.8"),
+    ("cntk", "V100", "cuda10.0"), ("cntk", "A100", "skip: no cntk GPU image runs")])
+def test_a_host_with_an_r535_driver_and_three_gpu_generations_gets_the_right_image_for_each(
+        tmp_path, framework, gpu, expected):
+    made = backend(tmp_path, FakeClient())
+    made.gpus, made.driver = STAND_IN_HOST, Driver("535.104.05", "12.2")
+    cell = Cell(framework, "cnn_cifar10", gpu, "auto", "auto", 1, "fp32", Settings())
+    skipped = made.skip_reason(cell)
+    if expected.startswith("skip: "):
+        assert skipped and skipped.startswith(expected[len("skip: "):]), skipped
+        return
+    assert skipped is None, skipped
+    variant, *jit = expected.split(" ", 1)
+    assert made.environment_of(cell).startswith(f"{variant} image: ")
+    made.prepare(cell)
+    host_gpu = next(g for g in STAND_IN_HOST if gpu in g.name)
+    made.run(Launch(cell, tmp_path / "s" / "c.request.json", tmp_path / "s" / "c.json", tmp_path / "c.log", 60,
+                    [host_gpu]))
+    image = json.loads(made.client.created[-1].kwargs["environment"]["DLBENCH_IMAGE"])
+    assert image["gpu_code"] == ("ptx-jit" if jit else "native") and image["tag"].startswith(f"dlbench/{framework}:{variant}-")
+    assert image["chosen_because"] == made.environment_of(cell).split(": ", 1)[1]
+
+
+def test_the_dry_run_says_which_image_each_gpu_cell_gets_and_why(tmp_path, capsys):
+    from harness.run_matrix import print_plan
+
+    made = backend(tmp_path, FakeClient())
+    made.gpus, made.driver = STAND_IN_HOST, Driver("535.104.05", "12.2")
+    cells = [Cell("pytorch", "cnn_cifar10", gpu, "auto", "auto", 1, "fp32", Settings()) for gpu in ("V100", "H100")]
+    print_plan(cells, RunFolder(tmp_path / "run"), made, len(cells))
+    shown = capsys.readouterr().out
+    assert "run (cuda12.6 image)" in shown and "run (cuda12.8 image)" in shown
+    assert ("pytorch on V100, cuda auto: cuda12.6 image: native code for compute capability 7.0 (newer builds "
+            "passed over: the cuda13.0 image needs driver 580.65.06 or newer (this host has 535.104.05); the "
+            "cuda12.8 image is built for compute capability 7.5, 8.0, 8.6, 9.0, 10.0, 12.0 with PTX 12.0; "
+            "the GPU is 7.0)") in shown

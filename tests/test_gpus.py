@@ -8,7 +8,7 @@ import pytest
 
 from bench.environment import gpu_info
 from harness.backends.local import VirtualenvBackend
-from harness.gpus import Gpu, detect_gpus, names_model
+from harness.gpus import Driver, Gpu, detect_driver, detect_gpus, names_model
 from harness.matrix import Cell, Settings
 
 
@@ -48,6 +48,9 @@ class FakeNvml(types.SimpleNamespace):
 
     def nvmlSystemGetDriverVersion(self):
         return "580.65.06"
+
+    def nvmlSystemGetCudaDriverVersion(self):
+        return 13000
 
     NVML_CLOCK_SM, NVML_CLOCK_MEM = 1, 2
 
@@ -90,6 +93,12 @@ def test_detect_gpus_lists_every_device():
 
 def test_no_driver_means_no_gpus():
     assert detect_gpus(FakeNvml(DEVICES, fail_init=True)) == []
+    assert detect_driver(FakeNvml(DEVICES, fail_init=True)) is None
+
+
+def test_the_driver_says_its_version_and_the_newest_cuda_it_runs():
+    nvml = FakeNvml(DEVICES)
+    assert detect_driver(nvml) == Driver("580.65.06", "13.0") and nvml.shutdowns == 1
 
 
 @pytest.mark.parametrize("requested, expected", [

@@ -32,11 +32,48 @@ def test_the_cuda_builds_each_framework_offers(framework, cudas):
 
 
 def test_a_cell_gets_the_variant_of_its_device_and_cuda_version():
-    assert CATALOG.variant_for("pytorch", "cpu", "auto").variant == "cpu"
-    assert CATALOG.variant_for("pytorch", "gpu", "auto").variant == "cuda13.0"  # the first listed
-    assert CATALOG.variant_for("pytorch", "gpu", "11.8").requirements == "requirements-cu118.txt"
+    assert CATALOG.variant_for("pytorch", "cpu", "auto").variant.variant == "cpu"
+    assert CATALOG.variant_for("pytorch", "gpu", "auto").variant.variant == "cuda13.0"  # the newest, host unknown
+    assert CATALOG.variant_for("pytorch", "gpu", "11.8").variant.requirements == "requirements-cu118.txt"
     assert CATALOG.variant_for("mxnet", "gpu", "12.4") == (
         "no mxnet release in images/catalog.yml is built for CUDA 12.4 (it has 11.7, 11.2)")
+
+
+R535 = dict(driver="535.104.05", driver_cuda="12.2")  # a driver for CUDA 12.2: no CUDA 13 build runs
+V100, A100, H100 = "7.0", "8.0", "9.0"
+
+
+@pytest.mark.parametrize("framework, capability, variant, jit", [
+    # CUDA 13.0 needs R580; the CUDA 12.8 build dropped Volta, so a V100 gets CUDA 12.6.
+    ("pytorch", V100, "cuda12.6", False), ("pytorch", A100, "cuda12.8", False), ("pytorch", H100, "cuda12.8", False),
+    ("tensorflow", A100, "cuda12.5", False), ("jax", H100, "cuda12.8", False), ("chainer", H100, "cuda12.2", False),
+    # MXNet's newest build has code up to sm_86 and PTX an R535 driver compiles for Hopper.
+    ("mxnet", A100, "cuda11.7", False), ("mxnet", H100, "cuda11.7", True), ("cntk", V100, "cuda10.0", False)])
+def test_cuda_auto_takes_the_newest_build_the_driver_runs_with_code_for_the_gpu(framework, capability, variant, jit):
+    choice = CATALOG.variant_for(framework, "gpu", "auto", images.GpuHost(**R535, compute_capability=capability))
+    assert isinstance(choice, images.Choice), choice
+    assert (choice.variant.variant, choice.jit) == (variant, jit), choice.why
+
+
+def test_the_reasons_a_gpu_cell_cannot_run_on_this_host_are_given():
+    def why(framework, capability, cuda="auto"):
+        return CATALOG.variant_for(framework, "gpu", cuda, images.GpuHost(**R535, compute_capability=capability))
+
+    assert why("pytorch", H100).why.startswith("native code for compute capability 9.0 (newer builds passed over: "
+                                               "the cuda13.0 image needs driver 580.65.06 or newer")
+    assert why("pytorch", H100, cuda="13.0") == ("the cuda13.0 image needs driver 580.65.06 or newer "
+                                                 "(this host has 535.104.05)")
+    assert why("cntk", H100) == ("no cntk GPU image runs on driver 535.104.05 (CUDA 12.2), compute capability 9.0: "
+                                 "the cuda10.0 image is built for compute capability 3.0, 3.5, 3.7, 5.0, 5.2, 6.0, "
+                                 "6.1, 7.0; the GPU is 9.0")
+    # Hopper runs TensorFlow's PTX only through a driver as new as its CUDA 12.5.
+    assert "needs its PTX compiled by a driver for CUDA 12.5 or newer (this host's is for CUDA 12.2)" in \
+        why("tensorflow", H100)
+    newer = images.GpuHost("580.65.06", "13.0", H100)
+    assert CATALOG.variant_for("tensorflow", "gpu", "auto", newer).jit
+    assert CATALOG.variant_for("pytorch", "gpu", "auto", newer).variant.variant == "cuda13.0"
+    # Sm_86 code runs on an sm_89 GPU (same major architecture, a later revision), not on sm_80.
+    assert not CATALOG.variant_for("mxnet", "gpu", "11.7", images.GpuHost(**R535, compute_capability="8.9")).jit
 
 
 def test_every_variant_can_run_the_bench_on_its_python():
@@ -87,7 +124,7 @@ def test_a_catalog_naming_a_missing_requirement_file(tmp_path):
 
 
 def pytorch_cpu(options=BuildOptions()):
-    return recipe("pytorch", CATALOG.variant_for("pytorch", "cpu", "auto"), options)
+    return recipe("pytorch", CATALOG.variant_for("pytorch", "cpu", "auto").variant, options)
 
 
 def copied_paths(dockerfile: str, build_args: dict[str, str]) -> list[tuple[str, bool]]:
@@ -103,7 +140,7 @@ def copied_paths(dockerfile: str, build_args: dict[str, str]) -> list[tuple[str,
 
 @pytest.mark.parametrize("framework", ["pytorch", "chainer", "mxnet", "cntk"])
 def test_the_context_holds_the_repository_paths_the_dockerfile_copies(tmp_path, framework):
-    made = recipe(framework, CATALOG.variant_for(framework, "cpu", "auto"), BuildOptions())
+    made = recipe(framework, CATALOG.variant_for(framework, "cpu", "auto").variant, BuildOptions())
     made.write_context(tmp_path)
     dockerfile = (tmp_path / made.dockerfile).read_text()
     for source, required in copied_paths(dockerfile, made.build_args):
@@ -165,13 +202,14 @@ def test_compose_and_the_catalog_name_the_same_images():
     services = compose["services"]
     for framework in FRAMEWORKS:
         for suffix, device in (("", "cpu"), ("-gpu", "gpu")):
-            variant = CATALOG.variant_for(framework, device, "auto")
+            variant = CATALOG.variant_for(framework, device, "auto").variant
             build = services[framework + suffix]["build"]
             assert build["dockerfile"] == f"images/{framework}/Dockerfile" and build["context"] == "."
             # The harness's build arguments, but for those of one build (bench hash, offline).
             expected = images.recipe(framework, variant, images.BuildOptions()).build_args
             expected = {name: value for name, value in expected.items()
                         if value and name not in ("BENCH_HASH", "PIP_OFFLINE")}
+            expected["BENCH_HASH"] = "${DLBENCH_BENCH_HASH:-}"  # scripts/compose.sh sets it
             if variant.base == images.CPU_BASE:
                 expected["BASE_IMAGE"] = "${DLBENCH_BASE_IMAGE:-debian:bookworm-slim}"
             assert build["args"] == expected, framework + suffix

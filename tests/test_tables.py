@@ -73,6 +73,20 @@ def test_cells_that_ran_beside_others_are_marked():
                            "cells at once on its host, one per GPU, sharing its CPUs (--serial runs one at a time)"]
 
 
+def test_gpu_code_compiled_from_ptx_is_marked():
+    gpu = dict(device="gpu", gpu_name="NVIDIA H100 80GB HBM3", cuda="11.7", cudnn="8500")
+    jit = result_payload("mxnet", **gpu)
+    jit["env"]["image"] = {"tag": "dlbench/mxnet:cuda11.7-abc", "gpu_code": "ptx-jit"}
+    native = result_payload("pytorch", **gpu)
+    native["env"]["image"] = {"tag": "dlbench/pytorch:cuda12.8-abc", "gpu_code": "native"}
+    table = build_tables(results(jit, native))[0][0]
+    assert table.display.loc["mxnet"].iloc[0].endswith(" §")
+    assert not table.display.loc["pytorch"].iloc[0].endswith("§")
+    assert table.notes == ["§ mxnet, NVIDIA H100 80GB HBM3 / CUDA 11.7 / cuDNN 8500: its image has no native code "
+                           "for this GPU; the driver compiled the build's PTX when the cell started (in its time "
+                           "to the first step)"]
+
+
 def test_full_mode_shows_training_time_and_accuracy():
     tables, _ = build_tables(results(result_payload("pytorch", mode="full", step_times=(120.0,))))
     assert tables[0].display.iloc[0, 0] == "120.0 s, acc 0.770, 0.374 TFLOP/s"  # 1,000 images/s at 374 MFLOP each

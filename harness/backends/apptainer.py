@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench.result import write_text_atomic
 
-from ..images import Catalog, Variant, load_catalog
+from ..images import Catalog, Choice, load_catalog
 from ..matrix import Cell
 from .base import BackendError, Exit, HostBackend, Launch, Progress, cell_environment, quiet, register, run_process
 
@@ -55,12 +55,22 @@ class ApptainerBackend(HostBackend):
                                f"(or SingularityCE), or pass --apptainer-command")
         return cls(args.sif_dir or (args.cache_dir or default_cache_dir()) / "sif", command)
 
+    def choice(self, cell: Cell) -> Choice | str:
+        """The cell's variant, chosen for this host's driver and GPU, or why there is none."""
+        return self.catalog.variant_for(cell.framework, cell.device, cell.cuda, self.inventory().gpu_host(cell))
+
     def sif_path(self, cell: Cell) -> Path | str:
         """The cell's SIF file, or why there is none."""
-        variant = self.catalog.variant_for(cell.framework, cell.device, cell.cuda)
-        if isinstance(variant, str):
-            return variant
-        return self.sif_dir / f"{cell.framework}-{variant.variant}.sif"
+        choice = self.choice(cell)
+        if isinstance(choice, str):
+            return choice
+        return self.sif_dir / f"{cell.framework}-{choice.variant.variant}.sif"
+
+    def environment_of(self, cell: Cell) -> str | None:
+        choice = self.choice(cell)
+        if isinstance(choice, str) or choice.variant.device == "cpu":  # no choice to explain
+            return None
+        return f"{choice.variant.variant} image ({self.sif_path(cell)}): {choice.why}"
 
     def cannot_run(self, cell: Cell) -> str | None:
         found = self.sif_path(cell)
@@ -80,7 +90,8 @@ class ApptainerBackend(HostBackend):
     def command_line(self, launch: Launch) -> list[str]:
         """``apptainer exec`` for the cell: a clean environment, only its own folders, its GPUs."""
         sif = self.sif_path(launch.cell)
-        variant: Variant = self.catalog.variant_for(launch.cell.framework, launch.cell.device, launch.cell.cuda)
+        choice = self.choice(launch.cell)
+        assert isinstance(choice, Choice), choice  # cannot_run() said why before
         binds = [f"{launch.result_path.parent}:{OUT_DIR}"]
         weights = data = None
         if launch.weights:
@@ -89,7 +100,10 @@ class ApptainerBackend(HostBackend):
         if launch.data_dir:
             data = DATA_DIR
             binds.append(f"{launch.data_dir}:{DATA_DIR}:ro")
-        image = {"tag": sif.name, "id": self._image_ids[sif], "base": variant.base, "base_digest": None}
+        image = {"tag": sif.name, "id": self._image_ids[sif], "base": choice.variant.base, "base_digest": None,
+                 "chosen_because": choice.why}
+        if choice.variant.device == "gpu":
+            image["gpu_code"] = "ptx-jit" if choice.jit else "native"
         argv = [self.command, "exec", "--containall", "--cleanenv", "--no-home", "--pwd", "/opt/dlbench"]
         if launch.gpus:
             argv.append("--nv")

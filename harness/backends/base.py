@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Callable, ClassVar, Mapping
 from bench.precision import check_tensor_cores
 from bench.specs import FRAMEWORK_SPECS, Unsupported
 
-from ..gpus import Gpu, detect_gpus, names_model
-from ..images import IMAGES_DIR, REPO_ROOT  # noqa: F401  (REPO_ROOT: the cells' working directory)
+from ..gpus import Driver, Gpu, detect_driver, detect_gpus, names_model
+from ..images import IMAGES_DIR, REPO_ROOT, GpuHost  # noqa: F401  (REPO_ROOT: the cells' working directory)
 from ..matrix import Cell
 
 if TYPE_CHECKING:
@@ -63,6 +63,7 @@ class Inventory:
     gpu_models: tuple[GpuModel, ...] = ()
     aliases: Mapping[str, str] = field(default_factory=dict)  # matrix GPU name -> model name
     cpu_cores: int = 0  # this host's cores, or the most of one node
+    driver: Driver | None = None  # this host's NVIDIA driver; None where unknown (a cluster's nodes)
 
     def describe(self) -> str:
         """One line for people: "the cluster: h100 ×2, a100 ×4 (the most on one node); 64 CPU cores"."""
@@ -82,6 +83,12 @@ class Inventory:
                 return model
         return None
 
+    def gpu_host(self, cell: Cell) -> GpuHost:
+        """What decides which GPU image can run ``cell``: the driver, its GPU's compute capability."""
+        model = self.model_for(cell.gpu) if cell.device == "gpu" else None
+        return GpuHost(self.driver.version if self.driver else None, self.driver.cuda if self.driver else None,
+                       model.compute_capability if model else None)
+
     def gpu_problem(self, cell: Cell) -> str | None:
         """Why the GPUs a cell asks for are not here, or None."""
         model = self.model_for(cell.gpu)
@@ -94,7 +101,7 @@ class Inventory:
         return None
 
 
-def host_inventory(gpus: list[Gpu]) -> Inventory:
+def host_inventory(gpus: list[Gpu], driver: Driver | None = None) -> Inventory:
     counts: dict[str, int] = {}
     capabilities: dict[str, str | None] = {}
     for gpu in gpus:
@@ -102,7 +109,7 @@ def host_inventory(gpus: list[Gpu]) -> Inventory:
         capabilities[gpu.name] = gpu.compute_capability
     return Inventory("this host", tuple(GpuModel(name, count, capabilities[name])
                                         for name, count in sorted(counts.items())),
-                     cpu_cores=os.cpu_count() or 1)
+                     cpu_cores=os.cpu_count() or 1, driver=driver)
 
 
 @dataclass
@@ -282,6 +289,10 @@ class Backend(ABC):
         """What this backend lacks for ``cell`` beyond its GPUs (a framework, a CUDA build), or None."""
         return None
 
+    def environment_of(self, cell: Cell) -> str | None:
+        """For the plan: which environment a runnable ``cell`` gets and why, where there is a choice."""
+        return None
+
     @abstractmethod
     def prepare(self, cell: Cell, progress: Progress = quiet) -> None:
         """Make the cell's environment ready (build or reuse it), telling ``progress`` what it does."""
@@ -301,8 +312,12 @@ class HostBackend(Backend):
     def gpus(self) -> list[Gpu]:
         return detect_gpus()
 
+    @cached_property
+    def driver(self) -> Driver | None:
+        return detect_driver() if self.gpus else None
+
     def inventory(self) -> Inventory:
-        return host_inventory(self.gpus)
+        return host_inventory(self.gpus, self.driver)
 
     def placement(self, serial: bool) -> Placement:
         return GpuSlots(self.gpus, 1 if serial else max(1, len(self.gpus)))

@@ -29,7 +29,7 @@ from docker.types import DeviceRequest, Mount, Ulimit
 
 from bench.host import GPU_STAND_IN, compute_device
 
-from ..images import DEFAULT_CPU_BASE_IMAGE, BuildOptions, Catalog, Recipe, Variant, load_catalog, recipe
+from ..images import DEFAULT_CPU_BASE_IMAGE, BuildOptions, Catalog, Choice, Recipe, load_catalog, recipe
 from ..matrix import Cell
 from .base import POLL_S, TERMINATE_GRACE_S, BackendError, Exit, HostBackend, Launch, Progress, quiet, register
 from .local import default_cache_dir
@@ -79,9 +79,15 @@ class Image:
     base: str
     base_digest: str | None  # the base image's registry digest, or its local id when it has none
 
-    def facts(self) -> dict[str, str | None]:
-        """What the cell records about its image (bench/environment.py reads it)."""
-        return {"tag": self.tag, "id": self.id, "base": self.base, "base_digest": self.base_digest}
+    def facts(self, choice: Choice) -> dict[str, str | None]:
+        """What the cell records about its image (bench/environment.py reads it): which one,
+        why it was chosen and, on a GPU, whether its code is native to the GPU or PTX the
+        driver compiles."""
+        facts = {"tag": self.tag, "id": self.id, "base": self.base, "base_digest": self.base_digest,
+                 "chosen_because": choice.why}
+        if choice.variant.device == "gpu":
+            facts["gpu_code"] = "ptx-jit" if choice.jit else "native"
+        return facts
 
 
 def engine_answers(client_factory=docker.from_env) -> bool:
@@ -147,22 +153,28 @@ class DockerBackend(HostBackend):
                    ContainerLimits(memory=args.memory, cpus=args.cpus))
 
     def cannot_run(self, cell: Cell) -> str | None:
-        found = self._variant_for(cell)
+        found = self._choice_for(cell)
         return found if isinstance(found, str) else None
 
-    def _variant_for(self, cell: Cell) -> Variant | str:
+    def environment_of(self, cell: Cell) -> str | None:
+        choice = self._choice_for(cell)
+        if isinstance(choice, str) or choice.variant.device == "cpu":  # no choice to explain
+            return None
+        return f"{choice.variant.variant} image: {choice.why}"
+
+    def _choice_for(self, cell: Cell) -> Choice | str:
         # Under a GPU stand-in (tests of the GPU paths) a GPU cell computes on the CPU, in the CPU image.
         if compute_device(cell.device) == "cpu":
             return self.catalog.variant_for(cell.framework, "cpu", "auto")
-        return self.catalog.variant_for(cell.framework, cell.device, cell.cuda)
+        return self.catalog.variant_for(cell.framework, cell.device, cell.cuda, self.inventory().gpu_host(cell))
 
-    def _variant(self, cell: Cell) -> Variant:
-        variant = self._variant_for(cell)
-        assert not isinstance(variant, str), variant  # cannot_run() said why before
-        return variant
+    def _choice(self, cell: Cell) -> Choice:
+        choice = self._choice_for(cell)
+        assert not isinstance(choice, str), choice  # cannot_run() said why before
+        return choice
 
     def prepare(self, cell: Cell, progress: Progress = quiet) -> None:
-        variant = self._variant(cell)
+        variant = self._choice(cell).variant
         key = (cell.framework, variant.variant)
         if key not in self._images:  # one recipe (and one hash of its files) per image and run
             try:
@@ -235,7 +247,8 @@ class DockerBackend(HostBackend):
             shutil.rmtree(context, ignore_errors=True)
 
     def run(self, launch: Launch) -> Exit:
-        image = self._images[(launch.cell.framework, self._variant(launch.cell).variant)]
+        choice = self._choice(launch.cell)
+        image = self._images[(launch.cell.framework, choice.variant.variant)]
         # The cell's own staging folder, read-write: its request and its result, nobody else's.
         mounts = [Mount(str(OUT_DIR), str(launch.result_path.parent), type="bind")]
         weights = data = None
@@ -262,7 +275,7 @@ class DockerBackend(HostBackend):
             # exec: torch.compile and XLA load the kernels they build there.
             tmpfs={"/tmp": "rw,exec,nosuid,nodev"},
             network_mode="none", user=f"{os.getuid()}:{os.getgid()}",
-            environment={**CONTAINER_ENVIRONMENT, "DLBENCH_IMAGE": json.dumps(image.facts()),
+            environment={**CONTAINER_ENVIRONMENT, "DLBENCH_IMAGE": json.dumps(image.facts(choice)),
                          **{name: os.environ[name] for name in (GPU_STAND_IN,) if name in os.environ}},
             security_opt=["no-new-privileges"], cap_drop=["ALL"],
             mem_limit=self.limits.memory, memswap_limit=self.limits.memory,
