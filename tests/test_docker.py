@@ -64,6 +64,16 @@ def test_cells_run_in_images_built_offline_and_merge_with_local_results(engine, 
                                    network_mode="none").decode()
     assert certificate.read_text().strip() in bundle
 
+    # What the build has GPU code for, read inside the image (a CPU build: none); the catalog's
+    # GPU variants are not built here, and the check says so.
+    found = engine.containers.run(pytorch, ["python", "-m", "bench.gpu_code", "pytorch"], remove=True,
+                                  network_mode="none").decode()
+    assert '"sass": [], "ptx": [], "how": "a CPU build"' in found
+    archs = subprocess.run([sys.executable, str(REPO / "harness" / "catalog.py"), "archs", "--framework", "pytorch",
+                            *docker_options(wheelhouse, certificate)], capture_output=True, text=True)
+    assert archs.returncode == 0, archs.stderr
+    assert archs.stdout.count("not on this host (--build builds it)") == 4, archs.stdout
+
     # Nothing changed: the same images are found by their tags, none is built again.
     logs = sorted((CACHE / "images").glob("dlbench-pytorch-cpu-*.log"), key=lambda p: p.stat().st_mtime)
     built_at = logs[-1].stat().st_mtime_ns

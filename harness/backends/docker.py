@@ -198,6 +198,18 @@ class DockerBackend(HostBackend):
         base = base or self._base(made.base)  # a base the build pulled
         return Image(tag=tag, id=built.id, base=made.base, base_digest=_digest(base))
 
+    def present_tag(self, made: Recipe) -> str | None:
+        """The recipe's tag when its image is on this host already (nothing is built), else None."""
+        base = self._base(made.base)
+        if base is None:
+            return None
+        tag = made.tag(base.id)
+        try:
+            self.client.images.get(tag)
+        except ImageNotFound:
+            return None
+        return tag
+
     def _base(self, reference: str):
         try:
             return self.client.images.get(reference)

@@ -1,0 +1,63 @@
+"""Which GPU architectures a build has code for (bench/gpu_code.py), and the catalog checked
+against it (harness/catalog.py archs), on fat binaries made here in NVIDIA's layout."""
+from __future__ import annotations
+
+import struct
+
+from bench.gpu_code import ELF, FATBIN_MAGIC, PTX, fatbin_archs, from_arch_flags, gpu_code, libraries_archs
+from harness.catalog import check_archs
+from harness.images import load_catalog
+
+
+def fatbin(*entries: tuple[int, int], payload: bytes = b"\0" * 24) -> bytes:
+    """A fat binary as nvcc lays it out: its header, then per entry a 64-byte header (kind,
+    header size, payload size, toolchain version, architecture) and the payload."""
+    body = b""
+    for kind, arch in entries:
+        header = struct.pack("<HHIQIIHHI", kind, 0x101, 64, len(payload), 0, 0, 8, 12, arch)
+        body += header + b"\0" * (64 - len(header)) + payload
+    return struct.pack("<IHHQ", FATBIN_MAGIC, 1, 16, len(body)) + body
+
+
+def test_the_architectures_of_every_fat_binary_in_a_library_are_found(tmp_path):
+    library = tmp_path / "libframework.so"
+    # Two fat binaries among other bytes, and the magic once by chance in data.
+    library.write_bytes(b"\x7fELF" + b"x" * 100 + fatbin((ELF, 70), (ELF, 80), (PTX, 80)) + b"y" * 33
+                        + struct.pack("<I", FATBIN_MAGIC) + b"\xff" * 12
+                        + fatbin((ELF, 86), (PTX, 86), (ELF, 90)) + b"z" * 7)
+    assert libraries_archs([str(library)]) == (["7.0", "8.0", "8.6", "9.0"], ["8.0", "8.6"])
+    assert fatbin_archs(b"no device code here") == (set(), set())
+
+
+def test_a_builds_own_arch_list_reads_as_sass_and_ptx():
+    assert from_arch_flags(["sm_60", "sm_70", "sm_80", "sm_89", "compute_90"]) == (["6.0", "7.0", "8.0", "8.9"],
+                                                                                    ["9.0"])
+    assert from_arch_flags("sm_75 sm_90a sm_100 sm_120 compute_120".split()) == (["7.5", "9.0", "10.0", "12.0"],
+                                                                                 ["12.0"])
+
+
+def test_frameworks_that_compile_at_run_time_have_no_list():
+    assert gpu_code("jax") == {"framework": "jax", "sass": [], "ptx": [],
+                               "how": "XLA compiles its kernels at run time for the GPU it finds"}
+
+
+def test_the_catalog_is_checked_against_what_each_image_has():
+    catalog = load_catalog()
+    pytorch = {v.variant: v for v in catalog.frameworks["pytorch"]}
+    found = {  # what each image would print
+        "cuda13.0": {"sass": list(pytorch["cuda13.0"].archs), "ptx": ["12.0"], "how": "torch's arch flags"},
+        "cuda12.8": {"sass": ["7.5", "8.0", "9.0"], "ptx": ["9.0"], "how": "torch's arch flags"},
+    }
+    checks = check_archs(catalog, ["pytorch", "jax"],
+                         lambda framework, variant: f"{framework}:{variant.variant}"
+                         if framework == "jax" or variant.variant in found else None,
+                         lambda tag, framework: {"sass": [], "ptx": [], "how": "XLA compiles at run time"}
+                         if framework == "jax" else found[tag.split(":")[1]])
+    verdicts = {(c.framework, c.variant.variant): c.verdict for c in checks}
+    assert verdicts == {
+        ("pytorch", "cuda13.0"): "agrees",
+        ("pytorch", "cuda12.8"): "DIFFERS, the image has archs: [7.5, 8.0, 9.0]; ptx: 9.0",
+        ("pytorch", "cuda12.6"): "not on this host (--build builds it)",
+        ("pytorch", "cuda11.8"): "not on this host (--build builds it)",
+        ("jax", "cuda12.8"): "nothing to check: XLA compiles at run time"}
+    assert [c.agrees for c in checks] == [True, False, True, True, True]
