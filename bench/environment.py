@@ -1,4 +1,5 @@
 """Everything about where a cell ran, collected in one place inside the cell's process."""
+import ctypes
 import json
 import os
 import platform
@@ -173,6 +174,45 @@ def import_nvml() -> Optional[ModuleType]:
     return pynvml
 
 
+# The libraries whose versions the process reports once they are loaded, and how each says it.
+_LOADED_LIBRARIES = (("cudart", "libcudart.so", "cudaRuntimeGetVersion"), ("cudnn", "libcudnn.so", "cudnnGetVersion"))
+
+
+def loaded_cuda_libraries(maps: str = "/proc/self/maps") -> Optional[Dict[str, Dict[str, str]]]:
+    """The CUDA runtime and cuDNN this process has actually loaded (what a framework's wheel,
+    the base image or the host brought, which its build-time numbers need not match): each
+    library's file and the version it reports; None when it has loaded neither."""
+    try:
+        with open(maps) as mapped:
+            paths = {line.split(None, 5)[5].strip() for line in mapped if len(line.split(None, 5)) == 6}
+    except OSError:  # not Linux
+        return None
+    found = {}  # type: Dict[str, Dict[str, str]]
+    for name, prefix, call in _LOADED_LIBRARIES:
+        path = next((p for p in sorted(paths) if os.path.basename(p).startswith(prefix)), None)
+        if path is None:
+            continue
+        try:
+            library = ctypes.CDLL(path)  # already loaded: the same handle, nothing new runs
+            if name == "cudart":
+                number = ctypes.c_int()
+                code = library.cudaRuntimeGetVersion(ctypes.byref(number))
+                version = None if code else "{}.{}".format(number.value // 1000, number.value % 1000 // 10)
+            else:
+                library.cudnnGetVersion.restype = ctypes.c_size_t
+                version = _cudnn_version_text(library.cudnnGetVersion())
+        except (OSError, AttributeError):
+            version = None
+        found[name] = {"path": path, "version": version}
+    return found or None
+
+
+def _cudnn_version_text(number: int) -> str:
+    # cuDNN 9 numbers its versions major*10000 + minor*100 + patch; cuDNN 8 and older major*1000 + ...
+    major, rest = divmod(number, 10000 if number >= 90000 else 1000)
+    return "{}.{}.{}".format(major, rest // 100, rest % 100)
+
+
 def collect(device: str, framework_facts: Dict[str, Any]) -> Dict[str, Any]:
     """The ``env`` block of a result (timestamps and backend are added by the caller)."""
     return {
@@ -184,6 +224,7 @@ def collect(device: str, framework_facts: Dict[str, Any]) -> Dict[str, Any]:
         "bench_hash": bench_code_hash(),
         "image": image_facts(os.environ.get("DLBENCH_IMAGE")),
         "gpu": gpu_info(import_nvml(), os.environ.get("CUDA_VISIBLE_DEVICES")) if device == "gpu" else None,
+        "cuda_loaded": loaded_cuda_libraries() if device == "gpu" else None,
         "packages": installed_packages(),
         "argv": sys.argv[1:],
     }
