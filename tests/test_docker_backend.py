@@ -17,9 +17,11 @@ from docker.errors import ImageNotFound
 from harness.backends.base import BackendError, Launch
 from harness.backends.docker import DockerBackend
 from harness.gpus import Driver, Gpu
+from harness.images import BuildOptions, load_catalog, recipe
 from harness.matrix import Cell, Settings
 from harness.results import RunFolder
 
+CATALOG = load_catalog()
 H100S = [Gpu(0, "GPU-aaaa", "NVIDIA H100 80GB HBM3", 80 << 30, "9.0", near_cpus=(0, 1, 2, 3)),
          Gpu(1, "GPU-bbbb", "NVIDIA H100 80GB HBM3", 80 << 30, "9.0", near_cpus=(2, 3, 4, 5))]
 
@@ -273,3 +275,41 @@ def test_the_dry_run_says_which_image_each_gpu_cell_gets_and_why(tmp_path, capsy
             "passed over: the cuda13.0 image needs driver 580.65.06 or newer (this host has 535.104.05); the "
             "cuda12.8 image is built for compute capability 7.5, 8.0, 8.6, 9.0, 10.0, 12.0 with PTX 12.0; "
             "the GPU is 7.0)") in shown
+
+
+def test_a_missing_base_is_pulled_first_so_an_image_keeps_its_tag_from_the_first_run_on(tmp_path):
+    client = BuildingClient([{"stream": "Step 1/1 : FROM debian\n"}], tmp_path)
+    present, pulled = client.images.get, []
+
+    def get(reference):
+        if not reference.startswith("dlbench/") and not pulled:
+            raise ImageNotFound(f"No such image: {reference}")
+        return present(reference)
+
+    def pull(reference):
+        pulled.append(reference)
+        return present(reference)
+
+    client.images = types.SimpleNamespace(get=get, pull=pull)
+    cell = launch(tmp_path).cell
+    first = backend(tmp_path, client).image(recipe(cell.framework, CATALOG.frameworks["pytorch"][0], BuildOptions()))
+    again = backend(tmp_path, client).image(recipe(cell.framework, CATALOG.frameworks["pytorch"][0], BuildOptions()))
+    assert pulled == ["debian:bookworm-slim"] and first.tag == again.tag and client.built
+
+
+def test_a_base_that_cannot_be_pulled_says_how_to_make_one(tmp_path):
+    from docker.errors import APIError
+
+    client = BuildingClient([], tmp_path)
+
+    def get(reference):
+        raise ImageNotFound(f"No such image: {reference}")
+
+    def pull(reference):
+        raise APIError("pull access denied", explanation="dial tcp: lookup registry-1.docker.io: no such host")
+
+    client.images = types.SimpleNamespace(get=get, pull=pull)
+    with pytest.raises(BackendError, match=r"the base image debian:bookworm-slim is not on this host and cannot be "
+                                           r"pulled \(dial tcp: .*\): load it, or make one with "
+                                           r"scripts/make-base-image.sh and pass --base-image"):
+        backend(tmp_path, client).prepare(launch(tmp_path).cell)

@@ -215,3 +215,14 @@ def test_compose_and_the_catalog_name_the_same_images():
             assert build["args"] == expected, framework + suffix
         gpu = services[framework + "-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
         assert gpu["driver"] == "nvidia" and gpu["capabilities"] == ["gpu"]
+
+
+def test_the_build_context_of_compose_holds_only_what_the_dockerfiles_copy():
+    kept = [line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines() if line.startswith("!")]
+    assert "*" in (REPO / ".dockerignore").read_text().splitlines()  # everything else stays out
+    copied = set()
+    for dockerfile in {path.resolve() for path in (REPO / "images").glob("*/Dockerfile")}:
+        for line in dockerfile.read_text().splitlines():
+            if line.startswith("COPY ") and "--from=" not in line:
+                copied |= {source.split("/")[0] for source in line.split()[1:-1]}
+    assert sorted(copied) == sorted(kept) == ["bench", "images"]

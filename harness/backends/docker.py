@@ -184,9 +184,11 @@ class DockerBackend(HostBackend):
                                    f"{variant.variant} image: {type(error).__name__}: {error}") from None
 
     def image(self, made: Recipe, progress: Progress = quiet) -> Image:
-        """The recipe's image: found by its tag, or built (once, even by two harnesses)."""
-        base = self._base(made.base)
-        tag = made.tag(base.id if base else None)
+        """The recipe's image: found by its tag, or built (once, even by two harnesses). The
+        base is pulled first where it is missing, so that the tag, which covers the base's
+        id, is the same on a fresh host's first run as on every later one."""
+        base = self._base(made.base) or self._pull(made.base, progress)
+        tag = made.tag(base.id)
         self.images_dir.mkdir(parents=True, exist_ok=True)
         name = tag.replace("/", "-").replace(":", "-")
         with open(self.images_dir / f"{name}.lock", "w") as lock:
@@ -195,8 +197,16 @@ class DockerBackend(HostBackend):
                 built = self.client.images.get(tag)
             except ImageNotFound:
                 built = self._build(made, tag, self.images_dir / f"{name}.log", progress)
-        base = base or self._base(made.base)  # a base the build pulled
         return Image(tag=tag, id=built.id, base=made.base, base_digest=_digest(base))
+
+    def _pull(self, reference: str, progress: Progress):
+        progress(f"pulling {reference}")
+        try:
+            return self.client.images.pull(reference)
+        except APIError as error:
+            raise BackendError(f"the base image {reference} is not on this host and cannot be pulled "
+                               f"({error.explanation or error}): load it, or make one with "
+                               f"scripts/make-base-image.sh and pass --base-image") from None
 
     def present_tag(self, made: Recipe) -> str | None:
         """The recipe's tag when its image is on this host already (nothing is built), else None."""
@@ -248,12 +258,7 @@ class DockerBackend(HostBackend):
                                      f"{step[:60]}{': ' + line[:60] if line else ''}")
                 except APIError as error:
                     log.write(f"{error}\n")
-                    hint = ""
-                    if "pull access denied" in str(error) or "not found" in str(error):
-                        hint = (f" (the base image {made.base} is not on this host and cannot be pulled: "
-                                f"load it, or make one with scripts/make-base-image.sh and pass --base-image)")
-                    raise BackendError(f"building {tag} failed: {error.explanation}{hint}; "
-                                       f"see {log_path}") from None
+                    raise BackendError(f"building {tag} failed: {error.explanation}; see {log_path}") from None
             return self.client.images.get(tag)
         finally:
             shutil.rmtree(context, ignore_errors=True)
