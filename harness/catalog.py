@@ -1,7 +1,17 @@
 #!/usr/bin/env python
-"""Keep images/catalog.yml true to the images it describes.
+"""Keep images/catalog.yml and the environments' locks true to what they describe.
 
+    python harness/catalog.py lock [--framework NAME ...] [--find-links DIR ...] [--skip-extra-indexes]
     python harness/catalog.py archs [--framework NAME ...] [--build] [docker backend options]
+
+``lock``: resolve each requirement file under images/<framework>/ (the top-level pins every
+image variant and local environment names) into its lock beside it (``requirements-cpu.txt``
+-> ``requirements-cpu.lock``): every package, transitive and NVIDIA ones included, pinned
+with the hashes of its files, for every platform and Python from the oldest that installs
+it (uv's universal resolution). Images and local environments install a lock hash-checked
+(``pip install --require-hashes``), so a rebuild months later gets the same files or fails.
+A variant's extra index (PyTorch's) must be reachable; ``--skip-extra-indexes`` leaves them
+out where only PyPI and a wheelhouse (``--find-links``) are.
 
 ``archs``: for every GPU variant, the GPU architectures its framework's build has code for,
 read inside its image (``python -m bench.gpu_code``: the framework's own list where it keeps
@@ -10,13 +20,15 @@ one, its libraries' fat binaries where not), beside what the catalog says (``arc
 built first with ``--build``. Frameworks that compile their kernels at run time for the GPU
 they find (XLA, CuPy) have no list to check.
 
-Exit status: 0 when every image read agrees with the catalog, 1 when one differs (the table
-says how: fix the catalog's entry), 2 for bad input.
+Exit status: 0 when every lock was written, or every image read agrees with the catalog; 1
+when a lock could not be resolved, or an image differs (the table says how: fix the
+catalog's entry); 2 for bad input.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,12 +39,77 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from tabulate import tabulate  # noqa: E402
 
-from bench.specs import FRAMEWORKS  # noqa: E402
+from bench.specs import FRAMEWORK_SPECS, FRAMEWORKS  # noqa: E402
 from harness.backends import BackendError  # noqa: E402
 from harness.backends.docker import DockerBackend  # noqa: E402
 from harness.backends.local import default_cache_dir  # noqa: E402
-from harness.images import Catalog, Variant, load_catalog, recipe  # noqa: E402
+from harness.images import IMAGES_DIR, REPO_ROOT, Catalog, Variant, lock_name, load_catalog, recipe  # noqa: E402
 from harness.matrix import MatrixError  # noqa: E402
+
+
+# The oldest Python the local backend builds environments with (the harness's own).
+LOCAL_PYTHON = "3.11"
+
+
+@dataclass(frozen=True)
+class LockTarget:
+    """One requirement file to lock, for the oldest Python that installs it."""
+
+    framework: str
+    requirements: Path
+    python: str
+    index: str | None  # an extra package index its variants use
+
+    @property
+    def lock(self) -> Path:
+        return self.requirements.with_name(lock_name(self.requirements.name))
+
+    def command(self, uv: str, find_links: list[Path], skip_extra_indexes: bool) -> list[str]:
+        command = [uv, "pip", "compile", str(self.requirements.relative_to(REPO_ROOT)), "--universal",
+                   "--generate-hashes", "--python-version", self.python, "--quiet",
+                   "--output-file", str(self.lock.relative_to(REPO_ROOT)),
+                   "--custom-compile-command", "python harness/catalog.py lock"]
+        if self.index and not skip_extra_indexes:
+            # Its torch builds come from there, the rest from PyPI: whichever has the pinned version.
+            command += ["--extra-index-url", self.index, "--index-strategy", "unsafe-best-match"]
+        for folder in find_links:
+            command += ["--find-links", str(folder)]
+        constraints = self.requirements.with_name("build-constraints.txt")
+        if constraints.is_file():  # what building its source packages needs (Chainer's setup.py)
+            command += ["--build-constraints", str(constraints.relative_to(REPO_ROOT))]
+        return command
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+def lock_targets(catalog: Catalog, frameworks: list[str]) -> list[LockTarget]:
+    """Every requirement file the frameworks' variants (and local environments) install."""
+    targets = []
+    for framework in frameworks:
+        files: dict[str, list[Variant]] = {}
+        for variant in catalog.frameworks[framework]:
+            files.setdefault(variant.requirements, []).append(variant)
+        for name, variants in files.items():
+            pythons = [variant.python for variant in variants]
+            if name in ("requirements-cpu.txt", "requirements-gpu.txt") and not FRAMEWORK_SPECS[framework].image_only:
+                pythons.append(LOCAL_PYTHON)  # the local backend installs these too
+            targets.append(LockTarget(framework, IMAGES_DIR / framework / name, min(pythons, key=_version),
+                                      next((v.index for v in variants if v.index), None)))
+    return targets
+
+
+def write_locks(targets: list[LockTarget], uv: str, find_links: list[Path],
+                skip_extra_indexes: bool) -> list[tuple[LockTarget, str]]:
+    """Resolve each target into its lock; what became of each ("written", or why not)."""
+    outcomes = []
+    for target in targets:
+        done = subprocess.run(target.command(uv, find_links, skip_extra_indexes), cwd=REPO_ROOT,
+                              capture_output=True, text=True)
+        problem = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        outcomes.append((target, "written" if done.returncode == 0 else f"FAILED: {problem.strip()}"))
+    return outcomes
 
 
 @dataclass(frozen=True)
@@ -94,12 +171,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="harness/catalog.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    lock = commands.add_parser("lock", help="resolve each requirement file into its hash-pinned lock")
+    lock.add_argument("--framework", action="append", choices=FRAMEWORKS, help="only these (repeatable)")
+    lock.add_argument("--find-links", type=Path, action="append", default=[], metavar="DIR",
+                      help="a folder of wheels to resolve from too (repeatable)")
+    lock.add_argument("--skip-extra-indexes", action="store_true",
+                      help="leave out the variants' extra indexes (a host that reaches only PyPI)")
     archs = commands.add_parser("archs", help="check each GPU variant's archs and ptx against its image")
     archs.add_argument("--framework", action="append", choices=FRAMEWORKS, help="only these (repeatable)")
     archs.add_argument("--build", action="store_true", help="build the images that are not on this host")
     archs.add_argument("--cache-dir", type=Path, default=None, help="the harness's cache folder (build logs)")
     DockerBackend.add_arguments(archs)
     args = parser.parse_args(argv)
+    if args.command == "lock":
+        return lock_main(args)
     try:
         catalog = load_catalog()
         backend = DockerBackend.from_args(args)
@@ -112,6 +197,25 @@ def main(argv: list[str] | None = None) -> int:
                      c.verdict] for c in checks],
                    headers=["framework", "variant", "catalog archs", "catalog ptx", "image"]))
     return 0 if all(check.agrees for check in checks) else 1
+
+
+def lock_main(args: argparse.Namespace) -> int:
+    from uv import find_uv_bin
+
+    for folder in args.find_links:
+        if not folder.is_dir():
+            print(f"error: --find-links {folder}: no such folder; pass a folder of wheels", file=sys.stderr)
+            return 2
+    try:
+        targets = lock_targets(load_catalog(), args.framework or list(FRAMEWORKS))
+    except MatrixError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    outcomes = write_locks(targets, find_uv_bin(), [folder.resolve() for folder in args.find_links],
+                           args.skip_extra_indexes)
+    print(tabulate([[t.framework, t.requirements.name, t.lock.name, t.python, outcome] for t, outcome in outcomes],
+                   headers=["framework", "requirements", "lock", "python", ""]))
+    return 0 if all(outcome == "written" for _, outcome in outcomes) else 1
 
 
 if __name__ == "__main__":

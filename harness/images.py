@@ -87,6 +87,12 @@ class Variant(BaseModel):
     archs: tuple[str, ...] = Field((), strict=False)
     ptx: Optional[str] = Field(None, pattern=r"^\d+\.\d+$")
 
+    @property
+    def lock(self) -> str:
+        """The lock file of its requirements: every package, transitive ones included, pinned
+        with its hashes (``harness/catalog.py lock`` writes it from the requirements)."""
+        return lock_name(self.requirements)
+
     @model_validator(mode="after")
     def _cuda_for_gpu_only(self) -> "Variant":
         if (self.device == "gpu") != (self.cuda is not None):
@@ -245,15 +251,63 @@ def _file_digest(path: Path) -> str:
     return _digests[key]
 
 
+def lock_name(requirements: str) -> str:
+    """requirements-cpu.txt -> requirements-cpu.lock"""
+    return requirements.removesuffix(".txt") + ".lock"
+
+
+def installed_requirements(folder: Path, requirements: str) -> Path:
+    """What an environment installs: the requirements' lock, hash-checked, where there is one
+    (an index ``harness/catalog.py lock`` could not reach leaves a variant without), else the
+    requirements themselves."""
+    lock = folder / lock_name(requirements)
+    return lock if lock.is_file() else folder / requirements
+
+
+# name==version pins (a requirement line, a lock's, a Dockerfile's pip install), name normalised.
+_PIN = re.compile(r"(?<![\w.-])([A-Za-z0-9][\w.-]*)(?:\[[^]]*\])?==([^\s;\\\"']+)")
+
+
+def _project(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def pins(text: str) -> dict[str, str]:
+    """The exact pins in a requirement or lock file's text (or a Dockerfile's), by project."""
+    return {_project(name): version for name, version in _PIN.findall(text)}
+
+
+def wheelhouse_files(wheelhouse: Path, wanted: dict[str, str], named: str) -> list[Path]:
+    """The wheelhouse files an image uses: distributions of the ``wanted`` pins (a pin without a
+    local version also takes a build with one: torch==2.13.0 takes 2.13.0+cpu) and files
+    ``named`` (the Dockerfile's text) names outright, such as a Python source tarball. The
+    others stay out of its build context and its tag."""
+    chosen = []
+    for path in sorted(wheelhouse.iterdir()):
+        if not path.is_file():
+            continue
+        stem = path.name.removesuffix(".whl").removesuffix(".tar.gz").removesuffix(".zip")
+        name, _, rest = stem.partition("-")
+        version = rest.split("-")[0]
+        pinned = wanted.get(_project(name))
+        if path.name in named or (pinned is not None and (version == pinned or (
+                "+" not in pinned and version.split("+")[0] == pinned))):
+            chosen.append(path)
+    return chosen
+
+
 def recipe(framework: str, variant: Variant, options: BuildOptions) -> Recipe:
     own = IMAGES_DIR / framework
+    installed = installed_requirements(own, variant.requirements)
     files = {f"images/{framework}/Dockerfile": own / "Dockerfile",
-             f"images/{framework}/{variant.requirements}": own / variant.requirements,
+             f"images/{framework}/{installed.name}": installed,
              "images/ca-certificates/README.md": IMAGES_DIR / "ca-certificates" / "README.md",
              "images/wheelhouse/README.md": IMAGES_DIR / "wheelhouse" / "README.md"}
+    wanted = pins(installed.read_text(encoding="utf-8"))
     constraints = own / "build-constraints.txt"
     if constraints.is_file():
         files[f"images/{framework}/build-constraints.txt"] = constraints
+        wanted.update(pins(constraints.read_text(encoding="utf-8")))
     for script in sorted((IMAGES_DIR / "common").iterdir()):
         files[f"images/common/{script.name}"] = script
     for source in bench_sources():  # the files bench_code_hash covers: the image's bench is the hashed bench
@@ -261,17 +315,18 @@ def recipe(framework: str, variant: Variant, options: BuildOptions) -> Recipe:
     for certificate in options.ca_certificates:
         files[f"images/ca-certificates/{certificate.stem}.crt"] = certificate
     if options.wheelhouse:
-        for wheel in sorted(options.wheelhouse.iterdir()):
-            if wheel.is_file():
-                files[f"images/wheelhouse/{wheel.name}"] = wheel
+        dockerfile = (own / "Dockerfile").read_text(encoding="utf-8")
+        for wheel in wheelhouse_files(options.wheelhouse, {**pins(dockerfile), **wanted}, dockerfile):
+            files[f"images/wheelhouse/{wheel.name}"] = wheel
     base = options.cpu_base if variant.base == CPU_BASE else variant.base
     build_args = {"BASE_IMAGE": base, "FRAMEWORK": framework, "PYTHON_VERSION": variant.python,
-                  "SYSTEM_PACKAGES": " ".join(variant.system_packages), "REQUIREMENTS": variant.requirements,
+                  "SYSTEM_PACKAGES": " ".join(variant.system_packages), "REQUIREMENTS": installed.name,
                   "PIP_OFFLINE": "1" if options.offline else "0",
                   "PIP_EXTRA_INDEX_URL": "" if options.offline else (variant.index or ""),
                   "BENCH_HASH": bench_code_hash()}
     labels = {f"{LABEL}.framework": framework, f"{LABEL}.variant": variant.variant,
               f"{LABEL}.device": variant.device, f"{LABEL}.cuda": variant.cuda or "",
               f"{LABEL}.cudnn": variant.cudnn or "", f"{LABEL}.python": variant.python,
-              f"{LABEL}.base": base, f"{LABEL}.bench-hash": build_args["BENCH_HASH"]}
+              f"{LABEL}.base": base, f"{LABEL}.bench-hash": build_args["BENCH_HASH"],
+              f"{LABEL}.hash-checked": "true" if installed.suffix == ".lock" else "false"}
     return Recipe(framework, variant, base, files, build_args, labels)

@@ -213,12 +213,12 @@ def engine():
 
 @pytest.fixture(scope="session")
 def wheelhouse() -> Path:
-    """Every wheel the PyTorch image installs, fetched by the host's pip (its index, or a local
-    copy): the builds then run with no network at all."""
+    """Every wheel the PyTorch image installs, by its lock, fetched by the host's pip (its index,
+    or a local copy) and checked against the lock's hashes: the builds then run with no network."""
     folder = CACHE / "wheelhouse"
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-                    "--only-binary=:all:", "--dest", str(folder),
-                    "-r", str(REPO / "images" / "pytorch" / "requirements-cpu.txt")], check=True)
+                    "--only-binary=:all:", "--require-hashes", "--dest", str(folder),
+                    "-r", str(REPO / "images" / "pytorch" / "requirements-cpu.lock")], check=True)
     return folder
 
 

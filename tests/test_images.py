@@ -182,6 +182,12 @@ def test_the_tag_changes_with_every_input_and_only_then(tmp_path, monkeypatch):
     with_wheels = pytorch_cpu(BuildOptions(wheelhouse=wheelhouse)).tag("sha256:base")
     (wheelhouse / "torch-2.13.0+cpu-cp311-cp311-linux_x86_64.whl").write_bytes(b"two!")
     assert pytorch_cpu(BuildOptions(wheelhouse=wheelhouse)).tag("sha256:base") not in (first, with_wheels)
+    # A wheel no lock of the image names stays out of its context: the tag does not move.
+    (wheelhouse / "jaxlib-0.9.0-cp311-cp311-manylinux_2_27_x86_64.whl").write_bytes(b"other")
+    (wheelhouse / "numpy-1.26.4-cp311-cp311-manylinux_2_17_x86_64.whl").write_bytes(b"old numpy")
+    again = pytorch_cpu(BuildOptions(wheelhouse=wheelhouse))
+    assert [name for name in again.files if name.startswith("images/wheelhouse/")] == [
+        "images/wheelhouse/README.md", "images/wheelhouse/torch-2.13.0+cpu-cp311-cp311-linux_x86_64.whl"]
     offline = pytorch_cpu(BuildOptions(wheelhouse=wheelhouse, offline=True))
     assert offline.build_args["PIP_OFFLINE"] == "1" and offline.build_args["PIP_EXTRA_INDEX_URL"] == ""
     # A change to the bench is a change to the image.
@@ -226,3 +232,31 @@ def test_the_build_context_of_compose_holds_only_what_the_dockerfiles_copy():
             if line.startswith("COPY ") and "--from=" not in line:
                 copied |= {source.split("/")[0] for source in line.split()[1:-1]}
     assert sorted(copied) == sorted(kept) == ["bench", "images"]
+
+
+def test_an_image_installs_its_lock_where_there_is_one_and_says_so():
+    cpu = pytorch_cpu()
+    assert cpu.build_args["REQUIREMENTS"] == "requirements-cpu.lock"
+    assert "images/pytorch/requirements-cpu.lock" in cpu.files and "images/pytorch/requirements-cpu.txt" not in cpu.files
+    assert cpu.labels["org.dlbench.hash-checked"] == "true"
+    # PyTorch's CUDA 12.8 build is only on PyTorch's index: without a lock, its pins, and a label that says so.
+    cu128 = next(v for v in CATALOG.frameworks["pytorch"] if v.variant == "cuda12.8")
+    unlocked = recipe("pytorch", cu128, BuildOptions())
+    if not (REPO / "images" / "pytorch" / "requirements-cu128.lock").is_file():
+        assert unlocked.build_args["REQUIREMENTS"] == "requirements-cu128.txt"
+        assert unlocked.labels["org.dlbench.hash-checked"] == "false"
+    # The Dockerfiles' own pins reach the wheelhouse filter too (CNTK's pip, its Python source).
+    assert images.pins((REPO / "images" / "cntk" / "Dockerfile").read_text()) == {"pip": "21.3.1"}
+
+
+@pytest.mark.parametrize("lock", sorted((REPO / "images").glob("*/requirements*.lock")), ids=lambda p: p.parent.name + "/" + p.name)
+def test_every_lock_holds_its_requirements_pins(lock):
+    """A lock is stale once a pin of its requirement file changes: `harness/catalog.py lock` writes it again."""
+    wanted = images.pins(lock.with_suffix(".txt").read_text())
+    locked = images.pins(lock.read_text())
+    assert "--hash=sha256:" in lock.read_text()
+    for project, version in wanted.items():
+        found = {v for p, v in re.findall(r"^([A-Za-z0-9][\w.-]*)==(\S+)", lock.read_text(), re.MULTILINE)
+                 if images._project(p) == project}
+        assert found and all(v == version or v.split("+")[0] == version for v in found), (project, version, found)
+    assert locked

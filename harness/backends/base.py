@@ -22,7 +22,8 @@ from bench.precision import check_tensor_cores
 from bench.specs import FRAMEWORK_SPECS, Unsupported
 
 from ..gpus import Driver, Gpu, detect_driver, detect_gpus, names_model
-from ..images import IMAGES_DIR, REPO_ROOT, GpuHost  # noqa: F401  (REPO_ROOT: the cells' working directory)
+from ..images import (IMAGES_DIR, REPO_ROOT, GpuHost,  # noqa: F401  (REPO_ROOT: the cells' working directory)
+                      installed_requirements)
 from ..matrix import Cell
 
 if TYPE_CHECKING:
@@ -333,9 +334,9 @@ def register(backend: type[Backend]) -> type[Backend]:
 
 
 def requirements_file(framework: str, device: str) -> Path:
-    """The pinned requirements of a framework's environment: images/<framework>/requirements-<cpu|gpu>.txt
-    (the Docker images install the same files)."""
-    return IMAGES_DIR / framework / f"requirements-{device}.txt"
+    """What a framework's environment installs: the lock of images/<framework>/requirements-<cpu|gpu>.txt
+    (hash-checked; the Docker images install the same files), or those pins where it has none."""
+    return installed_requirements(IMAGES_DIR / framework, f"requirements-{device}.txt")
 
 
 def build_constraints_file(framework: str) -> Path | None:

@@ -36,9 +36,9 @@ def default_cache_dir() -> Path:
 
 @register
 class VirtualenvBackend(HostBackend):
-    """One virtual environment per framework and device kind, built from the pinned
-    requirement files under images/<framework>/ and kept under the cache folder, named by a
-    hash of its inputs: a second run reuses it, a changed pin builds a new one."""
+    """One virtual environment per framework and device kind, built from the locks under
+    images/<framework>/ (hash-checked; the images install the same) and kept under the cache
+    folder, named by a hash of its inputs: a second run reuses it, a changed pin builds a new one."""
 
     name = "local"
     summary = "a cached virtual environment per framework"
@@ -93,7 +93,7 @@ class VirtualenvBackend(HostBackend):
         steps = [
             [self.python, "-m", "venv", str(path)],
             [str(path / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
-             "-r", str(requirements)],
+             *(["--require-hashes"] if requirements.suffix == ".lock" else []), "-r", str(requirements)],
         ]
         env = dict(os.environ)
         if build_constraints:

@@ -1,5 +1,6 @@
-"""Which GPU architectures a build has code for (bench/gpu_code.py), and the catalog checked
-against it (harness/catalog.py archs), on fat binaries made here in NVIDIA's layout."""
+"""harness/catalog.py: the locks it writes for each requirement file (a stand-in resolver), and
+the catalog's GPU architectures checked against what a build has code for (bench/gpu_code.py,
+on fat binaries made here in NVIDIA's layout)."""
 from __future__ import annotations
 
 import struct
@@ -61,3 +62,28 @@ def test_the_catalog_is_checked_against_what_each_image_has():
         ("pytorch", "cuda11.8"): "not on this host (--build builds it)",
         ("jax", "cuda12.8"): "nothing to check: XLA compiles at run time"}
     assert [c.agrees for c in checks] == [True, False, True, True, True]
+
+
+def test_each_requirement_file_is_locked_for_the_oldest_python_that_installs_it(tmp_path):
+    from harness.catalog import lock_targets, write_locks
+
+    targets = {(t.framework, t.requirements.name): t for t in lock_targets(load_catalog(), ["pytorch", "mxnet",
+                                                                                              "chainer", "cntk"])}
+    assert targets[("pytorch", "requirements-gpu.txt")].python == "3.11"  # the 3.12 image, and local environments
+    assert targets[("mxnet", "requirements-gpu.txt")].python == "3.9"  # the CUDA 11.2 image's
+    assert targets[("cntk", "requirements-cpu.txt")].python == "3.6"  # its image only
+    cu128 = targets[("pytorch", "requirements-cu128.txt")].command("uv", [tmp_path], skip_extra_indexes=False)
+    assert cu128[cu128.index("--extra-index-url") + 1] == "https://download.pytorch.org/whl/cu128"
+    assert cu128[cu128.index("--find-links") + 1] == str(tmp_path) and "--universal" in cu128
+    assert "--extra-index-url" not in targets[("pytorch", "requirements-cu128.txt")].command("uv", [], True)
+    chainer = targets[("chainer", "requirements-cpu.txt")].command("uv", [], False)
+    assert chainer[chainer.index("--build-constraints") + 1] == "images/chainer/build-constraints.txt"
+
+    # A resolver that cannot reach an index fails that lock, and says why; the others are written.
+    fake_uv = tmp_path / "uv"
+    fake_uv.write_text("#!/bin/sh\ncase \"$3\" in *cu128*) echo 'error: index unreachable' >&2; exit 2;; esac\n")
+    fake_uv.chmod(0o755)
+    outcomes = dict((t.requirements.name, o) for t, o in write_locks(
+        [targets[("pytorch", "requirements-cu128.txt")], targets[("cntk", "requirements-cpu.txt")]],
+        str(fake_uv), [], False))
+    assert outcomes == {"requirements-cu128.txt": "FAILED: error: index unreachable", "requirements-cpu.txt": "written"}
