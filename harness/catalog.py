@@ -3,6 +3,8 @@
 
     python harness/catalog.py lock [--framework NAME ...] [--find-links DIR ...] [--skip-extra-indexes]
     python harness/catalog.py archs [--framework NAME ...] [--build] [docker backend options]
+    python harness/catalog.py digests
+
 
 ``lock``: resolve each requirement file under images/<framework>/ (the top-level pins every
 image variant and local environment names) into its lock beside it (``requirements-cpu.txt``
@@ -13,6 +15,11 @@ it (uv's universal resolution). Images and local environments install a lock has
 A variant's extra index (PyTorch's) must be reachable; ``--skip-extra-indexes`` leaves them
 out where only PyPI and a wheelhouse (``--find-links``) are.
 
+``digests``: pin every base image of the catalog by digest (``name:tag@sha256:...``, the tag
+kept for people), asking the registry through the Docker engine for each tag's digest now; a
+base that is pinned already gets the digest its tag points to now. Builds then start from
+exactly that base, whatever the tag points to later.
+
 ``archs``: for every GPU variant, the GPU architectures its framework's build has code for,
 read inside its image (``python -m bench.gpu_code``: the framework's own list where it keeps
 one, its libraries' fat binaries where not), beside what the catalog says (``archs``,
@@ -20,14 +27,16 @@ one, its libraries' fat binaries where not), beside what the catalog says (``arc
 built first with ``--build``. Frameworks that compile their kernels at run time for the GPU
 they find (XLA, CuPy) have no list to check.
 
-Exit status: 0 when every lock was written, or every image read agrees with the catalog; 1
-when a lock could not be resolved, or an image differs (the table says how: fix the
+Exit status: 0 when every lock was written, every base pinned, or every image read agrees
+with the catalog; 1 when a lock could not be resolved, a digest could not be had, or an image
+differs (the table says how: fix the
 catalog's entry); 2 for bad input.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -43,7 +52,9 @@ from bench.specs import FRAMEWORK_SPECS, FRAMEWORKS  # noqa: E402
 from harness.backends import BackendError  # noqa: E402
 from harness.backends.docker import DockerBackend  # noqa: E402
 from harness.backends.local import default_cache_dir  # noqa: E402
-from harness.images import IMAGES_DIR, REPO_ROOT, Catalog, Variant, lock_name, load_catalog, recipe  # noqa: E402
+from bench.result import write_text_atomic  # noqa: E402
+from harness.images import (CATALOG_PATH, IMAGES_DIR, REPO_ROOT, Catalog, Variant, load_catalog,  # noqa: E402
+                            lock_name, recipe)
 from harness.matrix import MatrixError  # noqa: E402
 
 
@@ -112,6 +123,29 @@ def write_locks(targets: list[LockTarget], uv: str, find_links: list[Path],
     return outcomes
 
 
+_BASE = re.compile(r'(\bbase: ")([^"]+)(")')
+
+
+def pin_digests(path: Path, digest_of: Callable[[str], str]) -> list[tuple[str, str]]:
+    """Rewrite every quoted base image in the catalog at ``path`` as ``name:tag@digest``, the
+    digest from ``digest_of(name:tag)``; what became of each base ("sha256:...", or why it was
+    left as it was). Comments and layout stay as they are."""
+    text = path.read_text(encoding="utf-8")
+    outcomes: dict[str, str] = {}
+    for base in sorted({match.group(2) for match in _BASE.finditer(text)}):
+        tag = base.split("@")[0]
+        try:
+            outcomes[base] = digest_of(tag)
+        except Exception as error:  # the registry or the engine: say so, keep the base as it is
+            outcomes[base] = f"FAILED: {type(error).__name__}: {str(error).splitlines()[0]}"
+    text = _BASE.sub(lambda m: m.group(1) + (m.group(2).split("@")[0] + "@" + outcomes[m.group(2)]
+                                             if outcomes[m.group(2)].startswith("sha256:") else m.group(2))
+                     + m.group(3), text)
+    write_text_atomic(path, text)
+    load_catalog(path)  # still a valid catalog
+    return sorted(outcomes.items())
+
+
 @dataclass(frozen=True)
 class ArchCheck:
     framework: str
@@ -177,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="a folder of wheels to resolve from too (repeatable)")
     lock.add_argument("--skip-extra-indexes", action="store_true",
                       help="leave out the variants' extra indexes (a host that reaches only PyPI)")
+    commands.add_parser("digests", help="pin every base image of the catalog by its digest now")
     archs = commands.add_parser("archs", help="check each GPU variant's archs and ptx against its image")
     archs.add_argument("--framework", action="append", choices=FRAMEWORKS, help="only these (repeatable)")
     archs.add_argument("--build", action="store_true", help="build the images that are not on this host")
@@ -185,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "lock":
         return lock_main(args)
+    if args.command == "digests":
+        return digests_main()
     try:
         catalog = load_catalog()
         backend = DockerBackend.from_args(args)
@@ -197,6 +234,21 @@ def main(argv: list[str] | None = None) -> int:
                      c.verdict] for c in checks],
                    headers=["framework", "variant", "catalog archs", "catalog ptx", "image"]))
     return 0 if all(check.agrees for check in checks) else 1
+
+
+def digests_main() -> int:
+    from harness.backends.docker import engine_answers
+
+    if not engine_answers():
+        print("error: no Docker engine answers at DOCKER_HOST (or the default socket); the digests are "
+              "asked of the registry through one: start one (scripts/docker-engine.sh start)", file=sys.stderr)
+        return 2
+    import docker
+
+    client = docker.from_env(timeout=120)
+    outcomes = pin_digests(CATALOG_PATH, lambda tag: client.images.get_registry_data(tag).id)
+    print(tabulate(outcomes, headers=["base image", "digest"]))
+    return 0 if all(outcome.startswith("sha256:") for _, outcome in outcomes) else 1
 
 
 def lock_main(args: argparse.Namespace) -> int:

@@ -87,3 +87,29 @@ def test_each_requirement_file_is_locked_for_the_oldest_python_that_installs_it(
         [targets[("pytorch", "requirements-cu128.txt")], targets[("cntk", "requirements-cpu.txt")]],
         str(fake_uv), [], False))
     assert outcomes == {"requirements-cu128.txt": "FAILED: error: index unreachable", "requirements-cpu.txt": "written"}
+
+
+def test_every_base_is_pinned_by_its_digest_now_and_a_registry_error_leaves_it_as_it_was(tmp_path):
+    from harness.catalog import pin_digests
+    from harness.images import CATALOG_PATH
+
+    catalog = tmp_path / "catalog.yml"
+    catalog.write_text(CATALOG_PATH.read_text())
+
+    def digest_of(tag: str) -> str:
+        if tag.startswith("ubuntu:"):
+            raise ConnectionError("registry-1.docker.io: no such host")
+        return "sha256:" + format(abs(hash(tag)), "x").rjust(64, "0")[:64]
+
+    outcomes = dict(pin_digests(catalog, digest_of))
+    assert outcomes["ubuntu:16.04"] == "FAILED: ConnectionError: registry-1.docker.io: no such host"
+    pinned = load_catalog(catalog)
+    bases = {v.base for variants in pinned.frameworks.values() for v in variants}
+    assert "ubuntu:16.04" in bases and "cpu" in bases  # left as it was; the run's own CPU base
+    cuda = {base for base in bases if base.startswith("nvidia/cuda:")}
+    assert cuda and all(base == f"{base.split('@')[0]}@{digest_of(base.split('@')[0])}" for base in cuda)
+    assert catalog.read_text().count("\n#") == CATALOG_PATH.read_text().count("\n#")  # comments kept
+    # Again: a pinned base gets the digest its tag points to now.
+    again = dict(pin_digests(catalog, lambda tag: "sha256:" + "e" * 64))
+    assert all(digest == "sha256:" + "e" * 64 for base, digest in again.items() if not base.startswith("ubuntu:"))
+    assert "nvidia/cuda:12.8.1-base-ubuntu22.04@sha256:" + "e" * 64 in catalog.read_text()
