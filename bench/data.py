@@ -182,10 +182,10 @@ def _download(download: Download, target: Path) -> None:
 
 
 def _remove(path: Path) -> None:
-    try:
+    # Checked first: on a read-only folder (a container's data mount) unlinking a file that is
+    # not there fails as read-only, not as missing.
+    if os.path.lexists(str(path)):
         path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def _extract(tarball: Path, data_dir: Path, folder: str) -> None:

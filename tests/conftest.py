@@ -212,6 +212,26 @@ def engine():
 
 
 @pytest.fixture(scope="session")
+def base_image(engine) -> str:
+    """The CPU images' base, pinned by digest: the base made here, pushed to the private registry
+    beside the engine (DLBENCH_REGISTRY; scripts/docker-engine.sh starts both), as an
+    air-gapped site's mirror holds its pinned bases. Without a registry, the base by its tag."""
+    registry = os.environ.get("DLBENCH_REGISTRY")
+    if not registry:
+        if os.environ.get("CI") == "true":
+            pytest.fail("no registry beside the engine (DLBENCH_REGISTRY); start both with "
+                        "`eval \"$(scripts/docker-engine.sh start)\"`")
+        return BASE_IMAGE
+    repository = f"{registry}/{BASE_IMAGE.split(':')[0]}"
+    image = engine.images.get(BASE_IMAGE)
+    image.tag(repository, "bookworm")
+    for line in engine.images.push(repository, "bookworm", stream=True, decode=True):
+        assert "error" not in line, line["error"]
+    digests = [d for d in engine.images.get(f"{repository}:bookworm").attrs["RepoDigests"] if d.startswith(repository)]
+    return f"{repository}:bookworm@{digests[0].split('@')[1]}"
+
+
+@pytest.fixture(scope="session")
 def wheelhouse() -> Path:
     """Every wheel the PyTorch image installs, by its lock, fetched by the host's pip (its index,
     or a local copy) and checked against the lock's hashes: the builds then run with no network."""
@@ -232,5 +252,5 @@ def certificate(tmp_path_factory) -> Path:
     return folder / "proxy.crt"
 
 
-def docker_options(wheelhouse: Path, certificate: Path) -> list[str]:
-    return ["--base-image", BASE_IMAGE, "--wheelhouse", str(wheelhouse), "--offline", "--ca-cert", str(certificate)]
+def docker_options(base_image: str, wheelhouse: Path, certificate: Path) -> list[str]:
+    return ["--base-image", base_image, "--wheelhouse", str(wheelhouse), "--offline", "--ca-cert", str(certificate)]

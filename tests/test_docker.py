@@ -15,7 +15,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from bench.result import bench_code_hash
-from conftest import BASE_IMAGE, CACHE, REPO, docker_options, write_matrix
+from conftest import CACHE, REPO, docker_options, write_matrix
 from harness.backends.docker import DockerBackend
 from harness.gpus import Gpu
 from harness.images import BuildOptions
@@ -35,10 +35,10 @@ def run_matrix(matrix: Path, results: Path, *options: str) -> subprocess.Complet
                           timeout=2400)
 
 
-def test_cells_run_in_images_built_offline_and_merge_with_local_results(engine, wheelhouse, certificate, tmp_path):
+def test_cells_run_in_images_built_offline_and_merge_with_local_results(engine, base_image, wheelhouse, certificate, tmp_path):
     matrix = write_matrix(tmp_path / "m.yml", f"matrix:\n  framework: [{', '.join(FRAMEWORKS)}]\n"
                                               "  task: [cnn_cifar10, gru_imdb]\n  gpu: [cpu]\n" + QUICK)
-    done = run_matrix(matrix, tmp_path / "docker", "--backend", "docker", *docker_options(wheelhouse, certificate))
+    done = run_matrix(matrix, tmp_path / "docker", "--backend", "docker", *docker_options(base_image, wheelhouse, certificate))
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = load_results(tmp_path / "docker" / "cells")
     assert not loaded.problems and len(loaded.results) == 2 * len(FRAMEWORKS)
@@ -48,14 +48,17 @@ def test_cells_run_in_images_built_offline_and_merge_with_local_results(engine, 
         image = result.env["image"]
         assert result.env["launcher"] == "docker" and image["tag"].startswith(f"dlbench/{framework}:cpu-")
         assert engine.images.get(image["tag"]).id == image["id"]
-        assert image["base"] == BASE_IMAGE and image["base_digest"] == engine.images.get(BASE_IMAGE).id
+        # The base as pinned, and its digest in the registry as the image's record of it.
+        assert image["base"] == base_image
+        assert image["base_digest"] == (base_image.replace(":bookworm@", "@") if "@" in base_image
+                                        else engine.images.get(base_image).id)
         labels = engine.images.get(image["tag"]).labels
         assert labels["org.dlbench.bench-hash"] == result.env["bench_hash"]
         assert labels["org.dlbench.framework"] == framework
         assert result.env["python"].startswith("3.11.")  # the base image's own Python
         log = (tmp_path / "docker" / "logs" / f"{result.cell.id}.log").read_text()
-        assert log.startswith(f"$ docker run {image['tag']} python -m bench "
-                              f"--request /dlbench/out/{result.cell.id}.request.json")
+        assert (f"$ docker run {image['tag']} python -m bench "
+                f"--request /dlbench/out/{result.cell.id}.request.json") in log
     assert not engine.containers.list(all=True, filters={"label": "org.dlbench.run"})  # all removed
 
     # The extra CA certificate is in the image's trust store, which pip is told to use.
@@ -70,14 +73,14 @@ def test_cells_run_in_images_built_offline_and_merge_with_local_results(engine, 
                                   network_mode="none").decode()
     assert '"sass": [], "ptx": [], "how": "a CPU build"' in found
     archs = subprocess.run([sys.executable, str(REPO / "harness" / "catalog.py"), "archs", "--framework", "pytorch",
-                            *docker_options(wheelhouse, certificate)], capture_output=True, text=True)
+                            *docker_options(base_image, wheelhouse, certificate)], capture_output=True, text=True)
     assert archs.returncode == 0, archs.stderr
     assert archs.stdout.count("not on this host (--build builds it)") == 4, archs.stdout
 
     # Nothing changed: the same images are found by their tags, none is built again.
     logs = sorted((CACHE / "images").glob("dlbench-pytorch-cpu-*.log"), key=lambda p: p.stat().st_mtime)
     built_at = logs[-1].stat().st_mtime_ns
-    again = run_matrix(matrix, tmp_path / "again", "--backend", "docker", *docker_options(wheelhouse, certificate), "--force")
+    again = run_matrix(matrix, tmp_path / "again", "--backend", "docker", *docker_options(base_image, wheelhouse, certificate), "--force")
     assert again.returncode == 0, again.stderr[-3000:]
     assert logs[-1].stat().st_mtime_ns == built_at
 
@@ -94,11 +97,11 @@ def test_cells_run_in_images_built_offline_and_merge_with_local_results(engine, 
         assert row.count(" ms [") == 2, row  # a number from each backend
 
 
-def test_a_cell_over_its_memory_limit_is_recorded_and_the_next_cell_runs(engine, wheelhouse, certificate, tmp_path):
+def test_a_cell_over_its_memory_limit_is_recorded_and_the_next_cell_runs(engine, base_image, wheelhouse, certificate, tmp_path):
     # PyTorch alone takes more than 150 MB once imported.
     matrix = write_matrix(tmp_path / "m.yml", "matrix:\n  framework: [pytorch]\n"
                                               "  task: [cnn_cifar10, gru_imdb]\n  gpu: [cpu]\n" + QUICK)
-    done = run_matrix(matrix, tmp_path / "results", "--backend", "docker", *docker_options(wheelhouse, certificate), "--memory", "150m")
+    done = run_matrix(matrix, tmp_path / "results", "--backend", "docker", *docker_options(base_image, wheelhouse, certificate), "--memory", "150m")
     assert done.returncode == 1
     results = {r.cell.task: r for _, r in load_results(tmp_path / "results" / "cells").results}
     assert results["cnn_cifar10"].status == "failed"
@@ -107,12 +110,12 @@ def test_a_cell_over_its_memory_limit_is_recorded_and_the_next_cell_runs(engine,
     assert not engine.containers.list(all=True, filters={"label": "org.dlbench.run"})
 
 
-def test_two_gpu_cells_run_side_by_side_in_real_containers_and_both_finish(engine, wheelhouse, certificate,
+def test_two_gpu_cells_run_side_by_side_in_real_containers_and_both_finish(engine, base_image, wheelhouse, certificate,
                                                                           tmp_path, monkeypatch):
     """The scheduler is given two stand-in GPUs; the cells compute on the CPU, in the CPU image,
     each in a read-only container of its own that must not stop the other's."""
     monkeypatch.setenv("DLBENCH_GPU_STAND_IN", "cpu")
-    backend = DockerBackend(CACHE, BuildOptions(cpu_base=BASE_IMAGE, ca_certificates=(certificate,),
+    backend = DockerBackend(CACHE, BuildOptions(cpu_base=base_image, ca_certificates=(certificate,),
                                                 wheelhouse=wheelhouse, offline=True))
     backend.gpus = [Gpu(index, f"GPU-stand-in-{index}", "NVIDIA H100 80GB HBM3", 80 << 30, "9.0") for index in (0, 1)]
     settings = Settings(warmup_steps=1, steps=2, repeats=2, max_repeats=2, timeout_s=600)
@@ -126,11 +129,11 @@ def test_two_gpu_cells_run_side_by_side_in_real_containers_and_both_finish(engin
     assert not list(folder.staging.iterdir())  # each cell's staging folder went with it
 
 
-def test_a_container_has_no_network(engine, wheelhouse, certificate, tmp_path):
+def test_a_container_has_no_network(engine, base_image, wheelhouse, certificate, tmp_path):
     """Real data that is not on the host cannot be fetched from inside a cell."""
     matrix = write_matrix(tmp_path / "m.yml", "matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10]\n"
                                               "  gpu: [cpu]\n" + QUICK + f"  data: real\n  data_dir: {tmp_path / 'data'}\n")
-    done = run_matrix(matrix, tmp_path / "results", "--backend", "docker", *docker_options(wheelhouse, certificate))
+    done = run_matrix(matrix, tmp_path / "results", "--backend", "docker", *docker_options(base_image, wheelhouse, certificate))
     assert done.returncode == 1
     ((_, result),) = load_results(tmp_path / "results" / "cells").results
     assert result.status == "failed" and result.error.startswith("DataUnavailable: cifar-10-batches-py")
@@ -146,9 +149,9 @@ def test_compose_file_is_valid_for_the_compose_tool_and_hardened_as_the_harness_
         assert done.returncode == 0, done.stderr
         return YAML(typ="safe").load(done.stdout)["services"]
 
-    services = config()
-    assert "pytorch" in services and "cntk" in services and "pytorch-gpu" not in services
-    gpu = config("--profile", "gpu")["pytorch-gpu"]
+    services = config("--profile", "gpu")
+    assert "pytorch" in services and "cntk" in services
+    gpu = services["pytorch-gpu"]
     (devices,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices["device_ids"] == ["1,2"] and devices["capabilities"] == ["gpu"]
     for service in (services["pytorch"], gpu):

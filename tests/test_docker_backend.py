@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import threading
 import time
 import types
@@ -313,3 +314,25 @@ def test_a_base_that_cannot_be_pulled_says_how_to_make_one(tmp_path):
                                            r"pulled \(dial tcp: .*\): load it, or make one with "
                                            r"scripts/make-base-image.sh and pass --base-image"):
         backend(tmp_path, client).prepare(launch(tmp_path).cell)
+
+
+def test_an_engine_that_may_not_raise_its_limits_runs_the_cell_under_the_hosts_and_says_so(tmp_path):
+    from docker.errors import APIError
+
+    class LimitedClient(FakeClient):
+        def _create(self, image, argv, **kwargs):
+            container = super()._create(image, argv, **kwargs)
+            if len(self.created) == 1:  # NVIDIA's limits: refused at start, as runc does
+                def refuse():
+                    raise APIError("500", explanation="error setting rlimit type 8: operation not permitted")
+                container.start = refuse
+            return container
+
+    client = LimitedClient()
+    ended, container, cell_launch = run(tmp_path, client)
+    assert ended.returncode == 0 and len(client.created) == 2 and all(c.removed for c in client.created)
+    assert client.created[0].kwargs["ulimits"][0]["Hard"] == -1  # asked for first
+    hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]
+    memlock = container.kwargs["ulimits"][0]
+    assert memlock["Name"] == "memlock" and memlock["Hard"] == (-1 if hard == resource.RLIM_INFINITY else hard)
+    assert "the engine could not set NVIDIA's ulimits (error setting rlimit type 8" in cell_launch.log_path.read_text()

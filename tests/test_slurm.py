@@ -179,11 +179,11 @@ slurm: {poll_s: 1}
 
 
 @pytest.mark.docker
-def test_a_cell_runs_in_its_image_through_the_nodes_engine(cluster, engine, wheelhouse, certificate, tmp_path):
+def test_a_cell_runs_in_its_image_through_the_nodes_engine(cluster, engine, base_image, wheelhouse, certificate, tmp_path):
     matrix = write_matrix(tmp_path / "m.yml", "matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10]\n"
                                               "  gpu: [cpu]\n" + QUICK)
     done = run_matrix(matrix, tmp_path / "results", "--slurm-runtime", "docker",
-                      *docker_options(wheelhouse, certificate))
+                      *docker_options(base_image, wheelhouse, certificate))
     assert done.returncode == 0, done.stderr + done.stdout
     [result] = results(RunFolder(tmp_path / "results")).values()
     assert result.status == "ok", result.error

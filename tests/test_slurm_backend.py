@@ -73,7 +73,7 @@ class JobWritingSlurm(FakeSlurm):
             cell_id = next(a for a in argv if a.startswith("--job-name=")).split("=", 1)[1]
             payload = result_payload(cell_id=cell_id)
             payload["env"]["bench_hash"] = bench_code_hash()
-            path, _ = job_files(self.folder.staging, cell_id, job_id)
+            path, _ = job_files(self.folder.cell_staging(cell_id), cell_id, job_id)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(payload))
         return job_id

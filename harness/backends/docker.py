@@ -12,9 +12,11 @@ different GPUs run side by side, each container labelled with its run and its ce
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import re
+import resource
 import shutil
 import tempfile
 import threading
@@ -119,6 +121,7 @@ class DockerBackend(HostBackend):
         self.kernel_cache_dir = cache_dir / "kernel-cache"  # one folder per image
         self._images: dict[tuple[str, str], Image] = {}
         self._leftovers_removed: set[str] = set()  # run folders whose leftovers are gone
+        self._ulimits = ULIMITS  # lowered once the engine says it may not set them
         self._leftovers_lock = threading.Lock()
 
     @classmethod
@@ -286,7 +289,8 @@ class DockerBackend(HostBackend):
         run_label = str(launch.folder.root if launch.folder else launch.result_path.parent)
         self.remove_leftovers(run_label)
         near_cpus = sorted({core for gpu in launch.gpus for core in gpu.near_cpus})
-        container = self.client.containers.create(
+        create = functools.partial(
+            self.client.containers.create,
             image.id, argv, detach=True, labels={RUN_LABEL: run_label, CELL_LABEL: launch.cell.id},
             mounts=mounts, read_only=True,
             # exec: torch.compile and XLA load the kernels they build there.
@@ -299,10 +303,25 @@ class DockerBackend(HostBackend):
             nano_cpus=int(self.limits.cpus * 1e9) if self.limits.cpus else None,
             # A pinned set, not only a quota, so that thread pools size themselves to it.
             cpuset_cpus=",".join(map(str, near_cpus)) or None,
-            pids_limit=self.limits.pids, shm_size=self.limits.shm_size(launch.cell.devices), ulimits=ULIMITS,
+            pids_limit=self.limits.pids, shm_size=self.limits.shm_size(launch.cell.devices),
             device_requests=_gpu_request(launch))
+        asked = self._ulimits
+        container = create(ulimits=asked)
         try:
-            container.start()
+            try:
+                container.start()
+            except APIError as error:
+                if "rlimit" not in str(error) or asked is not ULIMITS:
+                    raise
+                # An engine that may not raise its own limits (in a container, a VM without
+                # CAP_SYS_RESOURCE) cannot give NVIDIA's: the most it can, from now on.
+                self._ulimits = _limits_within()
+                _log_line(launch, f"the engine could not set NVIDIA's ulimits ({error.explanation}); cells "
+                                  f"run under this host's hard limits: " + ", ".join(
+                                      f"{u.name} {'unlimited' if u.hard == -1 else u.hard}" for u in self._ulimits))
+                container.remove(force=True)
+                container = create(ulimits=self._ulimits)
+                container.start()
             status = _wait(container, time.monotonic() + launch.timeout_s, launch.interrupted)
             if status is None:  # timed out or interrupted
                 container.stop(timeout=TERMINATE_GRACE_S)
@@ -353,6 +372,23 @@ def _digest(base) -> str | None:
         return None
     digests = base.attrs.get("RepoDigests") or []
     return digests[0] if digests else base.id
+
+
+def _limits_within() -> list[Ulimit]:
+    """NVIDIA's ulimits, each lowered to this process's hard limit (-1: unlimited)."""
+    within = []
+    for ulimit in ULIMITS:
+        _, hard = resource.getrlimit({"memlock": resource.RLIMIT_MEMLOCK, "stack": resource.RLIMIT_STACK}[ulimit.name])
+        wanted = ulimit.hard
+        limit = wanted if hard == resource.RLIM_INFINITY else (hard if wanted == -1 else min(wanted, hard))
+        within.append(Ulimit(name=ulimit.name, soft=limit, hard=limit))
+    return within
+
+
+def _log_line(launch: Launch, text: str) -> None:
+    launch.log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(launch.log_path, "a", encoding="utf-8") as log:
+        log.write(text + "\n")
 
 
 def _keep_log(container, launch: Launch) -> None:

@@ -379,7 +379,7 @@ class SlurmBackend(Backend):
                 state = self.watcher.wait(record.job_id, launch.interrupted)
             if state is None:  # interrupted: this run's job goes, and nothing is recorded
                 self.cli.cancel([record.job_id])
-                for path in (JobRecord.path(jobs, launch.cell.id), *job_files(launch.folder.staging,
+                for path in (JobRecord.path(jobs, launch.cell.id), *job_files(launch.result_path.parent,
                                                                               launch.cell.id, record.job_id)):
                     path.unlink(missing_ok=True)
                 return Exit(None, timed_out=False, interrupted=True)
@@ -434,7 +434,7 @@ class SlurmBackend(Backend):
         write_json_atomic(spec, {
             "runtime": self.runtime.name, "runtime_argv": self.runtime_argv,
             "cell": launch.cell.to_dict(), "request_path": str(launch.request_path),
-            "staging": str(folder.staging), "log_path": str(launch.log_path),
+            "staging": str(launch.result_path.parent), "log_path": str(launch.log_path),
             "weights": str(launch.weights) if launch.weights else None,
             "data_dir": str(launch.data_dir) if launch.data_dir else None})
         argv, gres = self.sbatch_argv(launch, spec)
@@ -449,7 +449,7 @@ class SlurmBackend(Backend):
     def _collect(self, launch: Launch, record: JobRecord, state: JobState) -> Exit:
         """The job's end as the runner records it: its result moved to where the runner reads
         it, and what Slurm says of the job in ``env.slurm``."""
-        result, runtime_exit = job_files(launch.folder.staging, launch.cell.id, record.job_id)
+        result, runtime_exit = job_files(launch.result_path.parent, launch.cell.id, record.job_id)
         if result.is_file():
             os.replace(result, launch.result_path)
         try:
