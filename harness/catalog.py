@@ -54,7 +54,7 @@ from harness.backends.docker import DockerBackend  # noqa: E402
 from harness.backends.local import default_cache_dir  # noqa: E402
 from bench.result import write_text_atomic  # noqa: E402
 from harness.images import (CATALOG_PATH, IMAGES_DIR, REPO_ROOT, Catalog, Variant, load_catalog,  # noqa: E402
-                            lock_name, recipe)
+                            lock_name, recipe, version_tuple)
 from harness.matrix import MatrixError  # noqa: E402
 
 
@@ -91,10 +91,6 @@ class LockTarget:
         return command
 
 
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split("."))
-
-
 def lock_targets(catalog: Catalog, frameworks: list[str]) -> list[LockTarget]:
     """Every requirement file the frameworks' variants (and local environments) install."""
     targets = []
@@ -106,7 +102,7 @@ def lock_targets(catalog: Catalog, frameworks: list[str]) -> list[LockTarget]:
             pythons = [variant.python for variant in variants]
             if name in ("requirements-cpu.txt", "requirements-gpu.txt") and not FRAMEWORK_SPECS[framework].image_only:
                 pythons.append(LOCAL_PYTHON)  # the local backend installs these too
-            targets.append(LockTarget(framework, IMAGES_DIR / framework / name, min(pythons, key=_version),
+            targets.append(LockTarget(framework, IMAGES_DIR / framework / name, min(pythons, key=version_tuple),
                                       next((v.index for v in variants if v.index), None)))
     return targets
 

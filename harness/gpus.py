@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -22,18 +24,32 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def detect_gpus(nvml: ModuleType | None = None) -> list[Gpu]:
-    """Every GPU NVML sees. ``nvml`` defaults to pynvml; tests pass a stand-in."""
+@contextmanager
+def _nvml_session(nvml: ModuleType | None) -> Iterator[ModuleType | None]:
+    """NVML initialised for the block (``nvml`` defaults to pynvml; tests pass a stand-in),
+    or None where there is no NVML or no driver."""
     if nvml is None:
         try:
             import pynvml as nvml
         except ImportError:
-            return []
+            yield None
+            return
     try:
         nvml.nvmlInit()
     except nvml.NVMLError:
-        return []
+        yield None
+        return
     try:
+        yield nvml
+    finally:
+        nvml.nvmlShutdown()
+
+
+def detect_gpus(nvml: ModuleType | None = None) -> list[Gpu]:
+    """Every GPU NVML sees."""
+    with _nvml_session(nvml) as nvml:
+        if nvml is None:
+            return []
         gpus = []
         for index in range(nvml.nvmlDeviceGetCount()):
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
@@ -43,8 +59,6 @@ def detect_gpus(nvml: ModuleType | None = None) -> list[Gpu]:
                             compute_capability=_compute_capability(nvml, handle),
                             near_cpus=_near_cpus(nvml, handle)))
         return gpus
-    finally:
-        nvml.nvmlShutdown()
 
 
 @dataclass(frozen=True)
@@ -54,26 +68,16 @@ class Driver:
 
 
 def detect_driver(nvml: ModuleType | None = None) -> Driver | None:
-    """The host's NVIDIA driver through NVML, or None without one."""
-    if nvml is None:
-        try:
-            import pynvml as nvml
-        except ImportError:
+    """The host's NVIDIA driver, or None without one."""
+    with _nvml_session(nvml) as nvml:
+        if nvml is None:
             return None
-    try:
-        nvml.nvmlInit()
-    except nvml.NVMLError:
-        return None
-    try:
-        version = _text(nvml.nvmlSystemGetDriverVersion())
         try:
             number = int(nvml.nvmlSystemGetCudaDriverVersion())  # 12020 for CUDA 12.2
             cuda = f"{number // 1000}.{number % 1000 // 10}"
         except nvml.NVMLError:
             cuda = None
-        return Driver(version, cuda)
-    finally:
-        nvml.nvmlShutdown()
+        return Driver(_text(nvml.nvmlSystemGetDriverVersion()), cuda)
 
 
 def _compute_capability(nvml: ModuleType, handle: object) -> str | None:
