@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import data as datasets
-from . import ceiling, environment, flops, frameworks, memory, precision
+from . import ceiling, environment, flops, frameworks, gpu_state, memory, precision
 from .host import GPU_STAND_IN, compute_device, utc_now
 from .protocol import ThroughputBlocks, infer_full, measure_throughput, train_full
 from .request import BUDGET_S, DATA, DEFAULTS, DEVICES, MIN_BLOCK_S, MODES, Request, RequestError, field_type, read_fields
@@ -161,16 +161,19 @@ def run(request: Request, spec: TaskSpec, settings: ResultSettings, options: Run
                       weights=_sha256(Path(request.weights)) if request.weights else None,
                       flops_per_example=flops.step_flops_per_example(spec, options.input_shape))
     more = (implementation(spec, options) for _ in range(settings.repeats))  # a fresh model per repeat
-    with memory.NvmlPeakSampler(nvml, os.environ.get("CUDA_VISIBLE_DEVICES")) as sampler:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    # On a CPU cell (no nvml) neither sampler reads anything.
+    with memory.NvmlPeakSampler(nvml, visible) as sampler, gpu_state.GpuStateSampler(nvml, visible) as monitor:
         if request.mode == "throughput":
-            metrics = measure_throughput(model, spec, data, settings, options)
+            metrics = measure_throughput(model, spec, data, settings, options, monitor)
         else:  # the first step on a model of its own, over one batch: the timed runs start cold
             first = ThroughputBlocks(model, spec, data, options, pool=options.global_batch_size).timed(1)
             if spec.kind == INFER:
-                metrics = infer_full(more, spec, data, options)
+                metrics = infer_full(more, spec, data, options, monitor)
             else:
-                metrics = train_full(more, spec, data, settings, options)
+                metrics = train_full(more, spec, data, settings, options, monitor)
             metrics.first_step_s, metrics.loss_first = first
+    monitor.record(metrics)
     metrics.import_s, metrics.build_s = import_s, build_s
     metrics.time_to_first_step_s = import_s + build_s + metrics.first_step_s
     if hasattr(model, "math_modes"):  # what the framework chose while it ran, where it may differ

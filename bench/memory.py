@@ -10,7 +10,8 @@ import threading
 from types import ModuleType
 from typing import Dict, List, Optional
 
-# How often the NVML sampler reads the GPUs' used memory while a cell runs.
+# How often the NVML samplers read the GPUs: their used memory while a cell runs, their state
+# while a timed block runs (bench/gpu_state.py).
 SAMPLE_INTERVAL_S = 0.05
 
 
@@ -23,24 +24,17 @@ def host_peak_rss() -> Dict[str, int]:
     }
 
 
-class NvmlPeakSampler:
-    """The most GPU memory in use on the cell's GPUs above what was in use when it started,
-    read through NVML in a background thread. With one cell per GPU (the harness's rule) that
-    is the cell's own use, context included, for frameworks whose allocator keeps no peak and
-    for processes the cell starts (data-parallel replicas)."""
+class NvmlDevices:
+    """The cell's GPUs through NVML for a with block: NVML initialised and a handle per entry of
+    CUDA_VISIBLE_DEVICES (an index or a UUID; NVML itself ignores the variable). No handles
+    where there is no nvml module, no driver or no such GPU: the samplers then read nothing."""
 
-    def __init__(self, nvml: Optional[ModuleType], visible_devices: Optional[str],
-                 interval_s: float = SAMPLE_INTERVAL_S):
+    def __init__(self, nvml: Optional[ModuleType], visible_devices: Optional[str]):
         self.nvml = nvml
-        self.interval_s = interval_s
         self.handles = []  # type: List[object]
-        self.baseline = []  # type: List[int]
-        self.peak = None  # type: Optional[int]
-        self._stop = threading.Event()
-        self._thread = None  # type: Optional[threading.Thread]
         self._visible = [entry.strip() for entry in (visible_devices or "0").split(",") if entry.strip()]
 
-    def __enter__(self) -> "NvmlPeakSampler":
+    def __enter__(self) -> "NvmlDevices":
         if self.nvml is None:
             return self
         try:
@@ -49,9 +43,37 @@ class NvmlPeakSampler:
             self.nvml = None
             return self
         try:
-            for entry in self._visible:
-                self.handles.append(self.nvml.nvmlDeviceGetHandleByIndex(int(entry)) if entry.isdigit()
-                                    else self.nvml.nvmlDeviceGetHandleByUUID(entry))
+            self.handles = [self.nvml.nvmlDeviceGetHandleByIndex(int(entry)) if entry.isdigit()
+                            else self.nvml.nvmlDeviceGetHandleByUUID(entry) for entry in self._visible]
+        except self.nvml.NVMLError:
+            self.handles = []
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.nvml is not None:
+            self.nvml.nvmlShutdown()
+
+
+class NvmlPeakSampler(NvmlDevices):
+    """The most GPU memory in use on the cell's GPUs above what was in use when it started,
+    read through NVML in a background thread. With one cell per GPU (the harness's rule) that
+    is the cell's own use, context included, for frameworks whose allocator keeps no peak and
+    for processes the cell starts (data-parallel replicas)."""
+
+    def __init__(self, nvml: Optional[ModuleType], visible_devices: Optional[str],
+                 interval_s: float = SAMPLE_INTERVAL_S):
+        super().__init__(nvml, visible_devices)
+        self.interval_s = interval_s
+        self.baseline = []  # type: List[int]
+        self.peak = None  # type: Optional[int]
+        self._stop = threading.Event()
+        self._thread = None  # type: Optional[threading.Thread]
+
+    def __enter__(self) -> "NvmlPeakSampler":
+        super().__enter__()
+        if not self.handles:
+            return self
+        try:
             self.baseline = self._used()
         except self.nvml.NVMLError:
             self.handles = []
@@ -80,5 +102,4 @@ class NvmlPeakSampler:
             self._stop.set()
             self._thread.join()
             self._record()  # the last state, should the cell have been shorter than an interval
-        if self.nvml is not None:
-            self.nvml.nvmlShutdown()
+        super().__exit__(*exc_info)

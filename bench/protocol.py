@@ -45,6 +45,8 @@ what happens per model (a tf.function's tracing) stays in each repeat's first ep
 result also gives alone.
 Array data is put in the model's layout outside the timers; the per-batch copy to the device
 happens inside them. Image-folder data is decoded inside them: that is what it measures.
+A monitor (bench/gpu_state.py's sampler on a GPU) is told where each timed block or run starts
+and ends, outside its timer, and how many examples it took.
 """
 import functools
 import itertools
@@ -114,6 +116,19 @@ def _endless(model: Any, data: Data, run: RunOptions, inference: bool, pool: Opt
     return itertools.cycle(batches)
 
 
+class Unwatched:
+    """The monitor of the timed blocks when none is given: it watches nothing."""
+
+    def block_started(self) -> None:
+        pass
+
+    def block_ended(self, examples: int) -> None:
+        pass
+
+
+UNWATCHED = Unwatched()
+
+
 class ThroughputBlocks:
     """Throughput mode's unit of work: ``run(steps)`` trains on the next ``steps`` batches and
     reads the loss back (the device barrier), or infers ``steps`` batches, each output a numpy
@@ -124,6 +139,7 @@ class ThroughputBlocks:
         self.model = model
         self.inference = spec.kind == INFER
         self.batches = _endless(model, data, run, self.inference, pool)
+        self.batch_size = run.global_batch_size
         self.first_output = None  # type: Optional[np.ndarray]
 
     def run(self, steps: int) -> Optional[float]:
@@ -136,11 +152,14 @@ class ThroughputBlocks:
                 self.first_output = output
         return None
 
-    def timed(self, steps: int) -> Tuple[float, Optional[float]]:
+    def timed(self, steps: int, monitor: Any = UNWATCHED) -> Tuple[float, Optional[float]]:
         """Seconds per step of ``steps`` steps, and the loss after them."""
+        monitor.block_started()
         start = time.perf_counter()
         loss = self.run(steps)
-        return (time.perf_counter() - start) / steps, loss
+        elapsed = time.perf_counter() - start
+        monitor.block_ended(steps * self.batch_size)
+        return elapsed / steps, loss
 
 
 def calibrated_steps(blocks: ThroughputBlocks, min_block_s: float) -> int:
@@ -163,11 +182,12 @@ def ci_half_width(summary: Summary) -> Optional[float]:
 
 
 def measure_throughput(model: Any, spec: TaskSpec, data: Data, settings: ResultSettings,
-                       run: RunOptions) -> Metrics:
+                       run: RunOptions, monitor: Any = UNWATCHED) -> Metrics:
     """The first step timed alone, the rest of the warm-up, then timed blocks of
     ``settings.steps`` steps (calibrated when 0): ``settings.repeats`` of them, and with
     ``settings.timing`` more until the median's 95% interval is within ±target_ci of it, the
-    budget is spent or max_repeats are timed. Writes the steps and repeats reached into ``settings``."""
+    budget is spent or max_repeats are timed. Writes the steps and repeats reached into ``settings``.
+    ``monitor`` watches those blocks alone."""
     blocks = ThroughputBlocks(model, spec, data, run)
     timing = settings.timing
     metrics = Metrics()
@@ -179,7 +199,7 @@ def measure_throughput(model: Any, spec: TaskSpec, data: Data, settings: ResultS
     step_times = []  # type: List[float]
     timed_s = 0.0
     while True:
-        per_step, metrics.loss_last = blocks.timed(settings.steps)
+        per_step, metrics.loss_last = blocks.timed(settings.steps, monitor)
         step_times.append(per_step)
         timed_s += per_step * settings.steps
         if len(step_times) < settings.repeats:
@@ -202,9 +222,10 @@ def measure_throughput(model: Any, spec: TaskSpec, data: Data, settings: ResultS
     return metrics
 
 
-def infer_full(models: Iterable[Any], spec: TaskSpec, data: Dataset, run: RunOptions) -> Metrics:
+def infer_full(models: Iterable[Any], spec: TaskSpec, data: Dataset, run: RunOptions,
+               monitor: Any = UNWATCHED) -> Metrics:
     """The seed's feature-extraction protocol: one untimed batch, then ``timed_batches``
-    batches timed, per repeat (a fresh model each)."""
+    batches timed, per repeat (a fresh model each); ``monitor`` watches the timed batches."""
     inputs = [x for x, _ in _batches(to_layout(data.x_train, "NCHW"), data.y_train, run.batch_size)]
     per_1000, outputs = [], []  # type: List[float], List[np.ndarray]
     prepared = {}
@@ -213,12 +234,14 @@ def infer_full(models: Iterable[Any], spec: TaskSpec, data: Dataset, run: RunOpt
             prepared[model.layout] = [to_layout(x, model.layout) for x in inputs]
         batches = prepared[model.layout]
         model.predict(batches[0])
+        monitor.block_started()
         start = time.perf_counter()
         for index in range(spec.timed_batches):
             output = model.predict(batches[index % len(batches)])
             if not outputs:
                 outputs.append(output)
         elapsed = time.perf_counter() - start
+        monitor.block_ended(spec.timed_batches * run.batch_size)
         per_1000.append(elapsed * 1000 / (spec.timed_batches * run.batch_size))
     seconds_per_1000 = Summary.of(per_1000)
     mean, std = _moments(outputs[0])
@@ -227,8 +250,9 @@ def infer_full(models: Iterable[Any], spec: TaskSpec, data: Dataset, run: RunOpt
 
 
 def train_full(models: Iterable[Any], spec: TaskSpec, data: Data, settings: ResultSettings,
-               run: RunOptions) -> Metrics:
-    """``epochs`` epochs of training per repeat (a fresh model each), then the test score."""
+               run: RunOptions, monitor: Any = UNWATCHED) -> Metrics:
+    """``epochs`` epochs of training per repeat (a fresh model each), then the test score;
+    ``monitor`` watches each epoch."""
     train_times, epoch_times, first_epochs, scores = [], [], [], []  # type: List[float], List[float], List[float], List[float]
     loss_last = None
     batch_size = run.global_batch_size
@@ -246,10 +270,12 @@ def train_full(models: Iterable[Any], spec: TaskSpec, data: Data, settings: Resu
                                               to_layout(data.x_test, model.layout))
                 order = np.random.default_rng(epoch_seed).permutation(len(data.x_train))
                 batches = _training_batches(model, prepared[model.layout][0], data.y_train, batch_size, order)
+            monitor.block_started()
             start = time.perf_counter()
             steps = _train(model, batches)  # an image pipeline decodes inside the timer
             loss_last = _check_loss(model.loss())
             elapsed = time.perf_counter() - start
+            monitor.block_ended(steps * batch_size)
             epoch_times.append(elapsed)
             if epoch == 0:
                 first_epochs.append(elapsed)

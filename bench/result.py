@@ -19,8 +19,9 @@ from .specs import TASKS
 
 # 3: summaries carry mean, coefficient of variation and a 95% interval; 4: env.launcher (was
 # env.backend), env.published for published numbers; 5: cell.compile, settings.timing (calibrated
-# throughput timing), the time to the first step, full mode's first epochs.
-SCHEMA_VERSION = 5
+# throughput timing), the time to the first step, full mode's first epochs; 6: the GPUs' state and
+# energy over the timed blocks (metrics.gpu_state, energy_j_per_example, examples_per_joule).
+SCHEMA_VERSION = 6
 SCHEMA_PATH = Path(__file__).with_name("result.schema.json")
 BENCH_DIR = Path(__file__).resolve().parent
 
@@ -138,6 +139,31 @@ def _quantile(values: List[float], q: float) -> float:
 
 
 @dataclass
+class GpuState:
+    """What the cell's GPUs did while the timed blocks ran (bench/gpu_state.py): NVML read every
+    50 ms during each block and once at its end, the pauses between blocks left out. Clocks,
+    temperatures and power are one GPU's figures, over every reading of every GPU; None where
+    the GPUs report no such figure."""
+
+    samples: int  # readings taken: one per GPU each time
+    sm_clock_mhz_min: Optional[float]
+    sm_clock_mhz_median: Optional[float]
+    sm_clock_mhz_max: Optional[float]
+    max_sm_clock_mhz: Optional[int]  # the most the SM clock can run at (the lowest of the GPUs')
+    memory_clock_mhz_median: Optional[float]
+    temperature_c_min: Optional[float]
+    temperature_c_median: Optional[float]
+    temperature_c_max: Optional[float]
+    power_w_median: Optional[float]
+    power_w_max: Optional[float]
+    power_limit_w: Optional[float]  # the enforced limit (the lowest of the GPUs')
+    energy_j: Optional[float]  # all GPUs, all blocks, from the energy counters (Volta on)
+    # Each clock-event reason seen (bench/gpu_state.py names them): the fraction of readings in
+    # which it was active; None where the GPUs do not say.
+    throttle_reasons: Optional[Dict[str, float]]
+
+
+@dataclass
 class Metrics:
     step_time_s: Optional[Summary] = None  # throughput mode: mean step time of each repeat
     throughput_per_s: Optional[float] = None  # items per second at the median time
@@ -168,6 +194,11 @@ class Metrics:
     first_epoch_s: Optional[Summary] = None  # full mode: each repeat's first epoch (in epoch_time_s too)
     # gemm_ceiling: each matrix size's rate (bench/ceiling.py); tflops_per_s is the fastest.
     gemm_tflops_per_s: Optional[Dict[str, float]] = None
+    # GPU cells: the GPUs' state over the timed blocks, and where their energy counters could be
+    # read, the energy those blocks took per example and its inverse (examples/s per watt).
+    gpu_state: Optional[GpuState] = None
+    energy_j_per_example: Optional[float] = None
+    examples_per_joule: Optional[float] = None
 
 
 @dataclass
@@ -199,12 +230,7 @@ class Result:
         """Rebuild a result from its JSON form (already validated against the schema)."""
         metrics = data.get("metrics")
         if metrics is not None:
-            # Results written before a statistic existed (schema 2) get it from their values.
-            metrics = Metrics(**{
-                key: (Summary(**value) if "ci95" in value else Summary.of(value["values"]))
-                if isinstance(value, dict) and "values" in value else value
-                for key, value in metrics.items()
-            })
+            metrics = Metrics(**{key: _metric(key, value) for key, value in metrics.items()})
         settings, model = dict(data.get("settings") or {}), data.get("model")
         if settings.get("timing"):
             settings["timing"] = Timing(**settings["timing"])
@@ -232,6 +258,16 @@ class Result:
         self.model.flops_per_example = step_flops_per_example(TASKS[self.cell.task], tuple(self.cell.input_shape))
         if self.metrics is not None and self.metrics.throughput_per_s:
             self.metrics.tflops_per_s = self.metrics.throughput_per_s * self.model.flops_per_example / 1e12
+
+
+def _metric(key: str, value: Any) -> Any:
+    """One field of Metrics from its JSON form. Results written before a statistic existed
+    (schema 2) get it from their values."""
+    if key == "gpu_state" and value is not None:
+        return GpuState(**value)
+    if isinstance(value, dict) and "values" in value:
+        return Summary(**value) if "ci95" in value else Summary.of(value["values"])
+    return value
 
 
 def _umask() -> int:

@@ -41,7 +41,7 @@ from harness.tables import Table, build_tables, write_tables  # noqa: E402
 # Marks the tables put on a cell's text: the class the HTML gives such a cell, and the heading
 # its notes are listed under.
 FLAGS = {"⚠": ("unstable", "unstable"), "†": ("mismatch", "parameter count differs"),
-         "‡": ("shared", "shared its host")}
+         "‡": ("shared", "shared its host"), "♨": ("throttled", "GPU throttled")}
 NOT_RUN = ("failed", "timeout", "skipped")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bench.gpu_state import SLOWDOWNS
 from bench.result import Result, ResultCell, Summary
 
 from .peaks import load_peaks
@@ -43,6 +44,8 @@ class ResultRow:
     finished_utc: str
     headline: Summary | None  # the time it is compared by (lower is better)
     peak_tflops_per_s: float | None  # of its GPU at its precision (harness/gpu_peaks.yml)
+    throttled: tuple[str, ...]  # the slowdowns (bench/gpu_state.py's SLOWDOWNS) seen in its timed blocks
+    examples_per_joule: float | None  # examples/s per watt of its GPUs' energy in the timed blocks
 
     @classmethod
     def of(cls, result: Result) -> "ResultRow":
@@ -59,7 +62,8 @@ class ResultRow:
             bench_hash=env.get("bench_hash"),
             math_modes=describe_math_modes(env.get("math_modes")), cells_at_once=env.get("cells_at_once", 1),
             finished_utc=env.get("finished_utc", ""), headline=headline_time(result),
-            peak_tflops_per_s=load_peaks().peak(gpu["name"], result.cell.precision) if gpu.get("name") else None)
+            peak_tflops_per_s=load_peaks().peak(gpu["name"], result.cell.precision) if gpu.get("name") else None,
+            throttled=throttled_by(result), examples_per_joule=result.metrics and result.metrics.examples_per_joule)
 
     @property
     def cell(self) -> ResultCell:
@@ -82,9 +86,10 @@ class ResultRow:
     def ok(self) -> bool:
         return self.result.status == "ok"
 
-    def headline_text(self) -> str:
-        """The headline time in its unit: per 1,000 items (inference), per step, or for training."""
-        value = self.headline.median
+    def headline_text(self, value: float | None = None) -> str:
+        """The headline time (or ``value``, a time of the same kind) in its unit: per 1,000 items
+        (inference), per step, or for training."""
+        value = self.headline.median if value is None else value
         if self.result.metrics.seconds_per_1000:
             return f"{value:.3g} s per 1,000"
         if self.cell.mode == "throughput":
@@ -102,6 +107,14 @@ def headline_time(result: Result) -> Summary | None:
     inference, the step time in throughput mode, the training time in full mode."""
     metrics = result.metrics
     return metrics and (metrics.seconds_per_1000 or metrics.step_time_s or metrics.train_time_s)
+
+
+def throttled_by(result: Result) -> tuple[str, ...]:
+    """The slowdowns its GPUs reported while the timed blocks ran, in NVML's order; none for a
+    result without GPU state (a CPU cell, schema 5 and before)."""
+    state = result.metrics and result.metrics.gpu_state
+    seen = (state and state.throttle_reasons) or {}
+    return tuple(reason for reason in SLOWDOWNS if seen.get(reason))
 
 
 def describe_math_modes(modes: dict | None) -> str:

@@ -103,7 +103,9 @@ def results_frame(results: list[Result]) -> pd.DataFrame:
             **_fields(metrics, "time_to_first_step_s", "import_s", "build_s", "first_step_s"),
             "first_epoch_s": metrics.first_epoch_s.median if metrics and metrics.first_epoch_s else None,
             **_fields(metrics, "throughput_per_s", "tflops_per_s", "device_memory_peak_bytes",
-                      "device_memory_source", "host_peak_rss_bytes"),
+                      "device_memory_source", "host_peak_rss_bytes", "energy_j_per_example"),
+            **_fields(metrics and metrics.gpu_state, "sm_clock_mhz_median", "max_sm_clock_mhz", "power_w_median"),
+            "examples_per_joule": row.examples_per_joule, "throttled": _throttled_text(row),
             **_fields(model, "parameters", "expected_parameters"),
             "parameter_note": model.note if model else None,
             **_fields(settings, "steps", "repeats", "warmup_steps", "epochs", "train_examples"),
@@ -121,6 +123,12 @@ def results_frame(results: list[Result]) -> pd.DataFrame:
             "finished_utc": row.finished_utc,
         })
     return with_ceilings(pd.DataFrame(rows)) if rows else pd.DataFrame(rows)
+
+
+def _throttled_text(row: ResultRow) -> str:
+    """The slowdowns seen in the timed blocks, each with the share of readings it held ("" for none)."""
+    share = row.result.metrics.gpu_state.throttle_reasons if row.throttled else {}
+    return ", ".join(f"{reason.replace('_', ' ')} in {share[reason]:.0%} of readings" for reason in row.throttled)
 
 
 def _timing(settings: object | None) -> dict[str, object]:
@@ -177,6 +185,12 @@ def _first_step(row: pd.Series) -> str:
     if not pd.isna(row.first_epoch_s):
         text += f", first epoch {row.first_epoch_s:.1f} s"
     return text
+
+
+def _energy(row: pd.Series, item: str) -> str:
+    """Examples per joule, the energy of one, and a GPU's median power in the timed blocks."""
+    text = f"{_rate(row.examples_per_joule)} {item}/J, {row.energy_j_per_example * 1e3:.3g} mJ each"
+    return text + (f", {row.power_w_median:.0f} W median" if not pd.isna(row.power_w_median) else "")
 
 
 def _unit(task: str, mode: str) -> str:
@@ -272,7 +286,24 @@ def build_tables(results: list[Result], mixed_bench: bool = False,
         name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{task}-{mode}-{data}-batch{batch_size}-{input_shape.replace('×', 'x')}")
         tables.append(Table(name, title, _describe(task, mode, data, batch_size, input_shape, group),
                             shown.fillna("–"), numbers, notes, q1, q3, _unit(task, mode)))
+        measured = group[group["examples_per_joule"].notna()]
+        if not measured.empty:
+            title = f"{task}: {spec.item} per joule ({spec.item}/s per W), {mode} mode"
+            tables.append(energy_table(measured, labels, name, title, spec.item))
     return tables, dropped
+
+
+def energy_table(group: pd.DataFrame, labels: dict, name: str, title: str, item: str) -> Table:
+    """The examples per joule (examples/s per W) of the results of table ``name`` whose GPUs'
+    energy was read, in a table of its own (higher is better). One figure per result: no quartiles."""
+    shown, numbers = pivot(group.assign(display=group.apply(lambda row: _energy(row, item), axis=1)), labels,
+                           ("display", "examples_per_joule"))
+    description = (f"{item.capitalize()} per joule of the GPUs' energy over the timed blocks, that is {item} per "
+                   f"second per watt (higher is better): their energy counters read at each block's start and end, "
+                   f"the pauses between blocks left out; then the energy of one, and a GPU's median power draw.")
+    no_spread = numbers * float("nan")
+    return Table(f"{name}-energy", title, description, shown.fillna("–"), numbers, [], no_spread, no_spread,
+                 f"{item} per joule ({item}/s per W)")
 
 
 def comparable(frame: pd.DataFrame, mixed_bench: bool = False) -> tuple[pd.DataFrame, list[str]]:
@@ -321,8 +352,8 @@ def with_published(fresh: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame
 def annotate(group: pd.DataFrame, labels: dict, item: str) -> tuple[pd.Series, list[str]]:
     """Annotate: each row's text (median, spread, rate) with its marks, and the table's notes:
     cells that did not run, † a parameter count other than the task's, ⚠ unstable timings,
-    ‡ a host shared with other cells, § GPU code compiled from PTX by the driver, and the
-    hosts when results come from several."""
+    ‡ a host shared with other cells, § GPU code compiled from PTX by the driver, ♨ a GPU
+    throttled while the blocks were timed, and the hosts when results come from several."""
     notes: list[str] = []
     display = group.apply(lambda row: _format(row, item), axis=1)
     for index, row in group.iterrows():
@@ -354,6 +385,11 @@ def annotate(group: pd.DataFrame, labels: dict, item: str) -> tuple[pd.Series, l
             notes.append(f"§ {row.row}, {where}: its image has no native code for this GPU; the driver "
                          f"compiled the build's PTX when the cell started (in its time to the first step)")
             display[index] += " §"
+        if row.throttled:
+            clock = (f"; SM clock median {row.sm_clock_mhz_median:,.0f} of {row.max_sm_clock_mhz:,.0f} MHz"
+                     if not pd.isna(row.sm_clock_mhz_median) and not pd.isna(row.max_sm_clock_mhz) else "")
+            notes.append(f"♨ {row.row}, {where}: throttled while timed: {row.throttled}{clock}")
+            display[index] += " ♨"
     ran = group[(group["status"] == "ok") & group["host"].notna()]
     if ran["host"].nunique() > 1:  # results of a cluster's nodes, or of several hosts merged
         notes.append("ran on " + "; ".join(f"{labels[key]}: {', '.join(sorted(set(hosts)))}"
@@ -371,10 +407,11 @@ def is_unstable(row: pd.Series) -> bool:
     return row.cv is not None and not pd.isna(row.cv) and row.cv > UNSTABLE_CV
 
 
-def pivot(group: pd.DataFrame, labels: dict) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Pivot: framework rows by device columns, of the ``display`` text and of the median, first
-    and third quartile (seconds). Rows in the order frameworks and precisions are listed in
-    the specs, not alphabetically; columns in the order the results came."""
+def pivot(group: pd.DataFrame, labels: dict, values: tuple[str, ...] = ("display", "median_s", "q1_s", "q3_s"),
+          ) -> tuple[pd.DataFrame, ...]:
+    """Pivot: framework rows by device columns, of the ``values`` columns: the ``display`` text and
+    the median, first and third quartile (seconds). Rows in the order frameworks and precisions are
+    listed in the specs, not alphabetically; columns in the order the results came."""
     columns = [labels[key] for key in dict.fromkeys(group["device_key"])]
     layout = group.assign(column=group["device_key"].map(labels))
     ordered = group.assign(order=group["framework"].map(_framework_order),
@@ -382,7 +419,7 @@ def pivot(group: pd.DataFrame, labels: dict) -> tuple[pd.DataFrame, pd.DataFrame
                            compile_order=group["compile"].map(COMPILE_PROFILES.index))
     rows = list(dict.fromkeys(ordered.sort_values(["order", "framework", "precision_order", "compile_order"])["row"]))
     frames = tuple(layout.pivot(index="row", columns="column", values=value).reindex(index=rows, columns=columns)
-                   for value in ("display", "median_s", "q1_s", "q3_s"))
+                   for value in values)
     for frame in frames:
         frame.index.name, frame.columns.name = "framework", None
     return frames

@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import types
 import zipfile
 import zlib
 from pathlib import Path
@@ -143,14 +144,23 @@ def write_matrix(path: Path, text: str) -> Path:
     return path
 
 
+# A GPU's state over the timed blocks of one result (bench/gpu_state.py), for result_payload.
+GPU_STATE = dict(samples=40, sm_clock_mhz_min=1980, sm_clock_mhz_median=1980, sm_clock_mhz_max=1980,
+                 max_sm_clock_mhz=1980, memory_clock_mhz_median=3201, temperature_c_min=41, temperature_c_median=48,
+                 temperature_c_max=52, power_w_median=412.5, power_w_max=455.0, power_limit_w=700.0, energy_j=250.0,
+                 throttle_reasons={})
+
+
 def result_payload(framework: str = "pytorch", status: str = "ok", error: str | None = None,
                    device: str = "cpu", step_times=(0.30, 0.31, 0.29), parameters: int = 3_441_592,
                    mode: str = "throughput", cpu_model: str = "Test CPU", cuda: str | None = None,
                    cudnn: str | None = None, gpu_name: str | None = None, finished: str = "2026-11-25T10:00:00+00:00",
-                   cell_id: str | None = None, precision: str = "fp32") -> dict:
-    """A schema-valid result as the bench writes it (the harness's view of a cell)."""
+                   cell_id: str | None = None, precision: str = "fp32", gpu_state: dict | None = None,
+                   examples_per_joule: float | None = None) -> dict:
+    """A schema-valid result as the bench writes it (the harness's view of a cell); ``gpu_state``
+    (GpuState's fields, as GPU_STATE) and ``examples_per_joule`` for a GPU cell's timed blocks."""
     from bench.precision import math_modes
-    from bench.result import Metrics, Model, Result, ResultCell, ResultSettings, Summary
+    from bench.result import GpuState, Metrics, Model, Result, ResultCell, ResultSettings, Summary
 
     cell = ResultCell(id=cell_id or f"cnn_cifar10.{framework}.{device}", framework=framework, task="cnn_cifar10",
                 device=device, gpu=gpu_name if device == "gpu" else None,
@@ -168,6 +178,10 @@ def result_payload(framework: str = "pytorch", status: str = "ok", error: str | 
         else:
             result.metrics = Metrics(train_time_s=summary, epoch_time_s=summary, throughput_per_s=1000.0,
                                      test_accuracy=Summary.of([0.77]), loss_last=0.6)
+        result.metrics.gpu_state = GpuState(**gpu_state) if gpu_state else None
+        if examples_per_joule:
+            result.metrics.examples_per_joule, result.metrics.energy_j_per_example = (examples_per_joule,
+                                                                                      1 / examples_per_joule)
         result.model = Model(parameters=parameters, expected_parameters=3_441_592, layout="NHWC")
         result.env.update({"python": "3.11.7", "numpy": "2.4.6", "framework": framework,
                            "framework_version": "1.0", "threads": 2, "cuda": cuda, "cudnn": cudnn,
@@ -177,6 +191,74 @@ def result_payload(framework: str = "pytorch", status: str = "ok", error: str | 
                                                     loss_scaling="dynamic" if precision == "fp16" else None,
                                                     autotuner=None, xla=False, compiler=None)})
     return result.to_dict()
+
+
+class StandInNvml:
+    """pynvml for two GPUs (handles 0 and 1) whose state the test sets: SM clock, temperature,
+    power draw (mW), the clock-event bitmask, and each GPU's energy counter (mJ), which ``spend``
+    advances. ``energy``: "counter", "unsupported" (a GPU before Volta) or "missing" (a module
+    without the call); ``event_reasons``: the module has the bitmask's newer call, which this
+    driver does not answer. The reasons' bits are the instance's own: a test can delete one."""
+
+    class NVMLError(Exception):
+        pass
+
+    NVML_CLOCK_SM, NVML_CLOCK_MEM, NVML_TEMPERATURE_GPU = 1, 2, 0
+    REASON_BITS = {"nvmlClocksThrottleReasonGpuIdle": 0x1, "nvmlClocksThrottleReasonApplicationsClocksSetting": 0x2,
+                   "nvmlClocksThrottleReasonSwPowerCap": 0x4, "nvmlClocksThrottleReasonHwSlowdown": 0x8,
+                   "nvmlClocksThrottleReasonSyncBoost": 0x10, "nvmlClocksThrottleReasonSwThermalSlowdown": 0x20,
+                   "nvmlClocksThrottleReasonHwThermalSlowdown": 0x40,
+                   "nvmlClocksThrottleReasonHwPowerBrakeSlowdown": 0x80,
+                   "nvmlClocksThrottleReasonDisplayClockSetting": 0x100}
+
+    def __init__(self, energy: str = "counter", event_reasons: bool = False):
+        vars(self).update(self.REASON_BITS)
+        self.sm_clock, self.temperature, self.power_mw, self.reasons = 1980, 60, 400_000, 0
+        self.energy_mj = [1_000_000, 2_000_000]
+        self.shutdowns = 0
+        if energy != "missing":
+            self.nvmlDeviceGetTotalEnergyConsumption = self._counter if energy == "counter" else self._unanswered
+        if event_reasons:
+            self.nvmlDeviceGetCurrentClocksEventReasons = self._unanswered
+
+    def spend(self, mj_each: int) -> None:
+        self.energy_mj = [counter + mj_each for counter in self.energy_mj]
+
+    def _counter(self, handle):
+        return self.energy_mj[handle]
+
+    def _unanswered(self, handle):
+        raise self.NVMLError("function not found")
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlShutdown(self):
+        self.shutdowns += 1
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return index
+
+    def nvmlDeviceGetClockInfo(self, handle, clock):
+        return self.sm_clock if clock == self.NVML_CLOCK_SM else 3201
+
+    def nvmlDeviceGetMaxClockInfo(self, handle, clock):
+        return 1980
+
+    def nvmlDeviceGetTemperature(self, handle, sensor):
+        return self.temperature
+
+    def nvmlDeviceGetPowerUsage(self, handle):
+        return self.power_mw
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle):
+        return 700_000
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return types.SimpleNamespace(used=2**30)
+
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle):
+        return self.reasons
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import pytest
 from bench import __main__ as bench_main
 from bench import environment, precision
 from bench.environment import mpi_rank
+from conftest import StandInNvml
 from harness.results import read_result
 
 
@@ -128,3 +129,31 @@ def test_the_ceiling_cell_times_the_frameworks_matrix_multiply(tmp_path, monkeyp
     assert result.cell.input_shape == [256, 256] and result.settings.timing is None
     assert sorted(result.metrics.gemm_tflops_per_s, key=int) == ["128", "192", "256"]
     assert result.metrics.tflops_per_s == pytest.approx(max(result.metrics.gemm_tflops_per_s.values()))
+
+
+class BusyNvml(StandInNvml):
+    """GPUs whose energy counters advance by half a joule between any two reads."""
+
+    def _counter(self, handle):
+        self.energy_mj[handle] += 500
+        return self.energy_mj[handle]
+
+
+@pytest.mark.parametrize("mode", ["throughput", "full"])
+def test_a_gpu_cell_records_its_gpus_state_and_energy_over_its_timed_blocks(tmp_path, monkeypatch, mode):
+    monkeypatch.setattr(bench_main.environment, "import_nvml", BusyNvml)
+    monkeypatch.setattr(bench_main.environment, "gpu_info", lambda nvml, visible: {"name": "Stand-in GPU"})
+    monkeypatch.setattr(bench_main.frameworks, "load", lambda name: fake_framework())
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setenv("NVIDIA_TF32_OVERRIDE", "0")  # restored after the test: the cell sets it
+    monkeypatch.delenv("DLBENCH_GPU_STAND_IN", raising=False)
+    out = tmp_path / "cell.json"
+    assert bench_main.main(["--framework", "pytorch", "--task", "gru_imdb", "--device", "gpu", "--mode", mode,
+                            "--steps", "2", "--repeats", "2", "--max-repeats", "2", "--epochs", "1",
+                            "--out", str(out)]) == 0
+    result = read_result(out)  # valid against the schema
+    state = result.metrics.gpu_state
+    assert state.samples >= 2 * 2 and state.power_limit_w == 700 and state.throttle_reasons == {}
+    # Two blocks (or runs of one epoch), each 0.5 J on each of the two GPUs.
+    examples = 2 * 2 * 64 if mode == "throughput" else 2 * (result.settings.train_examples // 64) * 64
+    assert state.energy_j == 2.0 and result.metrics.examples_per_joule == pytest.approx(examples / 2.0)

@@ -15,6 +15,17 @@ def test_a_row_names_the_device_and_the_headline_time():
     assert gpu.device == "NVIDIA H200" and gpu.cuda == "12.8"
 
 
+def test_a_row_says_which_slowdowns_throttled_its_gpus_and_its_examples_per_joule():
+    from conftest import GPU_STATE
+    reasons = {"gpu_idle": 0.2, "sync_boost": 1.0, "hw_thermal_slowdown": 0.3, "sw_power_cap": 0.5}
+    gpu = ResultRow.of(Result.from_dict(result_payload("pytorch", device="gpu", gpu_name="NVIDIA H200",
+                                                       gpu_state=dict(GPU_STATE, throttle_reasons=reasons),
+                                                       examples_per_joule=12.5)))
+    assert gpu.throttled == ("sw_power_cap", "hw_thermal_slowdown") and gpu.examples_per_joule == 12.5
+    cpu = ResultRow.of(Result.from_dict(result_payload("pytorch")))
+    assert cpu.throttled == () and cpu.examples_per_joule is None
+
+
 def test_a_cpu_cell_with_a_thread_count_says_so_where_asked():
     payload = result_payload("pytorch")
     payload["cell"]["threads"] = 2

@@ -315,3 +315,37 @@ def test_a_single_timed_block_has_no_interval_and_is_not_marked():
                                          timed_s=6.0)
     table = build_tables(results(payload))[0][0]
     assert not table.display.loc["pytorch"].iloc[0].endswith("⚠") and table.notes == []
+
+
+def test_a_throttled_gpu_cell_is_marked_with_its_slowdowns_and_its_clock():
+    from conftest import GPU_STATE
+    gpu = dict(device="gpu", gpu_name="NVIDIA H200", cuda="12.8", cudnn="91002")
+    hot = dict(GPU_STATE, sm_clock_mhz_median=1410, throttle_reasons={"gpu_idle": 0.1, "hw_slowdown": 0.4,
+                                                                      "hw_thermal_slowdown": 0.4})
+    set_clocks = dict(GPU_STATE, throttle_reasons={"applications_clocks_setting": 1.0, "sync_boost": 1.0})
+    table = build_tables(results(result_payload("pytorch", gpu_state=hot, **gpu),
+                                 result_payload("jax", gpu_state=set_clocks, **gpu)))[0][0]
+    assert table.display.loc["pytorch"].iloc[0].endswith(" ♨")
+    assert not table.display.loc["jax"].iloc[0].endswith("♨")  # neither idle nor chosen clocks throttle
+    assert table.notes == ["♨ pytorch, NVIDIA H200 / CUDA 12.8 / cuDNN 91002: throttled while timed: hw slowdown in "
+                           "40% of readings, hw thermal slowdown in 40% of readings; "
+                           "SM clock median 1,410 of 1,980 MHz"]
+
+
+def test_results_with_their_gpus_energy_get_a_table_of_examples_per_joule_after_their_task():
+    from conftest import GPU_STATE
+    gpu = dict(device="gpu", gpu_name="NVIDIA H200", cuda="12.8", cudnn="91002")
+    tables, _ = build_tables(results(result_payload("pytorch", gpu_state=GPU_STATE, examples_per_joule=12.5, **gpu),
+                                     result_payload("jax", gpu_state=GPU_STATE, **gpu),  # no energy counter
+                                     result_payload("tensorflow")))
+    assert [table.name for table in tables] == ["cnn_cifar10-throughput-synthetic-batch64-3x32x32",
+                                                "cnn_cifar10-throughput-synthetic-batch64-3x32x32-energy"]
+    energy = tables[1]
+    assert energy.title == "cnn_cifar10: images per joule (images/s per W), throughput mode"
+    assert list(energy.display.index) == ["pytorch"]
+    assert list(energy.display.columns) == ["NVIDIA H200 / CUDA 12.8 / cuDNN 91002"]
+    assert energy.display.iloc[0, 0] == "12.5 images/J, 80 mJ each, 412 W median"
+    assert energy.numbers.iloc[0, 0] == 12.5 and energy.q1.isna().all().all() and energy.q3.isna().all().all()
+    assert energy.unit == "images per joule (images/s per W)" and energy.notes == []
+    (alone,), _ = build_tables(results(result_payload("pytorch")))  # CPU cells: no energy
+    assert not alone.name.endswith("energy")

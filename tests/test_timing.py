@@ -110,3 +110,26 @@ def test_the_interval_width_is_its_larger_side_over_the_median():
     summary = Summary.of([1.0, 1.0, 1.0, 1.0, 2.0])
     low, high = summary.ci95
     assert protocol.ci_half_width(summary) == pytest.approx(max(1.0 - low, high - 1.0))
+
+
+class Recorder:
+    """A monitor of the timed blocks that notes what it is told, and the fake clock then."""
+
+    def __init__(self, clock: Clock):
+        self.clock, self.told = clock, []
+
+    def block_started(self) -> None:
+        self.told.append(("started", self.clock.now))
+
+    def block_ended(self, examples: int) -> None:
+        self.told.append(("ended", self.clock.now, examples))
+
+
+def test_the_monitor_is_told_of_the_timed_blocks_alone_not_of_the_first_step_warm_up_or_calibration(clock):
+    model = SteppedModel(clock, itertools.chain([30.0], itertools.repeat(0.1)))
+    monitor, asked = Recorder(clock), settings()
+    protocol.measure_throughput(model, SPEC, data(), asked, run_options(), monitor)
+    starts, ends = monitor.told[::2], monitor.told[1::2]
+    assert [event[0] for event in monitor.told] == ["started", "ended"] * asked.repeats and asked.repeats == 5
+    assert [examples for _, _, examples in ends] == [10 * 64] * 5  # steps x the global batch
+    assert [end[1] - start[1] for start, end in zip(starts, ends)] == pytest.approx([1.0] * 5)  # the blocks alone
