@@ -137,11 +137,21 @@ class Axes(BaseModel):
     exclude: list[ExcludeEntry] = []
 
 
+class AbSettings(BaseModel):
+    """The ``ab:`` block: run the matrix as an interleaved A/B (harness/ab.py)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    axis: str  # the axis whose two values are the sides, or "same" (A/A: each cell against itself)
+    rounds: int = Field(8, ge=2)  # each a fresh run a side
+
+
 class MatrixFile(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     matrix: Axes
     settings: Settings = Settings()
+    ab: Optional[AbSettings] = None
     # Options of the backend of that name, validated by it (Matrix.section): slurm's cluster options.
     slurm: Optional[dict[str, Any]] = None
 

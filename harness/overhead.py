@@ -40,7 +40,7 @@ from bench.result import write_text_atomic  # noqa: E402
 from bench.specs import FRAMEWORKS, TASKS  # noqa: E402
 from harness.backends.base import REPO_ROOT  # noqa: E402
 from harness.backends.local import VirtualenvBackend  # noqa: E402
-from harness.compare import paired_ratio_interval  # noqa: E402
+from harness import significance  # noqa: E402
 from harness.parity import LOCAL_FRAMEWORKS  # noqa: E402
 
 PLAIN_LOOPS = REPO_ROOT / "scripts" / "plain_loops"
@@ -73,7 +73,7 @@ class Pair:
 
     @property
     def interval(self) -> tuple[float, float] | None:
-        return None if self.ratio is None else paired_ratio_interval(self.plain_s, self.cell_s)
+        return None if self.ratio is None else significance.paired(self.plain_s, self.cell_s).interval()
 
 
 def _sizes(task: str) -> list[str]:

@@ -4,11 +4,17 @@ write one JSON result per cell, then print and write the comparison tables, thei
 an HTML report.
 
     python harness/run_matrix.py matrix.yml [--dry-run] [--backend auto|docker|local|current|slurm]
-                                            [--results DIR] [--force] [--serial] [backend options]
+                                            [--results DIR] [--force] [--serial] [--ab AXIS [--rounds N]]
+                                            [backend options]
 
 On a host with several GPUs, GPU cells run side by side, one per GPU (--serial: one at a time);
 on a Slurm cluster every cell is a job, placed by Slurm. A results folder is used by one
 harness at a time.
+
+--ab AXIS (or the matrix's ``ab:`` block) runs the matrix as an interleaved A/B: the cells that
+differ in AXIS alone run in pairs, round by round, A B then B A..., each turn a fresh process,
+one at a time; then the two sides are compared (harness/compare.py). --ab same runs each cell
+against itself (A/A): this host's noise floor per cell.
 
 Exit status: 0 when every cell ran (or was skipped with a reason, or is a cluster job still
 running after --detach), 1 when a cell failed or timed out, 2 for bad input or a results folder
@@ -31,16 +37,40 @@ from tabulate import tabulate  # noqa: E402
 from bench.specs import GEMM_CEILING  # noqa: E402
 from harness import backends  # noqa: E402
 from harness.backends.base import REPO_ROOT  # noqa: E402
-from harness.matrix import AXES, Cell, MatrixError, load, only, with_ceilings  # noqa: E402
+from harness.ab import SAME, AbPlan, plan, round_folder, run_ab  # noqa: E402
+from harness.compare import compare_ab, render  # noqa: E402
+from harness.compare import write as write_comparison  # noqa: E402
+from harness.matrix import AXES, Cell, Matrix, MatrixError, load, only, with_ceilings  # noqa: E402
 from harness.report import report  # noqa: E402
 from harness.results import FolderInUse, RunFolder  # noqa: E402
 from harness.runner import is_done, run_cells  # noqa: E402
 
 
-def default_results_dir(matrix_path: Path) -> Path:
-    """results/<matrix name>-<host>: running the same matrix again on the same host resumes
-    it; a changed cell has a new id (its settings are hashed into it) and runs afresh."""
-    return REPO_ROOT / "results" / f"{matrix_path.stem}-{socket.gethostname()}"
+def default_results_dir(matrix_path: Path, ab: AbPlan | None = None) -> Path:
+    """results/<matrix name>-<host>[-ab-<axis>|-aa]: running the same matrix again on the same
+    host resumes it; a changed cell has a new id (its settings are hashed into it) and runs afresh."""
+    kind = "" if ab is None else "-aa" if ab.axis == SAME else f"-ab-{ab.axis}"
+    return REPO_ROOT / "results" / f"{matrix_path.stem}-{socket.gethostname()}{kind}"
+
+
+def ab_plan(args: argparse.Namespace, matrix: Matrix, cells: list[Cell]) -> AbPlan | None:
+    """The A/B the command line or the matrix's ``ab:`` block asks for, or None."""
+    block = matrix.spec.ab
+    if args.ab is None and block is None:
+        if args.rounds is not None:
+            raise MatrixError(f"--rounds {args.rounds}: only an A/B has rounds; add --ab AXIS")
+        return None
+    axis = args.ab or block.axis
+    rounds = args.rounds or (block.rounds if block else 8)
+    return plan(cells, axis, rounds, "--ab" if args.ab else f"{matrix.place('ab', 'axis')}: ab.axis")
+
+
+def print_ab_plan(ab: AbPlan) -> None:
+    sides = "each cell against itself (A/A)" if ab.axis == SAME else f"{ab.axis} {ab.values[0]} (A) against {ab.values[1]} (B)"
+    print(f"\nA/B: {sides}; {len(ab.pairs)} pairs, {ab.rounds} rounds, {len(ab.schedule())} turns one at a time, "
+          f"the order A B, then B A, ...")
+    for cell, why in ab.left_out:
+        print(f"  left out: {cell.id}: {why}")
 
 
 def print_plan(cells: list[Cell], folder: RunFolder, backend: backends.Backend, expanded: int) -> None:
@@ -87,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
                              "run side by side, one per GPU, and share the host's CPUs)")
     parser.add_argument("--no-ceiling", action="store_true",
                         help="leave out the matrix-multiply ceiling cells (the tables then show no fraction of it)")
+    parser.add_argument("--ab", default=None, metavar="AXIS",
+                        help="run an interleaved A/B between the two values of this axis (e.g. cuda, threads, "
+                             "precision, compile), or 'same' for an A/A (the host's noise floor); overrides the "
+                             "matrix's ab block")
+    parser.add_argument("--rounds", type=int, default=None, metavar="N",
+                        help="rounds of an A/B, each a fresh run a side (default: the matrix's ab.rounds, or 8)")
     backends.add_arguments(parser)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # a cluster job makes the same backend from it
@@ -96,21 +132,27 @@ def main(argv: list[str] | None = None) -> int:
         backend = backends.select(args, matrix)
         expanded = matrix.cells(backend.inventory())
         cells = only(expanded, args.only)
-        if not args.no_ceiling:
+        ab = ab_plan(args, matrix, cells)
+        if ab is not None and getattr(args, "detach", False):
+            raise MatrixError("--ab with --detach: an A/B runs its turns in order, each after the last has ended; "
+                              "leave out --detach")
+        if not args.no_ceiling and ab is None:  # an A/B compares its pairs, nothing else
             cells = with_ceilings(cells, lambda cell: backend.skip_reason(cell) is None)
     except (MatrixError, backends.BackendError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    folder = RunFolder(args.results or default_results_dir(args.matrix))
+    folder = RunFolder(args.results or default_results_dir(args.matrix, ab))
     if folder.root.exists() and not folder.root.is_dir():
         print(f"error: --results {folder.root}: exists and is not a folder; pass a folder path", file=sys.stderr)
         return 2
     if args.dry_run:
-        print_plan(cells, folder, backend, len(expanded))
+        print_plan(ab.cells() if ab else cells, folder, backend, len(expanded))
+        if ab:
+            print_ab_plan(ab)
         return 0
     try:
         with folder.lock():
-            return run(args, cells, folder, backend)
+            return run_ab_matrix(args, ab, folder, backend) if ab else run(args, cells, folder, backend)
     except FolderInUse as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -140,6 +182,35 @@ def run(args: argparse.Namespace, cells: list[Cell], folder: RunFolder, backend:
           + (f" ({kept} kept from an earlier run)" if kept else "")
           + (f", {pending} still running as cluster jobs (run the same command to collect them)" if pending else "")
           + f"; results and tables in {folder.root}", file=sys.stderr)
+    return 1 if counts["failed"] or counts["timeout"] else 0
+
+
+def run_ab_matrix(args: argparse.Namespace, ab: AbPlan, folder: RunFolder, backend: backends.Backend) -> int:
+    """Every round of the A/B, then the comparison of its two sides (printed, and written into
+    comparison/), and the tables and report of its last round."""
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    print(f"A/B of {len(ab.pairs)} pairs, {ab.rounds} rounds, backend {backend.name}, one turn at a time, "
+          f"results in {folder.root}", file=sys.stderr)
+    try:
+        outcomes = run_ab(ab, folder, backend, args.matrix.resolve().parent, force=args.force)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished turns are kept in {folder.root / 'rounds'}; run the same command to go on",
+              file=sys.stderr)
+        return 130
+    finally:
+        backend.release()
+    last = ab.rounds - 1
+    page = report([round_folder(folder, last, side).cells for side in ("A", "B")], folder.root)
+    comparison, _ = compare_ab(folder.root)
+    names = ("first run", "second run") if ab.axis == SAME else tuple(f"{ab.axis} {v}" for v in ab.values)
+    if comparison.pairs:
+        print(render(comparison, *names))
+        write_comparison(comparison, folder.root / "comparison", *names)
+        print(f"comparison: {folder.root / 'comparison' / 'comparison.md'}", file=sys.stderr)
+    print(f"report (tables of the last round): {page}", file=sys.stderr)
+    counts = Counter(outcome.status for outcome in outcomes)
+    print(", ".join(f"{counts[s]} {s}" for s in ("ok", "failed", "timeout", "skipped") if counts[s])
+          + f" of {len(outcomes)} turns; results in {folder.root}", file=sys.stderr)
     return 1 if counts["failed"] or counts["timeout"] else 0
 
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from bench import result as contract
 from bench.host import host_facts, utc_now
 
-from .backends import Backend, BackendError, Exit, Launch, Progress, quiet
+from .backends import Backend, BackendError, Launch, Progress, quiet
 from .gpus import Gpu
 from .matrix import Cell
 from .results import RunFolder, read_result
@@ -115,10 +115,12 @@ def prepare_all(cells: list[Cell], folder: RunFolder, backend: Backend,
 
 
 def launch_cell(cell: Cell, folder: RunFolder, backend: Backend, gpus: list[Gpu], matrix_dir: Path,
-                cells_at_once: int = 1, interrupted: threading.Event | None = None) -> CellOutcome | None:
-    """Run a prepared cell on ``gpus`` and record how it ended; None when it was interrupted
-    (nothing is recorded then: the next run of the matrix runs it again) or is still running
-    outside the harness (a detached cluster job: the next run collects it)."""
+                cells_at_once: int = 1, interrupted: threading.Event | None = None,
+                more_env: dict | None = None) -> CellOutcome | None:
+    """Run a prepared cell on ``gpus`` and record how it ended, with ``more_env`` in its result's
+    env (an A/B's side and round); None when it was interrupted (nothing is recorded then: the
+    next run of the matrix runs it again) or is still running outside the harness (a detached
+    cluster job: the next run collects it)."""
     started = utc_now()
     log_path = folder.logs / f"{cell.id}.log"
     staging = folder.cell_staging(cell.id)
@@ -136,7 +138,7 @@ def launch_cell(cell: Cell, folder: RunFolder, backend: Backend, gpus: list[Gpu]
     except Exception as error:  # the engine went away, say: this cell fails, the matrix goes on
         shutil.rmtree(staging, ignore_errors=True)
         message = f"the {backend.name} backend could not run the cell: {type(error).__name__}: {error}"
-        record(folder, cell, "failed", message, backend, started)
+        record(folder, cell, "failed", message, backend, started, more_env)
         return CellOutcome(cell, "failed", message)
     if ended.pending:  # the job reads its request when it starts
         return None
@@ -149,7 +151,7 @@ def launch_cell(cell: Cell, folder: RunFolder, backend: Backend, gpus: list[Gpu]
             except ValueError:
                 pass  # the cell died before writing a valid result: recorded below
             else:
-                keep_result(folder, cell, staged, ended)
+                keep_result(folder, cell, staged, {**ended.env, **(more_env or {})})
                 return CellOutcome(cell, result.status, result.error)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -160,16 +162,17 @@ def launch_cell(cell: Cell, folder: RunFolder, backend: Backend, gpus: list[Gpu]
         after = f" after {cell.settings.timeout_s:g} s" if ended.timed_out else ""
         message = f"the cell process {ended.describe()}{after}; see {log_path}"
     message = f"{message}\n{log_tail(log_path)}".rstrip()
-    record(folder, cell, status, message, backend, started, ended.env)
+    record(folder, cell, status, message, backend, started, {**ended.env, **(more_env or {})})
     return CellOutcome(cell, status, message)
 
 
-def keep_result(folder: RunFolder, cell: Cell, staged: Path, ended: Exit) -> None:
-    """Move a result the cell wrote into cells/, with what the backend knows of where it ran."""
+def keep_result(folder: RunFolder, cell: Cell, staged: Path, more_env: dict) -> None:
+    """Move a result the cell wrote into cells/, with what the harness and the backend know of
+    where and how it ran."""
     folder.cells.mkdir(parents=True, exist_ok=True)
-    if ended.env:
+    if more_env:
         payload = json.loads(staged.read_text(encoding="utf-8"))
-        payload["env"].update(ended.env)
+        payload["env"].update(more_env)
         contract.write_json_atomic(staged, payload)
     os.replace(staged, folder.result_path(cell.id))
 

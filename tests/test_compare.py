@@ -1,5 +1,6 @@
 """compare.py: cells matched across two result sets on everything but the axes that differ,
-the ratio of their times with a bootstrap interval, a verdict, and a regression guard."""
+the ratio of their times with a bootstrap interval, a verdict judged over all pairs together,
+a one-screen summary, Markdown, JSON and a chart, and a regression guard."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ import pytest
 
 from bench.result import Result
 from conftest import REPO, result_payload, write_matrix
-from harness.compare import compare, main, paired_ratio_interval, ratio_interval
+from harness.compare import as_json, compare, main, markdown, render
 from harness.rows import ResultRow
 
 
@@ -85,28 +86,16 @@ def test_a_compiled_run_is_compared_with_the_default_run_framework_by_framework(
     assert pair.verdict() == "faster by 20.0%"
 
 
-def test_the_interval_needs_two_runs_a_side_and_is_seeded():
-    assert ratio_interval([1.0], [1.0, 1.1]) is None
-    assert ratio_interval([1.0, 1.1, 0.9], [2.0, 2.1, 1.9]) == ratio_interval([1.0, 1.1, 0.9], [2.0, 2.1, 1.9])
-
-
-def test_a_paired_interval_resamples_whole_pairs():
-    # Each pair moves together (the host's drift): the ratios are all 2, and so is every resample.
-    assert paired_ratio_interval([1.0, 3.0, 9.0], [2.0, 6.0, 18.0]) == pytest.approx((2.0, 2.0))
-    assert ratio_interval([1.0, 3.0, 9.0], [2.0, 6.0, 18.0])[0] < 1  # unpaired, the drift swamps it
-    assert paired_ratio_interval([1.0], [1.0]) is None
-    with pytest.raises(ValueError, match="unequal lengths"):
-        paired_ratio_interval([1.0, 2.0], [1.0])
-
-
 def test_the_command_guards_against_regressions(tmp_path, capsys):
     a = write_set(tmp_path / "a", gpu_result(cuda="12.8"))
     b = write_set(tmp_path / "b", gpu_result(cuda="13.0", times=(0.0120, 0.0121, 0.0119, 0.0122, 0.0120)))
     assert main([str(a), str(b)]) == 0
     out = capsys.readouterr().out
-    assert "A and B differ in: cuda 12.8 → 13.0" in out and "slower by 20.0%" in out
+    assert "they differ in: cuda 12.8 → 13.0" in out and "slower by 20.0%" in out
+    assert "1 pair judged together (Benjamini–Hochberg false-discovery control at 5%): 0 faster, 1 slower" in out
     assert main([str(a), str(b), "--fail-above", "10"]) == 1
-    assert "regression: cnn_cifar10 pytorch: B/A 1.200, above 1.100" in capsys.readouterr().err
+    assert "regression: cnn_cifar10 pytorch (throughput, NVIDIA H100 80GB HBM3): B/A 1.200, above 1.100" in \
+        capsys.readouterr().err
     assert main([str(a), str(b), "--fail-above", "25"]) == 0
 
 
@@ -136,6 +125,30 @@ def test_two_real_cpu_runs_that_differ_in_threads(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "harness" / "compare.py"), *map(str, folders)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "A and B differ in: threads 1 → 2" in done.stdout
+    assert "they differ in: threads 1 → 2" in done.stdout
     rows = [line for line in done.stdout.splitlines() if line.startswith(("cnn_cifar10", "gru_imdb"))]
     assert len(rows) == 2 and all("[" in row for row in rows)  # an interval on every row
+
+
+def test_the_summary_comes_first_with_counts_and_geometric_means_and_a_throttled_side_is_flagged(tmp_path):
+    from conftest import GPU_STATE
+
+    faster = (0.0080, 0.0081, 0.0079, 0.0080, 0.0082)
+    throttled = gpu_result("jax", "13.0", times=(0.0100, 0.0101, 0.0099, 0.0100, 0.0102))
+    throttled["metrics"]["gpu_state"] = {**GPU_STATE, "throttle_reasons": {"hw_thermal_slowdown": 0.4, "gpu_idle": 0.1}}
+    comparison = compare([row(gpu_result("pytorch")), row(gpu_result("jax"))],
+                         [row(gpu_result("pytorch", "13.0", times=faster)), row(throttled)])
+    text = render(comparison, "cuda-12.8", "cuda-13.0").splitlines()
+    assert text[0] == "B (cuda-13.0) against A (cuda-12.8); they differ in: cuda 12.8 → 13.0"
+    assert text[1].endswith("2 pairs judged together (Benjamini–Hochberg false-discovery control at 5%): "
+                            "1 faster, 0 slower, 1 no significant difference")
+    assert text[3].startswith("  per framework: jax 1.000 [") and "pytorch 0.800 [" in text[3]
+    assert text[4].startswith("  per task: cnn_cifar10 0.894 [") and text[4].endswith("(2 pairs)")
+    assert text[5] == ("warning: cnn_cifar10 jax (throughput, NVIDIA H100 80GB HBM3): only B was throttled "
+                       "(hw_thermal_slowdown); its time measures the GPU's cooling or power limit as well")
+    written = as_json(comparison, "cuda-12.8", "cuda-13.0")
+    assert written["counts"] == {"faster": 1, "slower": 0, "no difference": 1, "within the noise floor": 0}
+    assert written["geometric_mean"]["framework"]["pytorch"]["ratio"] == pytest.approx(0.8)
+    assert [p["verdict"] for p in written["pairs"]] == ["no significant difference", "faster by 20.0%"]
+    assert json.loads(json.dumps(written)) == written  # plain JSON
+    assert "| cnn_cifar10 | pytorch" in markdown(comparison, "cuda-12.8", "cuda-13.0")
