@@ -23,7 +23,7 @@ from bench.host import utc_now
 from tqdm import tqdm
 
 from .backends import Backend
-from .matrix import AXES, Cell, MatrixError
+from .matrix import AXES, Cell, MatrixError, fitted
 from .results import RunFolder
 from .runner import CellOutcome, check_and_prepare, is_done, launch_cell, record
 
@@ -105,11 +105,12 @@ def plan(cells: list[Cell], axis: str, rounds: int, where: str = "--ab") -> AbPl
         if str(getattr(cell, axis)) != values[0]:
             continue
         value_b = next(getattr(c, axis) for c in cells if str(getattr(c, axis)) == values[1])
-        partner = by_id.get(dataclasses.replace(cell, **{axis: value_b}).id)
-        if partner is None:
-            left_out.append((cell, f"no cell with {axis} {values[1]} to compare it with"))
-        elif partner.id == cell.id:
+        counterpart = fitted(dataclasses.replace(cell, **{axis: value_b}))
+        partner = by_id.get(counterpart.id)
+        if counterpart.id == cell.id:  # JAX's compiled cell is its default cell, say
             left_out.append((cell, f"its {axis} {values[1]} cell is the same run"))
+        elif partner is None:
+            left_out.append((cell, f"no cell with {axis} {values[1]} to compare it with"))
         else:
             pairs.append(Sides(cell, partner))
             partnered.add(partner.id)

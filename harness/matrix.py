@@ -235,7 +235,7 @@ class Matrix:
             for gpu in local_models if chosen["gpu"] == "auto" else [chosen["gpu"]]:
                 if chosen["gpu"] == "auto" and not combo.included and self._excluded_on_host(chosen, gpu):
                     continue
-                cell = _fitted(Cell(chosen["framework"], chosen["task"], gpu, chosen["cuda"], chosen["threads"],
+                cell = fitted(Cell(chosen["framework"], chosen["task"], gpu, chosen["cuda"], chosen["threads"],
                                     chosen["devices"], chosen["precision"], self.spec.settings.merged(combo.settings),
                                     chosen["compile"]))
                 cells.setdefault(cell.id, cell)
@@ -293,7 +293,7 @@ class Matrix:
                                         MatrixFile, {name: model})) from None
 
 
-def _fitted(cell: Cell) -> Cell:
+def fitted(cell: Cell) -> Cell:
     """The cell as its task can run it: one device unless the task is data-parallel, the
     task's fixed input size unless it ends in global pooling, random inputs for a task whose
     protocol times random inputs. Cells that become equal are run once."""

@@ -146,9 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --results {folder.root}: exists and is not a folder; pass a folder path", file=sys.stderr)
         return 2
     if args.dry_run:
-        print_plan(ab.cells() if ab else cells, folder, backend, len(expanded))
-        if ab:
+        if ab:  # its pairs, counted as chosen by --only only when it was given
+            print_plan(ab.cells(), folder, backend, len(expanded) if args.only else len(ab.cells()))
             print_ab_plan(ab)
+        else:
+            print_plan(cells, folder, backend, len(expanded))
         return 0
     try:
         with folder.lock():
