@@ -4,13 +4,11 @@ a one-screen summary, Markdown, JSON and a chart, and a regression guard."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from bench.result import Result
-from conftest import REPO, result_payload, write_matrix
+from conftest import result_payload
 from harness.compare import as_json, compare, main, markdown, render
 from harness.rows import ResultRow
 
@@ -107,27 +105,6 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert main([str(a), str(other)]) == 2
     assert "no successful cell in common" in capsys.readouterr().err
     assert main([str(a), str(a), "--fail-above", "-1"]) == 2
-
-
-@pytest.mark.integration
-def test_two_real_cpu_runs_that_differ_in_threads(tmp_path):
-    """Real result sets: the same PyTorch cells run with 1 and with 2 threads."""
-    folders = []
-    for threads in (1, 2):
-        matrix = write_matrix(tmp_path / f"t{threads}.yml", (
-            "matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10, gru_imdb]\n  gpu: [cpu]\n"
-            f"  threads: [{threads}]\nsettings:\n  warmup_steps: 1\n  steps: 2\n  repeats: 3\n  max_repeats: 3\n  batch_size: 16\n"))
-        folder = tmp_path / f"threads-{threads}"
-        done = subprocess.run([sys.executable, str(REPO / "harness" / "run_matrix.py"), str(matrix),
-                               "--backend", "local", "--results", str(folder)], capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
-        folders.append(folder)
-    done = subprocess.run([sys.executable, str(REPO / "harness" / "compare.py"), *map(str, folders)],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert "they differ in: threads 1 → 2" in done.stdout
-    rows = [line for line in done.stdout.splitlines() if line.startswith(("cnn_cifar10", "gru_imdb"))]
-    assert len(rows) == 2 and all("[" in row for row in rows)  # an interval on every row
 
 
 def test_the_summary_comes_first_with_counts_and_geometric_means_and_a_throttled_side_is_flagged(tmp_path):
