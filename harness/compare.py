@@ -202,9 +202,8 @@ def compare_ab(folder: Path, floors: dict[tuple, float] | None = None) -> tuple[
     loaded = load_results(folder / "rounds")
     by_turn: dict[tuple[str, int, str], ResultRow] = {}
     for row in rows_of([result for _, result in loaded.results]):
-        ab = row.result.env.get("ab")
-        if ab and row.ok and row.headline:
-            by_turn[(row.cell.id, ab["round"], ab["side"])] = row
+        if row.ab and row.ok and row.headline:
+            by_turn[(row.cell.id, row.ab.round, row.ab.side)] = row
     same = manifest["axis"] == SAME
     floors = dict(floors or {})
     measured_pairs, missing = [], 0
@@ -367,7 +366,7 @@ def chart(comparison: Comparison, path: Path, a_name: str, b_name: str) -> Path:
     return path
 
 
-def write(comparison: Comparison, out: Path, a_name: str, b_name: str) -> None:
+def write(comparison: Comparison, a_name: str, b_name: str, out: Path) -> None:
     write_text_atomic(out / "comparison.md", markdown(comparison, a_name, b_name))
     write_json_atomic(out / "comparison.json", as_json(comparison, a_name, b_name))
     chart(comparison, out / "comparison.png", a_name, b_name)
@@ -445,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(render(comparison, *names))
     if args.out:
-        write(comparison, args.out, *names)
+        write(comparison, *names, args.out)
         print(f"written: {args.out / 'comparison.md'}, comparison.json, comparison.png", file=sys.stderr)
     if args.fail_above is not None:
         failed = regressions(comparison, args.fail_above)

@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Tables and reports of any set of result folders (a run, or runs from several machines or
 clusters merged): the Markdown and CSV tables, a PNG chart per table, and one self-contained
-HTML report (tables, charts, environment, flagged cells) that opens from disk with nothing
-fetched from anywhere. The tables are printed too.
+HTML report (tables, charts, the history of cells measured in several runs, environment,
+flagged cells) that opens from disk with nothing fetched from anywhere. The tables are printed
+too.
 
     python harness/report.py RESULTS [more folders...] [--out DIR] [--no-charts] [--mixed-bench] [--no-reference]
 
 DIR is where run_matrix.py writes a run's own: the folder itself when there is one, and
-results/merged-<UTC time>/ for several. --no-charts writes the tables alone. Files that are
+results/merged-<UTC time>/ for several. Made from two folders, the report also compares the
+second with the first (harness/compare.py: the summary, a chart of the ratios, every pair). --no-charts writes the tables alone. Files that are
 not valid cell results are reported and skipped. Published reference numbers
 (harness/reference/) join the tables of the protocols they were measured with.
 """
@@ -18,6 +20,8 @@ import base64
 import html
 import sys
 from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,10 +36,13 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.result import Result, write_text_atomic  # noqa: E402
+from harness.compare import Comparison, compare, detail_rows, summary_lines  # noqa: E402
+from harness.compare import chart as comparison_chart  # noqa: E402
+from harness.history import draw as draw_history, history, overview  # noqa: E402
 from harness.images import REPO_ROOT  # noqa: E402
 from harness.reference import published_results  # noqa: E402
 from harness.results import load_results  # noqa: E402
-from harness.rows import rows_of  # noqa: E402
+from harness.rows import ResultRow, rows_of  # noqa: E402
 from harness.tables import Table, build_tables, write_tables  # noqa: E402
 
 # Marks the tables put on a cell's text: the class the HTML gives such a cell, and the heading
@@ -64,7 +71,8 @@ def chart(table: Table, path: Path) -> Path:
     values = numbers.to_numpy()[~np.isnan(numbers.to_numpy())]
     if values.size and values.min() > 0 and values.max() / values.min() > 100:
         axes.set_xscale("log")
-    axes.set_xlabel(f"{table.unit} (median, bars: interquartile range; shorter is faster)")
+    better = "longer is better" if table.higher_is_better else "shorter is faster"
+    axes.set_xlabel(f"{table.unit} (median, bars: interquartile range; {better})")
     axes.set_title(table.title, fontsize=10)
     axes.legend(fontsize=7, loc="best")
     figure.tight_layout()
@@ -109,6 +117,46 @@ def _frame_html(frame: pd.DataFrame) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+@dataclass(frozen=True)
+class Section:
+    """A section of the page after the tables, listed in its contents."""
+
+    id: str
+    title: str
+    body: str  # HTML
+
+
+def _data_uri(png: Path) -> str:
+    return f"data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}"
+
+
+def history_section(results: list[tuple[Path, Result]], charts: Path) -> Section | None:
+    """Every series measured in two runs or more, run after run (harness/history.py): a chart per
+    task (charts/history-<task>.png) and the change-points found; None when no series has two."""
+    found = history(results)
+    if not found.tracked:
+        return None
+    images = "".join(f'<img alt="history chart: {html.escape(task)}" src="{_data_uri(path)}">'
+                     for task, path in draw_history(found, charts).items())
+    changes = (_frame_html(pd.DataFrame(overview(found))) if found.change_points
+               else "<p>No change-points: every series kept its level.</p>")
+    return Section("history", "History", (
+        f"<p>{len(found.tracked)} series measured in two runs or more, in the order the runs finished: each "
+        "run's median with its interquartile range, and a dashed line where a series changed level "
+        "(<code>harness/history.py</code> finds the change-points; slowdowns first below).</p>" + images + changes))
+
+
+def comparison_section(comparison: Comparison, a_name: str, b_name: str, charts: Path) -> Section:
+    """B against A (harness/compare.py): its one-screen summary, a chart of every pair's ratio
+    with its interval (charts/comparison.png), and the pairs."""
+    summary = summary_lines(comparison, a_name, b_name)
+    headers, rows = detail_rows(comparison)
+    image = comparison_chart(comparison, charts / "comparison.png", a_name, b_name)
+    return Section("comparison", "B against A", (
+        f"<p>{html.escape(summary[0])}</p><ul>" + "".join(f"<li>{html.escape(line.strip())}</li>" for line in summary[1:])
+        + f'</ul><img alt="comparison chart" src="{_data_uri(image)}">' + _frame_html(pd.DataFrame(rows, columns=headers))))
+
+
 STYLE = """
 body { font-family: sans-serif; margin: 2em; color: #222; max-width: 90em; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
@@ -118,13 +166,14 @@ td.unstable { background: #fff4cc; }
 td.mismatch { background: #e8e0ff; }
 td.not-run { color: #a00; }
 td.shared { font-style: italic; }
+td.throttled { background: #ffe0cc; }
 img { max-width: 100%; border: 1px solid #eee; }
 .notes li { font-size: 0.85em; }
 """
 
 
 def html_report(tables: list[Table], charts: dict[str, Path], results: list[Result], sources: list[Path],
-                problems: list[str]) -> str:
+                problems: list[str], sections: Sequence[Section] = ()) -> str:
     flagged = defaultdict(list)
     for table in tables:
         for note in table.notes:
@@ -142,15 +191,16 @@ def html_report(tables: list[Table], charts: dict[str, Path], results: list[Resu
         f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}. Columns marked "
         "<em>published</em> are the seed's numbers, measured elsewhere and not reproduced here.</p>",
         "<ul>" + "".join(f'<li><a href="#{t.name}">{html.escape(t.title)}</a></li>' for t in tables)
+        + "".join(f'<li><a href="#{s.id}">{html.escape(s.title)}</a></li>' for s in sections)
         + '<li><a href="#flagged">Flagged cells</a></li><li><a href="#environment">Environment</a></li></ul>',
     ]
     for table in tables:
-        image = base64.b64encode(charts[table.name].read_bytes()).decode()
         notes = "".join(f"<li>{html.escape(note)}</li>" for note in table.notes)
         parts += [f'<section id="{table.name}"><h2>{html.escape(table.title)}</h2>',
                   f"<p>{html.escape(table.description)}</p>", _table_html(table),
-                  f'<img alt="chart: {html.escape(table.title)}" src="data:image/png;base64,{image}">',
+                  f'<img alt="chart: {html.escape(table.title)}" src="{_data_uri(charts[table.name])}">',
                   f'<ul class="notes">{notes}</ul></section>']
+    parts += [f'<section id="{s.id}"><h2>{html.escape(s.title)}</h2>{s.body}</section>' for s in sections]
     parts.append('<section id="flagged"><h2>Flagged cells</h2>')
     if flagged:
         for kind, entries in flagged.items():
@@ -165,9 +215,10 @@ def html_report(tables: list[Table], charts: dict[str, Path], results: list[Resu
 
 
 def report(folders: list[Path], out_dir: Path, mixed_bench: bool = False, reference: bool = True,
-           charts: bool = True) -> Path | None:
+           charts: bool = True, compared: tuple[Comparison, str, str] | None = None) -> Path | None:
     """Tables (``out_dir/tables/``) and, with ``charts``, the charts and report.html under
-    ``out_dir``; returns the report's path. Problems with files go to stderr."""
+    ``out_dir``, with ``compared`` (a comparison and its sides' names) as a section of its
+    own; returns the report's path. Problems with files go to stderr."""
     loaded = load_results(*folders)
     results = [result for _, result in loaded.results]
     tables, dropped = build_tables(results, mixed_bench, published_results() if reference else ())
@@ -178,8 +229,18 @@ def report(folders: list[Path], out_dir: Path, mixed_bench: bool = False, refere
         return None
     drawn = {table.name: chart(table, out_dir / "charts" / f"{table.name}.png") for table in tables}
     page = out_dir / "report.html"
-    write_text_atomic(page, html_report(tables, drawn, results, folders, loaded.problems + dropped))
+    sections = [comparison_section(*compared, out_dir / "charts")] if compared else []
+    timeline = history_section(loaded.results, out_dir / "charts")
+    sections += [timeline] if timeline else []
+    write_text_atomic(page, html_report(tables, drawn, results, folders, loaded.problems + dropped, sections))
     return page
+
+
+def two_sets(first: Path, second: Path) -> tuple[Comparison, str, str] | None:
+    """The second folder's results against the first's, when they have cells in common."""
+    a, b = ([ResultRow.of(result) for _, result in load_results(folder).results] for folder in (first, second))
+    comparison = compare(a, b)
+    return (comparison, str(first), str(second)) if comparison.pairs else None
 
 
 def default_out(folders: list[Path]) -> Path:
@@ -208,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {folder}: no such results folder; pass a folder of cell results", file=sys.stderr)
             return 2
     out = args.out or default_out(args.folders)
-    page = report(args.folders, out, args.mixed_bench, not args.no_reference, charts=not args.no_charts)
+    compared = two_sets(*args.folders) if len(args.folders) == 2 and not args.no_charts else None
+    page = report(args.folders, out, args.mixed_bench, not args.no_reference, charts=not args.no_charts,
+                  compared=compared)
     print((out / "tables" / "README.md").read_text(encoding="utf-8"))
     print(f"tables: {out / 'tables'}" + (f"; report: {page}" if page else ""), file=sys.stderr)
     return 0

@@ -23,6 +23,14 @@ class Published:
 
 
 @dataclass(frozen=True)
+class AbTurn:
+    """A result's side and round in an interleaved A/B run (env.ab)."""
+
+    side: str  # "A" or "B"
+    round: int
+
+
+@dataclass(frozen=True)
 class ResultRow:
     result: Result
     host: str | None  # the node, for results gathered from a cluster
@@ -39,6 +47,7 @@ class ResultRow:
     image: str | None  # the image's tag, where it ran in one
     ptx_jit: bool  # its image had no native code for the GPU: the driver compiled its PTX
     bench_hash: str | None
+    bench_commit: str | None  # the bench's git commit, where it ran from a checkout
     math_modes: str  # in a few words: "bfloat16 compute, TF32 off, XLA"
     cells_at_once: int
     finished_utc: str
@@ -46,6 +55,7 @@ class ResultRow:
     peak_tflops_per_s: float | None  # of its GPU at its precision (harness/gpu_peaks.yml)
     throttled: tuple[str, ...]  # the slowdowns (bench/gpu_state.py's SLOWDOWNS) seen in its timed blocks
     examples_per_joule: float | None  # examples/s per watt of its GPUs' energy in the timed blocks
+    ab: AbTurn | None  # its turn in an interleaved A/B run (harness/ab.py)
 
     @classmethod
     def of(cls, result: Result) -> "ResultRow":
@@ -59,11 +69,12 @@ class ResultRow:
             cuda=env.get("cuda"), cudnn=env.get("cudnn"),
             framework_version=env.get("framework_version"), python=env.get("python"),
             image=(env.get("image") or {}).get("tag"), ptx_jit=(env.get("image") or {}).get("gpu_code") == "ptx-jit",
-            bench_hash=env.get("bench_hash"),
+            bench_hash=env.get("bench_hash"), bench_commit=env.get("bench_commit"),
             math_modes=describe_math_modes(env.get("math_modes")), cells_at_once=env.get("cells_at_once", 1),
             finished_utc=env.get("finished_utc", ""), headline=headline_time(result),
             peak_tflops_per_s=load_peaks().peak(gpu["name"], result.cell.precision) if gpu.get("name") else None,
-            throttled=throttled_by(result), examples_per_joule=result.metrics and result.metrics.examples_per_joule)
+            throttled=throttled_by(result), examples_per_joule=result.metrics and result.metrics.examples_per_joule,
+            ab=AbTurn(env["ab"]["side"], env["ab"]["round"]) if env.get("ab") else None)
 
     @property
     def cell(self) -> ResultCell:

@@ -202,12 +202,14 @@ def run_ab_matrix(args: argparse.Namespace, ab: AbPlan, folder: RunFolder, backe
     finally:
         backend.release()
     last = ab.rounds - 1
-    page = report([round_folder(folder, last, side).cells for side in ("A", "B")], folder.root)
     comparison, _ = compare_ab(folder.root)
     names = ("first run", "second run") if ab.axis == SAME else tuple(f"{ab.axis} {v}" for v in ab.values)
-    if comparison.pairs:
-        print(render(comparison, *names))
-        write_comparison(comparison, folder.root / "comparison", *names)
+    compared = (comparison, *names) if comparison.pairs else None
+    sides = ("A",) if ab.axis == SAME else ("A", "B")  # an A/A's two sides are the same cells
+    page = report([round_folder(folder, last, side).cells for side in sides], folder.root, compared=compared)
+    if compared:
+        print(render(*compared))
+        write_comparison(*compared, folder.root / "comparison")
         print(f"comparison: {folder.root / 'comparison' / 'comparison.md'}", file=sys.stderr)
     print(f"report (tables of the last round): {page}", file=sys.stderr)
     counts = Counter(outcome.status for outcome in outcomes)

@@ -36,6 +36,7 @@ class Table:
     q1: pd.DataFrame  # framework x device, the first and third quartiles (seconds) or NaN
     q3: pd.DataFrame
     unit: str  # what the numbers are: "seconds per step", "seconds per 1,000 images", ...
+    higher_is_better: bool = False  # a rate (examples per joule) rather than a time
 
     def markdown(self) -> str:
         parts = [f"### {self.title}", "", self.description, "",
@@ -303,7 +304,7 @@ def energy_table(group: pd.DataFrame, labels: dict, name: str, title: str, item:
                    f"the pauses between blocks left out; then the energy of one, and a GPU's median power draw.")
     no_spread = numbers * float("nan")
     return Table(f"{name}-energy", title, description, shown.fillna("–"), numbers, [], no_spread, no_spread,
-                 f"{item} per joule ({item}/s per W)")
+                 f"{item} per joule ({item}/s per W)", higher_is_better=True)
 
 
 def comparable(frame: pd.DataFrame, mixed_bench: bool = False) -> tuple[pd.DataFrame, list[str]]:

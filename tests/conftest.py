@@ -1,9 +1,10 @@
 """Shared fixtures: data sets in the official on-disk formats, small matrices, a results
-folder, and the framework environments the integration tests run in."""
+folder, a history of run folders, and the framework environments the integration tests run in."""
 from __future__ import annotations
 
 import importlib
 import io
+import json
 import os
 import struct
 import subprocess
@@ -259,6 +260,31 @@ class StandInNvml:
 
     def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle):
         return self.reasons
+
+
+SLOWER = (1,) * 5 + (1.10,) * 5  # a history's PyTorch times, run by run: 10% slower from the sixth on
+
+
+def write_run_history(root: Path, factors=SLOWER, step_at: int = 5, seed: int = 0) -> Path:
+    """A run folder a day for each factor (run-00/cells/, run-01/cells/...), each holding PyTorch's
+    and JAX's CNN on an H100, their times varying by 1%; from run ``step_at`` on with CUDA 13.0 and
+    framework 2.0, and PyTorch's time times each run's factor. Run 02 holds PyTorch twice (a repeat)."""
+    rng = np.random.default_rng(seed)
+    for run, factor in enumerate(factors):
+        cells = root / f"run-{run:02d}" / "cells"
+        cells.mkdir(parents=True)
+        stepped = run >= step_at
+        for framework, times, copies in (("pytorch", factor, 2 if run == 2 else 1), ("jax", 1, 1)):
+            for copy in range(copies):
+                median = 0.010 * times * (1 + rng.normal(0, 0.01))
+                payload = result_payload(framework, device="gpu", gpu_name="NVIDIA H100 80GB HBM3",
+                                         cuda="13.0" if stepped else "12.8", cudnn="9",
+                                         step_times=(median * 0.99, median, median * 1.01),
+                                         finished=f"2026-11-{run + 1:02d}T10:00:00+00:00",
+                                         cell_id=f"cnn_cifar10.{framework}.{copy}")
+                payload["env"]["framework_version"] = "2.0" if stepped else "1.0"
+                (cells / f"cnn_cifar10.{framework}.{copy}.json").write_text(json.dumps(payload))
+    return root
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from html.parser import HTMLParser
 import matplotlib.image
 import pytest
 
-from conftest import result_payload
+from conftest import result_payload, write_run_history
 from harness.report import main, report
 
 
@@ -73,6 +73,7 @@ def test_the_report_holds_tables_charts_flags_and_the_environment(tmp_path):
     assert 'class="unstable"' in text and 'class="mismatch"' in text and 'class="not-run"' in text
     assert "Flagged cells" in text and "No module named" in text and "CPU (Test CPU, 2 cores)" in text
     assert all(link.startswith(("#", "data:image/png;base64,")) for link in parsed.links)
+    assert 'id="history"' not in text  # one run: no history
     charts = list((tmp_path / "out" / "charts").glob("*.png"))
     assert len(charts) == 1 and matplotlib.image.imread(charts[0]).shape[2] in (3, 4)
     assert (tmp_path / "out" / "tables" / "README.md").is_file()
@@ -131,3 +132,43 @@ def test_several_folders_merge_into_a_new_folder_of_their_own(tmp_path, monkeypa
     assert merged.name.startswith("merged-") and (merged / "report.html").is_file()
     assert not (first / "tables").exists()  # a run's own tables are left as they are
     assert "| pytorch" in capsys.readouterr().out
+
+
+def test_several_runs_get_a_history_section_that_renders_in_chromium_and_fetches_nothing(tmp_path):
+    page = report([write_run_history(tmp_path / "history")], tmp_path / "out")
+    assert '<li><a href="#history">History</a></li>' in page.read_text(encoding="utf-8")
+    chart = tmp_path / "out" / "charts" / "history-cnn_cifar10.png"
+    assert matplotlib.image.imread(chart).shape[2] in (3, 4)
+    dom, fetched = render(page, tmp_path)
+    assert '<section id="history"><h2>History</h2>' in dom
+    assert '<img alt="history chart: cnn_cifar10" src="data:image/png;base64,' in dom
+    [change] = [row for row in parse(dom).rows if row[0].startswith("cnn_cifar10: pytorch")]
+    assert change[1].startswith("slowdown ×1.") and change[1].endswith(", latest")
+    assert change[5] == "cuda 12.8 → 13.0; framework version 1.0 → 2.0"
+    assert fetched == []
+
+
+def test_a_report_of_two_sets_compares_them_and_renders_in_chromium(tmp_path, monkeypatch):
+    from harness import report as report_module
+
+    monkeypatch.setattr(report_module, "REPO_ROOT", tmp_path)
+    sets = []
+    for name, cuda, scale in (("a", "12.8", 1.0), ("b", "13.0", 1.2)):
+        folder = tmp_path / name
+        folder.mkdir()
+        for framework in ("pytorch", "jax"):
+            times = [t * (scale if framework == "pytorch" else 1.0) for t in (0.0100, 0.0101, 0.0099, 0.0100, 0.0102)]
+            payload = result_payload(framework, device="gpu", gpu_name="NVIDIA H100 80GB HBM3", cuda=cuda, cudnn="9",
+                                     step_times=times, cell_id=f"cnn_cifar10.{framework}.cuda-{cuda}")
+            (folder / f"{framework}.json").write_text(json.dumps(payload))
+        sets.append(folder)
+    assert main([str(folder) for folder in sets]) == 0
+    [page] = (tmp_path / "results").glob("merged-*/report.html")
+    dom, fetched = render(page, tmp_path)
+    assert '<section id="comparison"><h2>B against A</h2>' in dom and '<li><a href="#comparison">' in dom
+    assert f"<p>B ({sets[1]}) against A ({sets[0]}); they differ in: cuda 12.8 → 13.0</p>" in dom
+    assert "2 pairs judged together (Benjamini–Hochberg false-discovery control at 5%): 0 faster, 1 slower" in dom
+    assert '<img alt="comparison chart" src="data:image/png;base64,' in dom
+    verdicts = {row[1]: row[-1] for row in parse(dom).rows if row and row[0] == "cnn_cifar10"}
+    assert verdicts == {"pytorch": "slower by 20.0%", "jax": "no significant difference"}
+    assert fetched == []
