@@ -12,6 +12,7 @@ Turns run one at a time, so that neither side ever shares the host with the othe
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -134,12 +135,14 @@ def run_ab(ab: AbPlan, folder: RunFolder, backend: Backend, matrix_dir: Path,
     then does not run either."""
     contract.write_json_atomic(folder.root / MANIFEST, ab.manifest())
     turns = ab.schedule()
+    # Preparing records a cell that will not run; each turn records it in its own round below.
+    scratch = RunFolder(folder.staging / "prepare")
     not_ready: dict[str, CellOutcome] = {}
     for cell in ab.cells():
-        outcome = check_and_prepare(cell, round_folder(folder, 0, "A" if cell.id in {s.a.id for s in ab.pairs} else "B"),
-                                    backend)
+        outcome = check_and_prepare(cell, scratch, backend)
         if outcome is not None:
             not_ready[cell.id] = outcome
+    shutil.rmtree(scratch.root, ignore_errors=True)
     for sides in ab.pairs:
         for cell, partner in ((sides.a, sides.b), (sides.b, sides.a)):
             if partner.id in not_ready and cell.id not in not_ready:
@@ -153,13 +156,11 @@ def run_ab(ab: AbPlan, folder: RunFolder, backend: Backend, matrix_dir: Path,
         for turn in turns:
             where = round_folder(folder, turn.round, turn.side)
             bar.set_description_str(f"round {turn.round + 1}/{ab.rounds}, {turn.side}: {turn.cell.id}")
-            if turn.cell.id in not_ready:
-                outcome = not_ready[turn.cell.id]
-                if not where.result_path(turn.cell.id).exists():
-                    record(where, turn.cell, outcome.status, outcome.error or "", backend, utc_now(),
-                           {"ab": turn.env(ab)})
-            elif not force and is_done(where.result_path(turn.cell.id)):
+            if not force and is_done(where.result_path(turn.cell.id)):
                 outcome = CellOutcome(turn.cell, "ok", None, reused=True)
+            elif turn.cell.id in not_ready:
+                outcome = not_ready[turn.cell.id]
+                record(where, turn.cell, outcome.status, outcome.error or "", backend, utc_now(), {"ab": turn.env(ab)})
             else:
                 [(_, gpus)] = placement.start_now([turn.cell])
                 try:

@@ -134,6 +134,7 @@ class Comparison:
     only_b: int
     design: str  # how the pairs were measured: apart, or an interleaved A/B of so many rounds
     floors: dict[tuple, float] = field(default_factory=dict)  # an A/A's noise floor per cell (floor_key)
+    unmeasured: int = 0  # an A/B's pairs with no round in which both sides ran
 
     def counts(self) -> dict[str, int]:
         verdicts = [pair.verdict().split(" ")[0] for pair in self.pairs]
@@ -231,7 +232,7 @@ def compare_ab(folder: Path, floors: dict[tuple, float] | None = None) -> tuple[
     differing = {} if same else {manifest["axis"]: ([values[0]], [values[1]])}
     design = (f"interleaved {'A/A' if same else 'A/B'} in one run, {manifest['rounds']} rounds, each a fresh "
               f"process a side, paired round by round")
-    return Comparison(differing, pairs, missing, missing, design, floors), loaded.problems
+    return Comparison(differing, pairs, 0, 0, design, floors, missing), loaded.problems
 
 
 def floors_of(folders: Iterable[Path]) -> dict[tuple, float]:
@@ -278,6 +279,8 @@ def summary_lines(comparison: Comparison, a_name: str, b_name: str) -> list[str]
     lines += [f"warning: {w}" for w in (pair.warning() for pair in comparison.pairs) if w]
     if comparison.only_a or comparison.only_b:
         lines.append(f"not compared: {comparison.only_a} cell(s) only in A, {comparison.only_b} only in B")
+    if comparison.unmeasured:
+        lines.append(f"not compared: {comparison.unmeasured} pair(s) with no round in which both sides ran")
     return lines
 
 
@@ -335,7 +338,7 @@ def as_json(comparison: Comparison, a_name: str, b_name: str) -> dict:
                    "noise_floor": p.judged.floor, "significant": p.significant, "verdict": p.verdict(),
                    "warning": p.warning()} for p in comparison.pairs],
         "noise_floors": [{"cell": list(map(str, key)), "floor": value} for key, value in comparison.floors.items()],
-        "only_a": comparison.only_a, "only_b": comparison.only_b,
+        "only_a": comparison.only_a, "only_b": comparison.only_b, "unmeasured": comparison.unmeasured,
     }
 
 

@@ -125,6 +125,22 @@ def test_a_side_that_cannot_run_skips_its_partner_in_every_round(tmp_path):
     assert skipped.status == "skipped" and "partner" in skipped.error and skipped.env["ab"]["round"] == 1
 
 
+def test_an_environment_that_breaks_later_keeps_the_turns_already_measured(tmp_path):
+    class Broken(ScriptBackend):
+        def prepare(self, cell, progress=None):
+            raise BackendError("building the environment failed; see build.log")
+
+    folder = RunFolder(tmp_path / "run")
+    ab = plan([cell(threads=1), cell(threads=2)], "threads", 2)
+    run_ab(ab, folder, ScriptBackend(TIMED), tmp_path)
+    outcomes = run_ab(plan([cell(threads=1), cell(threads=2)], "threads", 3), folder, Broken(TIMED), tmp_path)
+    assert [o.reused for o in outcomes] == [True] * 4 + [False] * 2
+    assert read_result(round_folder(folder, 1, "A").result_path(cell(threads=1).id)).status == "ok"
+    assert read_result(round_folder(folder, 2, "A").result_path(cell(threads=1).id)).status == "failed"
+    comparison, _ = compare.compare_ab(folder.root)
+    assert comparison.pairs[0].rounds == 2 and not list(folder.staging.glob("prepare"))
+
+
 # The same cell twice: each run's blocks 5% off the other's at random (a noisy host).
 NOISY = TIMED.replace('base = 0.08 if "threads-2" in sys.argv[2] else 0.10', "base = 0.10 * random.uniform(0.95, 1.05)")
 
