@@ -107,14 +107,21 @@ class Pair:
         cell = self.a.cell
         return f"{cell.task} {cell.framework} ({cell.mode}, {self.a.device_label(threads=True)})"
 
+    @property
+    def change(self) -> str | None:
+        """"slower" or "faster" when B's time differs from A's beyond noise; else None."""
+        if not self.significant:
+            return None
+        return "slower" if self.ratio > 1 else "faster"
+
     def verdict(self) -> str:
         if self.judged.ratio.p is None:
             return "one value a side: cannot tell change from noise"
         if self.judged.within_floor:
             return f"within this host's noise floor (±{self.judged.floor:.1%})"
-        if not self.significant:
+        if self.change is None:
             return "no significant difference"
-        return f"{'slower' if self.ratio > 1 else 'faster'} by {abs(self.ratio - 1):.1%}"
+        return f"{self.change} by {abs(self.ratio - 1):.1%}"
 
     def warning(self) -> str | None:
         """One side ran with its clocks held down and the other did not: the ratio measures that too."""
@@ -137,9 +144,9 @@ class Comparison:
     unmeasured: int = 0  # an A/B's pairs with no round in which both sides ran
 
     def counts(self) -> dict[str, int]:
-        verdicts = [pair.verdict().split(" ")[0] for pair in self.pairs]
-        return {"faster": verdicts.count("faster"), "slower": verdicts.count("slower"),
-                "no difference": len(self.pairs) - verdicts.count("faster") - verdicts.count("slower"),
+        changes = [pair.change for pair in self.pairs]
+        return {"faster": changes.count("faster"), "slower": changes.count("slower"),
+                "no difference": changes.count(None),
                 "within the noise floor": sum(pair.judged.within_floor for pair in self.pairs)}
 
     def means(self, by: Callable[[Pair], str]) -> dict[str, significance.GroupMean]:
@@ -233,6 +240,14 @@ def compare_ab(folder: Path, floors: dict[tuple, float] | None = None) -> tuple[
     design = (f"interleaved {'A/A' if same else 'A/B'} in one run, {manifest['rounds']} rounds, each a fresh "
               f"process a side, paired round by round")
     return Comparison(differing, pairs, 0, 0, design, floors, missing), loaded.problems
+
+
+def ab_side_names(folder: Path) -> tuple[str, str]:
+    """What an A/B run's sides are called: "cuda 12.8" and "cuda 12.6"; an A/A's, its two runs."""
+    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    if manifest["axis"] == SAME:
+        return "first run", "second run"
+    return tuple(f"{manifest['axis']} {value}" for value in manifest["values"])
 
 
 def floors_of(folders: Iterable[Path]) -> dict[tuple, float]:
@@ -349,7 +364,7 @@ def chart(comparison: Comparison, path: Path, a_name: str, b_name: str) -> Path:
     figure, axes = plt.subplots(figsize=(9, 1.4 + 0.32 * len(pairs)))
     colours = {"slower": "#c0392b", "faster": "#27ae60"}
     for row, pair in enumerate(pairs):
-        colour = colours.get(pair.verdict().split(" ")[0], "#7f8c8d")
+        colour = colours.get(pair.change, "#7f8c8d")
         low, high = pair.interval or (pair.ratio, pair.ratio)
         axes.errorbar([pair.ratio], [row], xerr=[[pair.ratio - low], [high - pair.ratio]], fmt="o", color=colour,
                       capsize=3)
@@ -434,10 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         comparison, problems = compare_ab(sets[0], floors)
         for problem in problems:
             print(f"note: {problem}", file=sys.stderr)
-        manifest = json.loads((sets[0] / MANIFEST).read_text(encoding="utf-8"))
-        names = [f"{manifest['axis']} {value}" for value in manifest["values"]]
-        if manifest["axis"] == SAME:
-            names = ["first run", "second run"]
+        names = ab_side_names(sets[0])
     else:
         comparison = compare(_rows(sets[0]), _rows(sets[1]), floors)
         names = list(args.sets)

@@ -38,7 +38,7 @@ from bench.specs import GEMM_CEILING  # noqa: E402
 from harness import backends  # noqa: E402
 from harness.backends.base import REPO_ROOT  # noqa: E402
 from harness.ab import SAME, AbPlan, plan, round_folder, run_ab  # noqa: E402
-from harness.compare import compare_ab, render  # noqa: E402
+from harness.compare import ab_side_names, compare_ab, render  # noqa: E402
 from harness.compare import write as write_comparison  # noqa: E402
 from harness.matrix import AXES, Cell, Matrix, MatrixError, load, only, with_ceilings  # noqa: E402
 from harness.report import report  # noqa: E402
@@ -203,8 +203,7 @@ def run_ab_matrix(args: argparse.Namespace, ab: AbPlan, folder: RunFolder, backe
         backend.release()
     last = ab.rounds - 1
     comparison, _ = compare_ab(folder.root)
-    names = ("first run", "second run") if ab.axis == SAME else tuple(f"{ab.axis} {v}" for v in ab.values)
-    compared = (comparison, *names) if comparison.pairs else None
+    compared = (comparison, *ab_side_names(folder.root)) if comparison.pairs else None
     sides = ("A",) if ab.axis == SAME else ("A", "B")  # an A/A's two sides are the same cells
     page = report([round_folder(folder, last, side).cells for side in sides], folder.root, compared=compared)
     if compared:
