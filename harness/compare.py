@@ -291,6 +291,10 @@ def summary_lines(comparison: Comparison, a_name: str, b_name: str) -> list[str]
         lines.append(f"  {title}: " + "; ".join(
             f"{name} {mean.value:.3f}{_interval_text(mean.interval)} ({mean.pairs} pair{'s' if mean.pairs > 1 else ''})"
             for name, mean in comparison.means(by).items()))
+    few = sorted({pair.rounds for pair in comparison.pairs if pair.rounds and pair.rounds < significance.SIGN_TEST_ROUNDS})
+    if few:
+        lines.append(f"note: with {' or '.join(map(str, few))} rounds the sign test can call no pair different "
+                     f"({significance.SIGN_TEST_ROUNDS} rounds at least, all agreeing); the ratios are still measured")
     lines += [f"warning: {w}" for w in (pair.warning() for pair in comparison.pairs) if w]
     if comparison.only_a or comparison.only_b:
         lines.append(f"not compared: {comparison.only_a} cell(s) only in A, {comparison.only_b} only in B")

@@ -73,7 +73,7 @@ class Pair:
 
     @property
     def interval(self) -> tuple[float, float] | None:
-        return None if self.ratio is None else significance.paired(self.plain_s, self.cell_s).interval()
+        return None if self.ratio is None else significance.paired(self.plain_s, self.cell_s).bootstrap_interval()
 
 
 def _sizes(task: str) -> list[str]:

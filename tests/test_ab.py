@@ -97,7 +97,8 @@ def test_every_turn_is_recorded_in_order_and_the_sides_are_judged_paired(tmp_pat
     assert not problems and comparison.differing == {"threads": (["1"], ["2"])}
     (pair,) = comparison.pairs
     assert pair.rounds == 6 and pair.ratio == pytest.approx(0.8, abs=0.02) and pair.verdict().startswith("faster by")
-    assert "interleaved A/B in one run, 6 rounds" in compare.render(comparison, "threads 1", "threads 2")
+    text = compare.render(comparison, "threads 1", "threads 2")
+    assert "interleaved A/B in one run, 6 rounds" in text and "note: with" not in text
 
 
 def test_an_interrupted_a_b_keeps_its_finished_turns(tmp_path):
@@ -206,6 +207,7 @@ def test_a_real_a_b_between_one_and_two_threads_and_a_real_a_a_on_this_host(tmp_
     assert summary[0] == "B (threads 2) against A (threads 1); they differ in: threads 1 → 2"
     assert "interleaved A/B in one run, 4 rounds, each a fresh process a side, paired round by round. 1 pair " \
            "judged together (Benjamini–Hochberg false-discovery control at 5%)" in summary[1]
+    assert "note: with 4 rounds the sign test can call no pair different (6 rounds at least" in done.stdout
     results = [read_result(path) for path in sorted((folder / "rounds").glob("*/cells/*.json"))]
     assert len(results) == 8 and all(r.status == "ok" for r in results)
     order = sorted((r.env["started_utc"], r.env["ab"]["position"], r.env["ab"]["side"], r.cell.threads) for r in results)
