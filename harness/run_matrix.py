@@ -73,11 +73,17 @@ def print_ab_plan(ab: AbPlan) -> None:
         print(f"  left out: {cell.id}: {why}")
 
 
-def print_plan(cells: list[Cell], folder: RunFolder, backend: backends.Backend, expanded: int) -> None:
+def print_plan(cells: list[Cell], folder: RunFolder, backend: backends.Backend, expanded: int,
+               ab: AbPlan | None = None) -> None:
     rows, environments = [], {}
     for cell in cells:
         reason = backend.skip_reason(cell)
-        plan = f"skip: {reason}" if reason else ("done" if is_done(folder.result_path(cell.id)) else "run")
+        if ab:  # its turns, round by round
+            done = sum(is_done(round_folder(folder, t.round, t.side).result_path(cell.id))
+                       for t in ab.schedule() if t.cell.id == cell.id)
+            plan = f"skip: {reason}" if reason else f"{done} of {2 * ab.rounds if ab.axis == SAME else ab.rounds} turns done"
+        else:
+            plan = f"skip: {reason}" if reason else ("done" if is_done(folder.result_path(cell.id)) else "run")
         environment = None if reason else backend.environment_of(cell)
         if environment:
             environments[f"{cell.framework} on {cell.gpu}, cuda {cell.cuda}"] = environment
@@ -147,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.dry_run:
         if ab:  # its pairs, counted as chosen by --only only when it was given
-            print_plan(ab.cells(), folder, backend, len(expanded) if args.only else len(ab.cells()))
+            print_plan(ab.cells(), folder, backend, len(expanded) if args.only else len(ab.cells()), ab)
             print_ab_plan(ab)
         else:
             print_plan(cells, folder, backend, len(expanded))

@@ -185,7 +185,7 @@ def test_bad_a_b_options_are_one_line_and_exit_2(tmp_path, capsys):
     assert run_matrix([str(matrix), "--dry-run", "--backend", "current", "--ab", "threads", "--rounds", "6"]) == 0
     out = capsys.readouterr().out
     assert "A/B: threads 1 (A) against 2 (B); 1 pairs, 6 rounds, 12 turns one at a time" in out
-    assert "-ab-threads" in out
+    assert "-ab-threads" in out and out.count("0 of 6 turns done") == 2
 
 
 @pytest.mark.integration
