@@ -101,7 +101,7 @@ def test_the_sides_of_an_interleaved_ab_run_are_not_points_of_a_history(tmp_path
         cells.mkdir(parents=True)
         payload = result_payload(device="gpu", gpu_name="NVIDIA H100 80GB HBM3", cuda=cuda, cudnn="9",
                                  finished="2026-11-20T10:00:00+00:00")
-        payload["env"]["ab"] = {"axis": "cuda", "side": side, "value": cuda, "round": 0, "position": 0, "rounds": 1}
+        payload["env"]["ab"] = {"axis": "cuda", "side": side, "value": cuda, "round": 0, "position": 0, "rounds": 2}
         (cells / "cnn_cifar10.pytorch.json").write_text(json.dumps(payload))
     loaded = load_results(root)
     assert len(loaded.results) == 23 and not loaded.problems
