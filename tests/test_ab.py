@@ -198,29 +198,29 @@ def test_a_real_a_b_between_one_and_two_threads_and_a_real_a_a_on_this_host(tmp_
     matrix = write_matrix(tmp_path / "threads.yml", (
         "matrix:\n  framework: [pytorch]\n  task: [cnn_cifar10]\n  gpu: [cpu]\n  threads: [1, 2]\n"
         "settings:\n  warmup_steps: 1\n  min_block_s: 0.1\n  budget_s: 0.6\n  repeats: 3\n  batch_size: 16\n"
-        "ab:\n  axis: threads\n  rounds: 4\n"))
+        "ab:\n  axis: threads\n  rounds: 2\n"))
     folder = tmp_path / "ab"
     done = subprocess.run([sys.executable, str(REPO / "harness" / "run_matrix.py"), str(matrix), "--backend", "local",
                            "--results", str(folder)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = done.stdout.splitlines()
     assert summary[0] == "B (threads 2) against A (threads 1); they differ in: threads 1 → 2"
-    assert "interleaved A/B in one run, 4 rounds, each a fresh process a side, paired round by round. 1 pair " \
+    assert "interleaved A/B in one run, 2 rounds, each a fresh process a side, paired round by round. 1 pair " \
            "judged together (Benjamini–Hochberg false-discovery control at 5%)" in summary[1]
-    assert "note: with 4 rounds the sign test can call no pair different (6 rounds at least" in done.stdout
+    assert "note: with 2 rounds the sign test can call no pair different (6 rounds at least" in done.stdout
     results = [read_result(path) for path in sorted((folder / "rounds").glob("*/cells/*.json"))]
-    assert len(results) == 8 and all(r.status == "ok" for r in results)
+    assert len(results) == 4 and all(r.status == "ok" for r in results)
     order = sorted((r.env["started_utc"], r.env["ab"]["position"], r.env["ab"]["side"], r.cell.threads) for r in results)
-    assert [position for _, position, _, _ in order] == list(range(8))
-    assert "".join(side for _, _, side, _ in order) == "ABBAABBA"
-    assert [threads for _, _, side, threads in order if side == "B"] == [2] * 4
+    assert [position for _, position, _, _ in order] == list(range(4))
+    assert "".join(side for _, _, side, _ in order) == "ABBA"
+    assert [threads for _, _, side, threads in order if side == "B"] == [2] * 2
     written = json.loads((folder / "comparison" / "comparison.json").read_text())
-    assert written["differing"] == {"threads": {"a": ["1"], "b": ["2"]}} and written["pairs"][0]["rounds"] == 4
+    assert written["differing"] == {"threads": {"a": ["1"], "b": ["2"]}} and written["pairs"][0]["rounds"] == 2
     assert (folder / "report.html").is_file() and (folder / "comparison" / "comparison.png").is_file()
 
     aa = tmp_path / "aa"
     done = subprocess.run([sys.executable, str(REPO / "harness" / "run_matrix.py"), str(matrix), "--backend", "local",
-                           "--results", str(aa), "--ab", "same", "--rounds", "3", "--only", "threads=1"],
+                           "--results", str(aa), "--ab", "same", "--rounds", "2", "--only", "threads=1"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "this host's noise floor (95% of A/A rounds differ by less): median ±" in done.stdout
