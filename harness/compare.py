@@ -32,11 +32,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -47,6 +43,7 @@ from bench.result import write_json_atomic, write_text_atomic  # noqa: E402
 from harness import significance  # noqa: E402
 from harness.ab import MANIFEST, SAME  # noqa: E402
 from harness.backends.base import REPO_ROOT  # noqa: E402
+from harness.charts import plt, save  # noqa: E402
 from harness.results import load_results  # noqa: E402
 from harness.rows import ResultRow, rows_of  # noqa: E402
 
@@ -381,11 +378,7 @@ def chart(comparison: Comparison, path: Path, a_name: str, b_name: str) -> Path:
     axes.set_xscale("log")
     axes.set_xlabel(f"time of B ({b_name}) / time of A ({a_name}); < 1: B is faster; shaded: the host's noise floor")
     axes.set_title(f"B against A: {comparison.design}", fontsize=9)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save(figure, path)
 
 
 def write(comparison: Comparison, a_name: str, b_name: str, out: Path) -> None:

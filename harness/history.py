@@ -34,12 +34,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import ruptures  # noqa: E402
+import numpy as np
+import ruptures
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -47,6 +43,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from tabulate import tabulate  # noqa: E402
 
 from bench.result import Result, write_text_atomic  # noqa: E402
+from harness.charts import plt, save  # noqa: E402
 from harness.compare import AXES, measured  # noqa: E402
 from harness.results import load_results  # noqa: E402
 from harness.rows import ResultRow  # noqa: E402
@@ -362,11 +359,7 @@ def chart(task: str, series: list[Series], by: str, path: Path) -> Path:
     axes.set_ylabel("seconds (median; bars: interquartile\nrange of its results; lower is faster)")
     axes.set_title(f"{task}: history by {by}", fontsize=10)
     axes.legend(fontsize=7, loc="best")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save(figure, path)
 
 
 def _first_measured(series: list[Series]) -> list[str]:

@@ -25,17 +25,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.result import Result, write_text_atomic  # noqa: E402
+from harness.charts import plt, save  # noqa: E402
 from harness.compare import Comparison, compare, detail_rows, summary_lines  # noqa: E402
 from harness.compare import chart as comparison_chart  # noqa: E402
 from harness.history import draw as draw_history, history, overview  # noqa: E402
@@ -75,11 +72,7 @@ def chart(table: Table, path: Path) -> Path:
     axes.set_xlabel(f"{table.unit} (median, bars: interquartile range; {better})")
     axes.set_title(table.title, fontsize=10)
     axes.legend(fontsize=7, loc="best")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save(figure, path)
 
 
 def _cell_class(text: str) -> str:
@@ -218,7 +211,8 @@ def report(folders: list[Path], out_dir: Path, mixed_bench: bool = False, refere
            charts: bool = True, compared: tuple[Comparison, str, str] | None = None) -> Path | None:
     """Tables (``out_dir/tables/``) and, with ``charts``, the charts and report.html under
     ``out_dir``, with ``compared`` (a comparison and its sides' names) as a section of its
-    own; returns the report's path. Problems with files go to stderr."""
+    own, by default the second of two folders against the first; returns the report's path.
+    Problems with files go to stderr."""
     loaded = load_results(*folders)
     results = [result for _, result in loaded.results]
     tables, dropped = build_tables(results, mixed_bench, published_results() if reference else ())
@@ -229,6 +223,8 @@ def report(folders: list[Path], out_dir: Path, mixed_bench: bool = False, refere
         return None
     drawn = {table.name: chart(table, out_dir / "charts" / f"{table.name}.png") for table in tables}
     page = out_dir / "report.html"
+    if compared is None and len(folders) == 2:
+        compared = two_sets(loaded.results, *folders)
     sections = [comparison_section(*compared, out_dir / "charts")] if compared else []
     timeline = history_section(loaded.results, out_dir / "charts")
     sections += [timeline] if timeline else []
@@ -236,9 +232,10 @@ def report(folders: list[Path], out_dir: Path, mixed_bench: bool = False, refere
     return page
 
 
-def two_sets(first: Path, second: Path) -> tuple[Comparison, str, str] | None:
+def two_sets(loaded: list[tuple[Path, Result]], first: Path, second: Path) -> tuple[Comparison, str, str] | None:
     """The second folder's results against the first's, when they have cells in common."""
-    a, b = ([ResultRow.of(result) for _, result in load_results(folder).results] for folder in (first, second))
+    a, b = ([ResultRow.of(result) for path, result in loaded if path.is_relative_to(folder)]
+            for folder in (first, second))
     comparison = compare(a, b)
     return (comparison, str(first), str(second)) if comparison.pairs else None
 
@@ -269,9 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {folder}: no such results folder; pass a folder of cell results", file=sys.stderr)
             return 2
     out = args.out or default_out(args.folders)
-    compared = two_sets(*args.folders) if len(args.folders) == 2 and not args.no_charts else None
-    page = report(args.folders, out, args.mixed_bench, not args.no_reference, charts=not args.no_charts,
-                  compared=compared)
+    page = report(args.folders, out, args.mixed_bench, not args.no_reference, charts=not args.no_charts)
     print((out / "tables" / "README.md").read_text(encoding="utf-8"))
     print(f"tables: {out / 'tables'}" + (f"; report: {page}" if page else ""), file=sys.stderr)
     return 0

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         expanded = matrix.cells(backend.inventory())
         cells = only(expanded, args.only)
         ab = ab_plan(args, matrix, cells)
-        if ab is not None and getattr(args, "detach", False):
+        if ab is not None and args.detach:
             raise MatrixError("--ab with --detach: an A/B runs its turns in order, each after the last has ended; "
                               "leave out --detach")
         if not args.no_ceiling and ab is None:  # an A/B compares its pairs, nothing else
